@@ -1,0 +1,45 @@
+"""Shared fixtures: reference checkpoints built once per test session with torch + diffusers + transformers."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import reference  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoint(tmp_path_factory) -> Path:
+    """A full Z-Image checkpoint in the Hugging Face layout; the DiT is float32 in several shards."""
+    return reference.build_checkpoint(tmp_path_factory.mktemp("zimage") / "Z-Image-Tiny")
+
+
+@pytest.fixture(scope="session")
+def reference_transformer_bf16(reference_checkpoint, tmp_path_factory) -> Path:
+    """The same DiT weights stored in bfloat16 as one file (no index), in a transformer/ folder."""
+    import torch
+    from diffusers import ZImageTransformer2DModel
+
+    out = tmp_path_factory.mktemp("dit_bf16") / "transformer"
+    model = ZImageTransformer2DModel.from_pretrained(reference_checkpoint / "transformer")
+    model.to(torch.bfloat16).save_pretrained(out, max_shard_size="10GB", safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_pipeline(reference_checkpoint):
+    """diffusers' ZImagePipeline in float32 on the reference checkpoint."""
+    return reference.load_reference_pipeline(reference_checkpoint)
+
+
+@pytest.fixture()
+def checkpoint_copy(reference_checkpoint, tmp_path) -> Path:
+    """A private copy of the reference checkpoint that a test may damage."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(reference_checkpoint, dst)
+    return dst
