@@ -87,3 +87,54 @@ def load_into(model: nn.Module, weights: dict[str, mx.array], what: str, dtype: 
     if dtype is not None:
         weights = {k: w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w for k, w in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint folders and the Hugging Face Hub
+
+COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
+# What a Z-Image checkpoint needs from the Hub: configs, tokenizer files, safetensors weights (no .bin/.pth).
+HUB_PATTERNS = [
+    "model_index.json",
+    "scheduler/*.json",
+    "tokenizer/*",
+    "*/config.json",
+    "*/*.safetensors",
+    "*/*.safetensors.index.json",
+]
+
+
+def resolve_model(name) -> Path:
+    """A local checkpoint folder, or a Hub repo id downloaded (only the files needed) into the HF cache."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; point at a checkpoint folder (the one with model_index.json)")
+        check_checkpoint_folder(path)
+        return path
+    name = str(name)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise CheckpointError(f"model folder {name} does not exist (and it is not a Hub repo id like Tongyi-MAI/Z-Image-Turbo)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated, network: all end the same way for the user
+        reason = type(e).__name__
+        raise CheckpointError(
+            f"cannot get {name} from the Hugging Face Hub ({reason}); if you are offline or the repo is private, "
+            f"download it once (huggingface-cli download {name}) or pass a local folder with --model / from_pretrained(path)"
+        ) from None
+    check_checkpoint_folder(folder)
+    return folder
+
+
+def check_checkpoint_folder(folder: Path) -> None:
+    """Fail early, naming what is missing, if folder is not a Z-Image checkpoint in the diffusers layout."""
+    index = read_config(folder, "model_index.json")
+    cls = index.get("_class_name", "")
+    if "ZImage" not in cls:
+        raise CheckpointError(f"{folder} holds a {cls or 'unknown'} checkpoint, not a Z-Image one (model_index.json)")
+    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+    if missing:
+        raise CheckpointError(f"{folder} is incomplete: missing folder(s) {', '.join(missing)}")
