@@ -74,12 +74,18 @@ class ZImagePipeline:
         if quantize is not None:
             raise NotImplementedError("on-the-fly quantization is not available yet")
         transformer = ZImageTransformer.from_pretrained(root / "transformer", dtype=dtype)
-        cap_dim = transformer.args.cap_feat_dim
-        text_encoder = None if low_memory else TextEncoder.from_pretrained(root, dtype=dtype, cap_feat_dim=cap_dim)
         vae = VAE.from_pretrained(root / "vae")
         scheduler = FlowMatchScheduler.from_pretrained(root / "scheduler")
-        return cls(transformer, text_encoder, vae, scheduler, root=root, dtype=dtype, low_memory=low_memory,
+        pipe = cls(transformer, None, vae, scheduler, root=root, dtype=dtype, low_memory=low_memory,
                    quantize=quantize)
+        if not low_memory:
+            pipe.text_encoder = pipe._load_text_encoder()
+        return pipe
+
+    def _load_text_encoder(self) -> TextEncoder:
+        # Qwen3 overflows float16; the text encoder runs once per prompt, so it gets bfloat16 instead.
+        dtype = "bfloat16" if self.dtype == "float16" else self.dtype
+        return TextEncoder.from_pretrained(self.root, dtype=dtype, cap_feat_dim=self.transformer.args.cap_feat_dim)
 
     # ------------------------------------------------------------------------------------------
     # Stages
@@ -89,13 +95,12 @@ class ZImagePipeline:
 
         Recently used prompts come from a small cache, so an app that varies only the seed pays once.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = _check_prompts(prompt, "prompt")
         todo = [p for p in dict.fromkeys(prompts) if (p, max_sequence_length) not in self._prompt_cache]
         if todo:
             encoder = self.text_encoder
             if encoder is None:
-                encoder = TextEncoder.from_pretrained(self.root, dtype=self.dtype,
-                                                      cap_feat_dim=self.transformer.args.cap_feat_dim)
+                encoder = self._load_text_encoder()
             feats = encoder.encode(todo, max_sequence_length=max_sequence_length)
             mx.eval(feats)
             if self.text_encoder is None:
