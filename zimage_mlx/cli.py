@@ -1,0 +1,546 @@
+"""The `zimage-mlx` command line: `generate` here; other commands register on the `main` group.
+
+Everything is checked before the model loads (loading the release takes a while), expected mistakes end
+in one `Error: ...` line with exit code 2, and images are written to a temporary file that is renamed
+into place, so an interrupted run leaves no half-written PNG. Progress bars live here, not in the library.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import secrets
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from . import __version__
+
+# The pipeline's DEFAULT_MODEL, repeated so that `--help` does not import MLX (a test checks they agree).
+DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
+DEFAULT_OUTPUT = "zimage-{seed}.png"
+# Tried in order when --output is not given, until every image gets its own file name.
+DEFAULT_OUTPUTS = (DEFAULT_OUTPUT, "zimage-{prompt_index}-{seed}.png", "zimage-{index}-{seed}.png")
+SAMPLER_NAME = "Euler (flow match)"
+
+
+class UserError(click.ClickException):
+    """A mistake the user can fix: click prints `Error: <message>` on one line and exits with code 2."""
+
+    exit_code = 2
+
+    def __init__(self, message):
+        super().__init__(" ".join(str(message).split()))
+
+
+class Command(click.Command):
+    """Reports bad options (a bad --steps, an unknown flag) as one line too, without the usage block."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            raise UserError(e.format_message()) from None
+
+
+class Group(click.Group):
+    command_class = Command
+
+
+@contextmanager
+def expected_errors():
+    """Turn what a user can fix (a bad checkpoint folder, a bad value, an unreadable or unwritable file,
+    a size too big for the machine) into a one-line error; anything else keeps its traceback."""
+    from .weights import CheckpointError
+
+    try:
+        yield
+    except (CheckpointError, ValueError, NotImplementedError) as e:
+        raise UserError(str(e) or type(e).__name__) from None
+    except OSError as e:
+        raise UserError(describe_os_error(e)) from None
+    except RuntimeError as e:  # MLX reports failed allocations as RuntimeError
+        if "malloc" not in str(e) and "memory" not in str(e).lower():
+            raise
+        raise UserError(f"out of memory ({e}); try --low-memory, a smaller size or --quantize 8") from None
+
+
+def describe_os_error(e: OSError) -> str:
+    if e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="zimage-mlx")
+def main():
+    """Z-Image Turbo text-to-image, natively in MLX."""
+
+
+# ------------------------------------------------------------------------------------------------
+# generate
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@click.option("--prompt", "prompt_option", metavar="TEXT", help="The prompt, as an alternative to the argument.")
+@click.option("--prompt-file", metavar="FILE", help="One prompt per non-empty line ('-' reads stdin).")
+@click.option("--negative-prompt", metavar="TEXT", help="What to steer away from; needs --guidance > 0.")
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
+              help="A Hugging Face repo id or a checkpoint folder.")
+@click.option("--quantize", type=click.Choice(["4", "8"]), help="Quantize the DiT and text encoder to 4 or 8 bits.")
+@click.option("--size", metavar="WxH", help="Image size, e.g. 1024x768 (or 1024 for a square).  [default: 1024x1024]")
+@click.option("--width", type=int, help="Image width in pixels, a multiple of 16.")
+@click.option("--height", type=int, help="Image height in pixels, a multiple of 16.")
+@click.option("--steps", type=int, default=8, show_default=True, help="Denoising steps.")
+@click.option("--guidance", type=float, default=0.0, show_default=True,
+              help="CFG scale; Turbo is distilled to run without it (0).")
+@click.option("--cfg-normalization", type=float, default=0.0, is_flag=False, flag_value=1.0, metavar="[FACTOR]",
+              help="Cap the guided prediction's norm at FACTOR times the positive one's (alone: 1).")
+@click.option("--cfg-truncation", type=float, default=1.0, show_default=True,
+              help="Stop guidance once t = 1 - sigma passes this value.")
+@click.option("--seed", type=int, multiple=True, help="Random seed; repeat for several (default: a random one).")
+@click.option("--num-images", type=int, default=1, show_default=True,
+              help="Images per prompt and seed; image k uses seed + k.")
+@click.option("-o", "--output", metavar="TEMPLATE",
+              help="Output .png path with {seed}, {index}, {prompt_index}; a folder ending in / is allowed.  "
+                   f"[default: {DEFAULT_OUTPUT}]")
+@click.option("--overwrite", is_flag=True, help="Replace existing files (by default nothing is overwritten).")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+              show_default=True, help="Compute dtype; auto is bfloat16 on an Apple GPU, float32 on CPU.")
+@click.option("--low-memory", is_flag=True, help="Load the text encoder only while encoding; decode in tiles.")
+@click.option("--metadata/--no-metadata", default=True, show_default=True,
+              help="Store the settings in the PNG (A1111 `parameters` chunk included).")
+@click.option("--from-image", metavar="PNG",
+              help="Take prompt, seed, steps, guidance, size and model from a PNG's metadata; flags override.")
+@click.option("--quiet", is_flag=True, help="Print only the output paths.")
+@click.pass_context
+def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, quantize, size, width, height, steps,
+             guidance, cfg_normalization, cfg_truncation, seed, num_images, output, overwrite, dtype, low_memory,
+             metadata, from_image, quiet):
+    """Generate images from a prompt (or several: --prompt-file), one file per prompt, seed and image.
+
+    \b
+      zimage-mlx generate "a red fox in the snow, golden hour" --seed 42
+      zimage-mlx generate --prompt-file prompts.txt --seed 1 --seed 2 --size 1024x768 -o out/{prompt_index}-{seed}.png
+      zimage-mlx generate --from-image zimage-42.png --steps 12 -o again.png
+    """
+    from .pipeline import MAX_SEED, validate  # MLX and transformers load here, not for --help
+
+    def given(name):
+        return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+    # 1. Everything the user typed, checked before the model loads.
+    prompts = read_prompts(prompt, prompt_option, prompt_file)
+    width, height = parse_size(size, width, height)
+    quantize = int(quantize) if quantize else None
+    if from_image is not None:
+        saved = read_image_settings(from_image)
+        prompts = prompts or [saved["prompt"]]
+        seed = seed or ((saved["seed"],) if "seed" in saved else ())
+        steps = steps if given("steps") else saved.get("steps", steps)
+        guidance = guidance if given("guidance") else saved.get("guidance", guidance)
+        cfg_normalization = cfg_normalization if given("cfg_normalization") else saved.get("cfg_normalization", cfg_normalization)
+        cfg_truncation = cfg_truncation if given("cfg_truncation") else saved.get("cfg_truncation", cfg_truncation)
+        width = width or saved.get("width")
+        height = height or saved.get("height")
+        model = model if given("model") else saved.get("model", model)
+        quantize = quantize if given("quantize") else saved.get("quantization", quantize)
+        dtype = dtype if given("dtype") else saved.get("dtype", dtype)
+        if not given("negative_prompt") and guidance > 0:  # a stored negative prompt only matters with CFG
+            negative_prompt = saved.get("negative_prompt")
+    if not prompts:
+        raise UserError("no prompt: pass it as an argument, with --prompt or --prompt-file, or use --from-image")
+    width, height = width or 1024, height or 1024
+    negative_prompt = negative_prompt or None
+    with expected_errors():
+        validate(width=width, height=height, steps=steps, guidance=guidance, num_images=num_images)
+        for s in seed:
+            validate(seed=s)
+    if negative_prompt and guidance == 0:
+        raise UserError("--negative-prompt needs --guidance > 0 (Turbo runs without CFG; try --guidance 4 with Base)")
+    if not (math.isfinite(cfg_normalization) and cfg_normalization >= 0):
+        raise UserError(f"--cfg-normalization must be a number >= 0, got {cfg_normalization}")
+    if not (math.isfinite(cfg_truncation) and cfg_truncation >= 0):
+        raise UserError(f"--cfg-truncation must be a number >= 0, got {cfg_truncation}")
+    if guidance == 0 and (given("cfg_normalization") or given("cfg_truncation")) and not quiet:
+        click.echo("Warning: --cfg-normalization and --cfg-truncation do nothing without --guidance > 0", err=True)
+
+    seeds = list(seed) or [random.randint(0, MAX_SEED)]
+    # One image per (prompt, seed, k), prompt-major like the pipeline; image k of a seed uses seed + k.
+    jobs = [(p, (s + k) % (MAX_SEED + 1)) for p in range(len(prompts)) for s in seeds for k in range(num_images)]
+    paths = plan_outputs(output, jobs, overwrite)
+    model_name = model_label(model)
+
+    # 2. The model, once for all images.
+    from .pipeline import ZImagePipeline
+    from .text_encoder import PromptTruncatedWarning
+    from .weights import resolve_model
+
+    import mlx.core as mx
+
+    def say(message):
+        if not quiet:
+            click.echo(message, err=True)
+
+    progress = Progress(enabled=not quiet)
+    mx.reset_peak_memory()
+    t_start = time.perf_counter()
+    with expected_errors():
+        root = resolve_model(model)  # a Hub download shows its own progress bars
+        progress.status(f"Loading {model_name} ...")  # on a terminal only, so that a failure stays one line
+        try:
+            pipe = ZImagePipeline.from_pretrained(root, dtype=dtype, quantize=quantize, low_memory=low_memory)
+        finally:
+            progress.status("")
+    t_loaded = time.perf_counter()
+    say(f"Loaded {model_name} in {t_loaded - t_start:.1f} s ({describe_pipeline(pipe)})")
+
+    # 3. Prompts are encoded a few at a time (one text-encoder load each in --low-memory mode); the
+    # pipeline's prompt cache then serves `generate`, so step times measure denoising only.
+    shown = set()
+    steps_done, step_seconds = 0, 0.0
+    chunk = 8
+    with expected_errors(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PromptTruncatedWarning)
+        for i, (p, s) in enumerate(jobs):
+            if i == 0 or (p != jobs[i - 1][0] and p % chunk == 0):
+                progress.status("Encoding prompts ...")
+                pipe.encode_prompt(prompts[p: p + chunk] + ([negative_prompt or ""] if guidance > 0 else []))
+                progress.status("")
+            show_warnings(caught, shown, quiet)
+            progress.start(f"image {i + 1}/{len(jobs)} seed {s}")
+            image = pipe.generate(prompts[p], negative_prompt=negative_prompt, width=width, height=height, steps=steps,
+                                  guidance=guidance, cfg_normalization=cfg_normalization,
+                                  cfg_truncation=cfg_truncation, seed=s, num_images=1, callback=progress)[0]
+            progress.finish()
+            show_warnings(caught, shown, quiet)
+            info = None
+            if metadata:
+                info = png_info(dict(prompt=prompts[p], negative_prompt=negative_prompt or "", seed=s, steps=steps,
+                                     guidance=guidance, cfg_normalization=cfg_normalization,
+                                     cfg_truncation=cfg_truncation, width=width, height=height, model=model_name,
+                                     quantization=pipe.quantize, dtype=pipe.dtype))
+            save_png(image, paths[i], info, overwrite)
+            steps_done += steps
+            step_seconds += progress.step_seconds
+            if quiet:
+                click.echo(str(paths[i]))
+            else:
+                click.echo(f"Saved {paths[i]} (seed {s}, {steps} steps at {progress.step_seconds / steps:.2f} s/step, "
+                           f"decode {progress.total_seconds - progress.step_seconds:.1f} s)")
+    total = time.perf_counter() - t_start
+    n = len(jobs)
+    say(f"Done: {n} image{'s' * (n > 1)} in {total:.1f} s ({step_seconds / steps_done:.2f} s/step, "
+        f"load {t_loaded - t_start:.1f} s), peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
+
+
+# ------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def read_prompts(prompt: str | None, prompt_option: str | None, prompt_file: str | None) -> list[str]:
+    """The prompts from the argument, --prompt or --prompt-file (one per non-empty line); [] if none given."""
+    given = [x for x in (prompt, prompt_option, prompt_file) if x is not None]
+    if len(given) > 1:
+        raise UserError("give the prompt once: as an argument, with --prompt or with --prompt-file")
+    if prompt_file is None:
+        return given
+    try:
+        if prompt_file == "-":
+            text = sys.stdin.read()
+        else:
+            text = Path(prompt_file).expanduser().read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read prompt file {prompt_file}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file {prompt_file} is not UTF-8 text") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"prompt file {prompt_file} has no prompts (one per non-empty line)")
+    return prompts
+
+
+def parse_size(size: str | None, width: int | None, height: int | None) -> tuple[int | None, int | None]:
+    """--size WxH (or a single number for a square) into width and height; None where nothing was given."""
+    if size is None:
+        return width, height
+    if width is not None or height is not None:
+        raise UserError("give either --size or --width/--height, not both")
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[x×*X,]\s*(\d+)\s*)?", size)
+    if not m:
+        raise UserError(f"--size must look like 1024x768 (width x height) or 1024, got {size!r}")
+    w = int(m.group(1))
+    return w, int(m.group(2)) if m.group(2) else w
+
+
+def model_label(model: str) -> str:
+    """How the model is named in metadata: a folder as an absolute path (so --from-image works from anywhere),
+    a Hub id as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else str(model)
+
+
+def plan_outputs(template: str | None, jobs: list[tuple[int, int]], overwrite: bool) -> list[Path]:
+    """One path per image from the --output template; refuse repeats, existing files (unless --overwrite)
+    and folders that cannot be created."""
+    folder = None
+    if template is not None and (template.endswith(("/", os.sep)) or Path(template).expanduser().is_dir()):
+        folder, template = template, None
+    templates = [template] if template is not None else [str(Path(folder or "") / t) for t in DEFAULT_OUTPUTS]
+    for t in templates:
+        paths = [render_output(t, index=i, prompt_index=p, seed=s) for i, (p, s) in enumerate(jobs)]
+        if len(set(paths)) == len(paths):
+            break
+    else:
+        repeated = next(p for p in paths if paths.count(p) > 1)
+        raise UserError(f"--output {template!r} names {repeated} for several images: put {{seed}}, {{index}} or "
+                        f"{{prompt_index}} in it, e.g. 'image-{{index}}.png'")
+    for path in paths:
+        if path.suffix.lower() != ".png":
+            raise UserError(f"--output must name .png files (the settings are stored in PNG text chunks), got {path}")
+        if path.is_dir():
+            raise UserError(f"{path} is a folder; --output must name a .png file")
+        if path.exists() and not overwrite:
+            more = sum(p.exists() for p in paths) - 1
+            also = f" (and {more} more)" if more else ""
+            raise UserError(f"{path}{also} already exists; pass --overwrite to replace it or choose another --output")
+    for parent in sorted({p.parent for p in paths}):
+        ancestor = parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise UserError(f"cannot create the folder {parent}: {ancestor} is a file")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise UserError(f"cannot write to {ancestor}: permission denied")
+    return paths
+
+
+def render_output(template: str, **fields) -> Path:
+    try:
+        return Path(template.format(**fields)).expanduser()
+    except KeyError as e:
+        raise UserError(f"--output has an unknown field {{{e.args[0]}}}: use {{seed}}, {{index}} or {{prompt_index}}") from None
+    except (ValueError, IndexError) as e:
+        raise UserError(f"--output {template!r} is not a valid template ({e}); write {{seed}}, {{index}} or "
+                        "{prompt_index}, and double the other braces") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# PNG metadata
+
+
+def png_info(settings: dict):
+    """Text chunks: one per setting (read back by --from-image), `Software`, and an A1111-style
+    `parameters` chunk that image browsers and web UIs read."""
+    from PIL.PngImagePlugin import PngInfo
+
+    quant = settings["quantization"]
+    text = {
+        "prompt": settings["prompt"],
+        "negative_prompt": settings["negative_prompt"],
+        "seed": str(settings["seed"]),
+        "steps": str(settings["steps"]),
+        "guidance": format_number(settings["guidance"]),
+        "cfg_normalization": format_number(settings["cfg_normalization"]),
+        "cfg_truncation": format_number(settings["cfg_truncation"]),
+        "width": str(settings["width"]),
+        "height": str(settings["height"]),
+        "model": settings["model"],
+        "quantization": str(quant) if quant else "none",
+        "dtype": settings["dtype"],
+        "version": __version__,
+        "Software": f"zimage-mlx {__version__}",
+        "parameters": a1111_parameters(settings),
+    }
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)  # Pillow writes iTXt (UTF-8) when the text is not Latin-1
+    return info
+
+
+def a1111_parameters(s: dict) -> str:
+    """`prompt\\nNegative prompt: ...\\nSteps: 8, Sampler: ..., CFG scale: 0, Seed: 1, Size: WxH, ...`"""
+    fields = {"Steps": s["steps"], "Sampler": SAMPLER_NAME, "CFG scale": format_number(s["guidance"]),
+              "Seed": s["seed"], "Size": f"{s['width']}x{s['height']}", "Model": s["model"]}
+    if s["guidance"] > 0 and s["cfg_normalization"]:
+        fields["CFG normalization"] = format_number(s["cfg_normalization"])
+    if s["guidance"] > 0 and s["cfg_truncation"] != 1.0:
+        fields["CFG truncation"] = format_number(s["cfg_truncation"])
+    if s["quantization"]:
+        fields["Quantization"] = f"{s['quantization']}-bit"
+    fields["Dtype"] = s["dtype"]
+    fields["Version"] = f"zimage-mlx {__version__}"
+    lines = [s["prompt"]]
+    if s["negative_prompt"]:
+        lines.append(f"Negative prompt: {s['negative_prompt']}")
+    lines.append(", ".join(f"{k}: {a1111_value(v)}" for k, v in fields.items()))
+    return "\n".join(lines)
+
+
+def a1111_value(v) -> str:
+    v = str(v)
+    return json.dumps(v, ensure_ascii=False) if any(c in v for c in ',:"\n') else v
+
+
+def format_number(x: float) -> str:
+    return f"{float(x):g}" if float(x) == round(float(x), 6) else repr(float(x))
+
+
+def parse_a1111_parameters(text: str) -> dict:
+    """The prompt, negative prompt and `Key: value` fields of an A1111 `parameters` chunk."""
+    lines = text.strip("\n").split("\n")
+    fields = {}
+    if re.match(r"\s*Steps: ", lines[-1]):
+        for key, value in re.findall(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', lines.pop()):
+            fields[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    fields["prompt"] = "\n".join(prompt)
+    fields["negative_prompt"] = "\n".join(negative)
+    return fields
+
+
+def read_image_settings(path: str) -> dict:
+    """The settings stored in an image by `generate` (or, failing that, in an A1111 `parameters` chunk)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(Path(path).expanduser()) as im:
+            im.load()
+            text = dict(getattr(im, "text", None) or im.info)
+    except FileNotFoundError:
+        raise UserError(f"--from-image {path}: no such file") from None
+    except UnidentifiedImageError:
+        raise UserError(f"--from-image {path} is not an image Pillow can read") from None
+    except OSError as e:
+        raise UserError(f"cannot read --from-image {path}: {describe_os_error(e)}") from None
+    text = {k: v for k, v in text.items() if isinstance(v, str)}
+    if "prompt" in text and "seed" in text:
+        raw = {k: text[k] for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "cfg_normalization",
+                                    "cfg_truncation", "width", "height", "model", "quantization", "dtype") if k in text}
+    elif "parameters" in text:
+        a = parse_a1111_parameters(text["parameters"])
+        raw = {"prompt": a["prompt"], "negative_prompt": a["negative_prompt"], "seed": a.get("Seed")}
+        if "Size" in a:
+            raw["width"], _, raw["height"] = a["Size"].partition("x")
+        if "zimage-mlx" in a.get("Version", ""):
+            raw.update(steps=a.get("Steps"), guidance=a.get("CFG scale"), cfg_normalization=a.get("CFG normalization"),
+                       cfg_truncation=a.get("CFG truncation"), model=a.get("Model"), dtype=a.get("Dtype"),
+                       quantization=a.get("Quantization", "none").removesuffix("-bit"))
+        # else: another tool's steps, CFG scale and model name mean nothing for Z-Image Turbo; keep ours.
+        raw = {k: v for k, v in raw.items() if v is not None}
+    else:
+        raise UserError(f"--from-image {path} has no generation settings in its metadata (no prompt and seed)")
+    settings = {}
+    for key, value in raw.items():
+        try:
+            if key in ("seed", "steps", "width", "height"):
+                settings[key] = int(value)
+            elif key in ("guidance", "cfg_normalization", "cfg_truncation"):
+                settings[key] = float(value)
+            elif key == "quantization":
+                settings[key] = None if value in ("", "none") else int(value)
+            else:
+                settings[key] = value
+        except ValueError:
+            raise UserError(f"--from-image {path}: the metadata's {key} {value!r} is not a number") from None
+    if settings.get("dtype") not in ("bfloat16", "float16", "float32"):
+        settings.pop("dtype", None)
+    return settings
+
+
+# ------------------------------------------------------------------------------------------------
+# Output
+
+
+def save_png(image, path: Path, info, overwrite: bool) -> None:
+    """Write to a temporary file next to `path`, then move it into place: never a half-written PNG, and
+    never a replaced file unless `overwrite` (a hard link fails if the name was taken meanwhile)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:  # "x": honours the umask, unlike mkstemp's 0600
+            image.save(f, format="PNG", pnginfo=info)
+        if overwrite:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise UserError(f"{path} appeared while generating; not overwriting it (pass --overwrite)") from None
+        except OSError:  # file systems without hard links (exFAT)
+            if path.exists():
+                raise UserError(f"{path} appeared while generating; not overwriting it (pass --overwrite)") from None
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def describe_pipeline(pipe) -> str:
+    parts = [pipe.dtype]
+    if pipe.quantize:
+        parts.append(f"{pipe.quantize}-bit")
+    if pipe.low_memory:
+        parts.append("low memory")
+    return ", ".join(parts)
+
+
+def show_warnings(caught: list, shown: set, quiet: bool) -> None:
+    """Prompt truncation as one `Warning:` line (once per message); other warnings as Python shows them."""
+    from .text_encoder import PromptTruncatedWarning
+
+    while caught:
+        w = caught.pop(0)
+        if not issubclass(w.category, PromptTruncatedWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        elif str(w.message) not in shown and not quiet:
+            shown.add(str(w.message))
+            click.echo(f"Warning: {w.message}", err=True)
+
+
+class Progress:
+    """The pipeline callback: a one-line bar with time per step on a terminal's stderr, nothing elsewhere.
+
+    After `finish()`, `step_seconds` is the time spent in denoising steps and `total_seconds` the image's
+    whole time (decoding included).
+    """
+
+    width = 24
+
+    def __init__(self, enabled: bool = True):
+        self.live = enabled and sys.stderr.isatty()
+        self.label = ""
+
+    def status(self, line: str) -> None:
+        """Show a transient line on a terminal; an empty one clears it."""
+        if self.live:
+            click.echo(f"\r{line}\033[K", nl=False, err=True)
+
+    def start(self, label: str) -> None:
+        self.label = label
+        self.t0 = time.perf_counter()
+        self.step_seconds = self.total_seconds = 0.0
+        self.status(f"{label}  starting ...")
+
+    def __call__(self, step: int, total: int, latents=None) -> None:
+        self.step_seconds = time.perf_counter() - self.t0
+        done = round(self.width * step / total)
+        per_step = self.step_seconds / step
+        self.status(f"{self.label}  [{'#' * done}{'.' * (self.width - done)}] {step}/{total}  "
+                    f"{per_step:.2f} s/step  eta {per_step * (total - step):.0f} s")
+
+    def finish(self) -> None:
+        self.total_seconds = time.perf_counter() - self.t0
+        self.status("")
