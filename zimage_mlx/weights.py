@@ -123,7 +123,7 @@ def resolve_model(name) -> Path:
         reason = type(e).__name__
         raise CheckpointError(
             f"cannot get {name} from the Hugging Face Hub ({reason}); if you are offline or the repo is private, "
-            f"download it once (huggingface-cli download {name}) or pass a local folder with --model / from_pretrained(path)"
+            f"download it once (hf download {name}) or pass a local folder with --model / from_pretrained(path)"
         ) from None
     check_checkpoint_folder(folder)
     return folder
