@@ -88,6 +88,20 @@ def euler_step(x: mx.array, prediction: mx.array, sigma: float, sigma_next: floa
     return x + dt * (-prediction.astype(mx.float32))
 
 
+def strength_start(steps: int, strength: float) -> int:
+    """The index of the first sigma an image-to-image run keeps: the first int(steps - steps * strength) of
+    the `steps` sigmas are skipped (diffusers' SD3-style rule, in Python floats like it). strength 1 keeps all;
+    strength 0, or any strength below 1/steps, keeps none: no DiT step runs."""
+    kept = min(steps * strength, steps)
+    return int(max(steps - kept, 0))
+
+
+def scale_noise(x0: mx.array, noise: mx.array, sigma: float) -> mx.array:
+    """The flow-match forward process at one sigma, in float32: sigma * noise + (1 - sigma) * x0."""
+    s = np.float32(sigma)
+    return mx.array(s) * noise.astype(mx.float32) + mx.array(np.float32(1) - s) * x0.astype(mx.float32)
+
+
 def guidance_for_step(guidance: float, sigma: float, cfg_truncation: float) -> float:
     """The guidance scale at a step: 0 once t = 1 - sigma has passed cfg_truncation (diffusers' rule)."""
     if cfg_truncation is not None and cfg_truncation <= 1 and model_time(sigma) > cfg_truncation:

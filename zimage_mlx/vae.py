@@ -385,6 +385,14 @@ class VAE(nn.Module):
         """Images (B, H, W, 3) in [-1, 1], H and W multiples of 8 -> (scaled posterior mean, scaled sample or
         None when key is None); scaled = (z - shift_factor) * scaling_factor, as Z-Image's img2img does, and
         sample = mean + std * eps with eps = mx.random.normal(mean.shape, key=key)."""
+        mean, std = self.posterior(images)
+        if key is None:
+            return self.scale_latents(mean), None
+        return self.scale_latents(mean), self.scale_latents(mean + std * mx.random.normal(mean.shape, key=key))
+
+    def posterior(self, images: mx.array) -> tuple[mx.array, mx.array]:
+        """Images (B, H, W, 3) in [-1, 1] -> the latent distribution's (mean, std), unscaled, float32, lazy.
+        One encoder pass can then give several samples (one per seed)."""
         if images.ndim != 4 or images.shape[-1] != self.args.in_channels:
             raise ValueError(f"images must be (B, H, W, {self.args.in_channels}) channels-last, got shape {tuple(images.shape)}")
         if images.shape[1] % self.scale or images.shape[2] % self.scale:
@@ -393,11 +401,11 @@ class VAE(nn.Module):
         if "quant_conv" in self:
             h = self.quant_conv(h)
         mean, logvar = mx.split(h.astype(mx.float32), 2, axis=-1)
-        scaled = lambda z: (z - self.shift_factor) * self.scaling_factor  # noqa: E731
-        if key is None:
-            return scaled(mean), None
-        std = mx.exp(0.5 * mx.clip(logvar, -30.0, 20.0))
-        return scaled(mean), scaled(mean + std * mx.random.normal(mean.shape, key=key))
+        return mean, mx.exp(0.5 * mx.clip(logvar, -30.0, 20.0))
+
+    def scale_latents(self, z: mx.array) -> mx.array:
+        """Posterior latents -> the DiT's latent space: (z - shift_factor) * scaling_factor (decode inverts it)."""
+        return (z - self.shift_factor) * self.scaling_factor
 
 
 def _torch_conv_layout(weights: dict[str, mx.array]) -> bool:
