@@ -4,14 +4,15 @@ Random weights at the released config (block_out_channels [128, 256, 512, 512], 
 channels): memory depends on shapes, not values. Peak activation memory = mx.get_peak_memory() during
 decode minus what was allocated before it (the weights). Prints a markdown table.
 
-    python benchmarks/vae_memory.py                        # 1024 and 2048, float32 (~6 min with MKL, 2 cores)
+    python benchmarks/vae_memory.py                        # 1024 and 2048, float32 (~4 min with MKL on 2 idle cores)
     python benchmarks/vae_memory.py --untiled-at 1024 --dtypes float32 bfloat16   # where time and RAM allow
 
 A tiled decode evaluates one tile at a time and all tiles of a run have the same size, so its peak is one
 tile's decode plus the output canvas: the tiled rows decode a single tile untiled and add the canvas bytes,
 because decoding 1024x1024 or 2048x2048 in full takes far too long on a small CPU; one full tiled decode
 (--check-tiled) checks that reasoning. Untiled peaks above --untiled-at are extrapolated linearly in pixel
-count (activations scale with the area; attention runs in query chunks). Rows say which is which.
+count (the convolutions' buffers scale with the area and dominate; the mid-block attention's score matrix
+grows with its square, 16 GiB at 2048x2048, but peaks at another time). Rows say which is which.
 
 On Linux, the mlx[cpu] wheel links the reference BLAS (~2 GFLOP/s here); a decode at 1024x1024 (~10 TFLOP)
 then takes over an hour. Preloading MKL (`pip install mkl`, then LD_PRELOAD=<prefix>/lib/libmkl_rt.so.3
@@ -54,7 +55,7 @@ def main() -> None:
     p.add_argument("--tile-sizes", type=int, nargs="+", default=[32, 64], help="latent pixels (64 = 512 image pixels)")
     p.add_argument("--untiled-at", type=int, default=512,
                    help="image size decoded untiled; larger sizes are extrapolated from it (linear in pixels)")
-    p.add_argument("--check-tiled", type=int, nargs=2, metavar=("SIZE", "TILE"), default=[512, 32],
+    p.add_argument("--check-tiled", type=int, nargs=2, metavar=("SIZE", "TILE"), default=[384, 32],
                    help="one full tiled decode, to check that its peak is one tile's plus the canvas (0 0 to skip)")
     p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     a = p.parse_args()

@@ -122,10 +122,6 @@ class Upsample2D(nn.Module):
 class Attention(nn.Module):
     """Single-head self-attention over all H*W positions, with a residual (diffusers' VAE mid attention)."""
 
-    # Queries per scaled_dot_product_attention call: the (chunk, H*W) score matrix is the largest buffer
-    # (at 2048x2048, all 65536 queries at once would need 16 GiB in float32); the result is the same.
-    query_chunk = 4096
-
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.group_norm = GroupNorm(groups, channels)
@@ -138,11 +134,9 @@ class Attention(nn.Module):
         B, H, W, C = x.shape
         h = self.group_norm(x).reshape(B, 1, H * W, C)  # (B, heads=1, L, C)
         q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
-        scale = 1.0 / math.sqrt(C)
-        L, n = H * W, self.query_chunk
-        o = mx.concatenate(
-            [mx.fast.scaled_dot_product_attention(q[:, :, i : i + n], k, v, scale=scale) for i in range(0, L, n)], axis=2
-        )
+        # One call over all positions. Splitting the queries does not lower the peak without an eval per
+        # chunk (measured at 128x128: 1.28 vs 1.22 GiB, twice as slow); tiled decoding bounds it instead.
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(C))
         return x + self.to_out[0](o).reshape(B, H, W, C)
 
 
