@@ -100,6 +100,13 @@ def main():
 @click.option("--size", metavar="WxH", help="Image size, e.g. 1024x768 (or 1024 for a square).  [default: 1024x1024]")
 @click.option("--width", type=int, help="Image width in pixels, a multiple of 16.")
 @click.option("--height", type=int, help="Image height in pixels, a multiple of 16.")
+@click.option("--image", "init_image", metavar="FILE",
+              help="Start from this image (image to image). The output takes its size rounded down to multiples of "
+                   "16, unless --size/--width/--height resize it (Lanczos).")
+@click.option("--mask", metavar="FILE", help="Inpaint: repaint where this mask is white (same size as --image).")
+@click.option("--strength", type=float, metavar="0..1",
+              help="How much of --image to repaint: 0 keeps it, 1 starts from pure noise; ceil(strength x steps) "
+                   "of the steps run.  [default: 0.6, with --mask 1]")
 @click.option("--steps", type=int, default=8, show_default=True, help="Denoising steps.")
 @click.option("--guidance", type=float, default=0.0, show_default=True,
               help="CFG scale; Turbo is distilled to run without it (0).")
@@ -125,15 +132,18 @@ def main():
 @click.pass_context
 def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, quantize, size, width, height, steps,
              guidance, cfg_normalization, cfg_truncation, seed, num_images, output, overwrite, dtype, low_memory,
-             metadata, from_image, quiet):
+             metadata, from_image, quiet, init_image, mask, strength):
     """Generate images from a prompt (or several: --prompt-file), one file per prompt, seed and image.
 
     \b
       zimage-mlx generate "a red fox in the snow, golden hour" --seed 42
       zimage-mlx generate --prompt-file prompts.txt --seed 1 --seed 2 --size 1024x768 -o out/{prompt_index}-{seed}.png
       zimage-mlx generate --from-image zimage-42.png --steps 12 -o again.png
+      zimage-mlx generate "the same street at night" --image street.jpg --strength 0.7
+      zimage-mlx generate "a red vintage car" --image street.jpg --mask car-mask.png
     """
-    from .pipeline import MAX_SEED, validate  # MLX and transformers load here, not for --help
+    from .pipeline import MAX_SEED, image_input, open_image, validate  # MLX and transformers load here, not for --help
+    from .sampler import strength_start
 
     def given(name):
         return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
@@ -144,6 +154,12 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     quantize = int(quantize) if quantize else None
     if from_image is not None:
         saved = read_image_settings(from_image)
+        if given("init_image"):  # a new image brings its own size; the stored one would resize it
+            saved.pop("width", None), saved.pop("height", None)
+        else:
+            init_image = saved.get("image")
+            mask = mask if given("mask") else saved.get("mask")
+        strength = strength if given("strength") else saved.get("strength")
         prompts = prompts or [saved["prompt"]]
         seed = seed or ((saved["seed"],) if "seed" in saved else ())
         steps = steps if given("steps") else saved.get("steps", steps)
@@ -159,6 +175,14 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
             negative_prompt = saved.get("negative_prompt")
     if not prompts:
         raise UserError("no prompt: pass it as an argument, with --prompt or --prompt-file, or use --from-image")
+    init = None
+    if init_image is not None or mask is not None or strength is not None:
+        if init_image is None:
+            raise UserError(f"{'--mask' if mask is not None else '--strength'} needs --image")
+        with expected_errors():
+            init = image_input(open_image(init_image, "--image"), open_image(mask, "--mask") if mask else None,
+                               strength, width, height)
+        width, height = init.width, init.height
     width, height = width or 1024, height or 1024
     negative_prompt = negative_prompt or None
     with expected_errors():
@@ -178,6 +202,12 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     # One image per (prompt, seed, k), prompt-major like the pipeline; image k of a seed uses seed + k.
     jobs = [(p, (s + k) % (MAX_SEED + 1)) for p in range(len(prompts)) for s in seeds for k in range(num_images)]
     paths = plan_outputs(output, jobs, overwrite)
+    source, image_settings, denoising_steps = {}, {}, steps
+    if init is not None:
+        source = dict(image=init.image, mask=init.mask, strength=init.strength)
+        image_settings = dict(image=str(Path(init_image).expanduser().resolve()), strength=init.strength,
+                              mask=str(Path(mask).expanduser().resolve()) if mask else None)
+        denoising_steps = steps - strength_start(steps, init.strength)  # the strength skips the first ones
     model_name = model_label(model)
 
     # 2. The model, once for all images.
@@ -220,7 +250,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
             progress.start(f"image {i + 1}/{len(jobs)} seed {s}")
             image = pipe.generate(prompts[p], negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                                   guidance=guidance, cfg_normalization=cfg_normalization,
-                                  cfg_truncation=cfg_truncation, seed=s, num_images=1, callback=progress)[0]
+                                  cfg_truncation=cfg_truncation, seed=s, num_images=1, callback=progress,
+                                  **source)[0]
             progress.finish()
             show_warnings(caught, shown, quiet)
             info = None
@@ -228,18 +259,19 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
                 info = png_info(dict(prompt=prompts[p], negative_prompt=negative_prompt or "", seed=s, steps=steps,
                                      guidance=guidance, cfg_normalization=cfg_normalization,
                                      cfg_truncation=cfg_truncation, width=width, height=height, model=model_name,
-                                     quantization=pipe.quantize, dtype=pipe.dtype))
+                                     quantization=pipe.quantize, dtype=pipe.dtype, **image_settings))
             save_png(image, paths[i], info, overwrite)
-            steps_done += steps
+            steps_done += denoising_steps
             step_seconds += progress.step_seconds
             if quiet:
                 click.echo(str(paths[i]))
             else:
-                click.echo(f"Saved {paths[i]} (seed {s}, {steps} steps at {progress.step_seconds / steps:.2f} s/step, "
+                click.echo(f"Saved {paths[i]} (seed {s}, {denoising_steps} steps at "
+                           f"{progress.step_seconds / max(denoising_steps, 1):.2f} s/step, "
                            f"decode {progress.total_seconds - progress.step_seconds:.1f} s)")
     total = time.perf_counter() - t_start
     n = len(jobs)
-    say(f"Done: {n} image{'s' * (n > 1)} in {total:.1f} s ({step_seconds / steps_done:.2f} s/step, "
+    say(f"Done: {n} image{'s' * (n > 1)} in {total:.1f} s ({step_seconds / max(steps_done, 1):.2f} s/step, "
         f"load {t_loaded - t_start:.1f} s), peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
 
 
@@ -357,6 +389,8 @@ def png_info(settings: dict):
         "model": settings["model"],
         "quantization": str(quant) if quant else "none",
         "dtype": settings["dtype"],
+        **({"image": settings["image"], "strength": format_number(settings["strength"])} if settings.get("image") else {}),
+        **({"mask": settings["mask"]} if settings.get("mask") else {}),
         "version": __version__,
         "Software": f"zimage-mlx {__version__}",
         "parameters": a1111_parameters(settings),
@@ -377,6 +411,8 @@ def a1111_parameters(s: dict) -> str:
         fields["CFG truncation"] = format_number(s["cfg_truncation"])
     if s["quantization"]:
         fields["Quantization"] = f"{s['quantization']}-bit"
+    if s.get("image"):
+        fields["Denoising strength"] = format_number(s["strength"])
     fields["Dtype"] = s["dtype"]
     fields["Version"] = f"zimage-mlx {__version__}"
     lines = [s["prompt"]]
@@ -429,7 +465,8 @@ def read_image_settings(path: str) -> dict:
     text = {k: v for k, v in text.items() if isinstance(v, str)}
     if "prompt" in text and "seed" in text:
         raw = {k: text[k] for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "cfg_normalization",
-                                    "cfg_truncation", "width", "height", "model", "quantization", "dtype") if k in text}
+                                    "cfg_truncation", "width", "height", "model", "quantization", "dtype",
+                                    "image", "mask", "strength") if k in text}
     elif "parameters" in text:
         a = parse_a1111_parameters(text["parameters"])
         raw = {"prompt": a["prompt"], "negative_prompt": a["negative_prompt"], "seed": a.get("Seed")}
@@ -448,7 +485,7 @@ def read_image_settings(path: str) -> dict:
         try:
             if key in ("seed", "steps", "width", "height"):
                 settings[key] = int(value)
-            elif key in ("guidance", "cfg_normalization", "cfg_truncation"):
+            elif key in ("guidance", "cfg_normalization", "cfg_truncation", "strength"):
                 settings[key] = float(value)
             elif key == "quantization":
                 settings[key] = None if value in ("", "none") else int(value)

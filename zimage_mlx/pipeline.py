@@ -8,6 +8,7 @@ and the FLUX VAE decodes. Work is lazy: the pipeline evaluates once after encodi
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -15,11 +16,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import mlx.core as mx
+import numpy as np
 
-from .sampler import FlowMatchScheduler, apply_cfg, euler_step, guidance_for_step, model_time
+from .sampler import (FlowMatchScheduler, apply_cfg, euler_step, guidance_for_step, model_time, scale_noise,
+                      strength_start)
 from .text_encoder import TextEncoder
 from .transformer import ZImageTransformer
-from .vae import VAE, to_pil
+from .vae import VAE, from_pil, to_pil
 from .weights import resolve_model
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
@@ -128,12 +131,18 @@ class ZImagePipeline:
 
     def denoise(self, prompt_embeds: list[mx.array], latents: mx.array, sigmas: list[float], *,
                 negative_embeds: list[mx.array] | None = None, guidance: float = 0.0,
-                cfg_normalization: float | bool = False, cfg_truncation: float = 1.0) -> Iterator[Step]:
+                cfg_normalization: float | bool = False, cfg_truncation: float = 1.0, mask: mx.array | None = None,
+                image_latents: mx.array | None = None, noise: mx.array | None = None) -> Iterator[Step]:
         """Run the sampler, yielding a `Step` after each DiT step (len(sigmas) - 1 of them).
 
-        prompt_embeds: one caption per latent; latents: (B, h, w, 16) float32 noise at sigmas[0].
-        With guidance > 0, negative_embeds (one per latent) give CFG as diffusers defines it:
-        pos + guidance * (pos - neg); the positive and negative branches run as one batch.
+        prompt_embeds: one caption per latent; latents: (B, h, w, 16) float32 latents at sigmas[0] (pure
+        noise when sigmas[0] is 1). With guidance > 0, negative_embeds (one per latent) give CFG as diffusers
+        defines it: pos + guidance * (pos - neg); the positive and negative branches run as one batch.
+
+        Inpainting (as diffusers' ZImageInpaintPipeline): with `mask` (B or 1, h, w, 1; 1 = repaint, 0 = keep),
+        `image_latents` (B or 1, h, w, 16) and the `noise` the start was made with, every step ends with
+        x = (1 - mask) * scale_noise(image_latents, noise, sigma_next) + mask * x: the kept region follows the
+        image, noised to the next sigma, and is the clean image latents after the last step (sigma 0).
         """
         B = latents.shape[0]
         if len(prompt_embeds) != B or (negative_embeds is not None and len(negative_embeds) != B):
@@ -152,6 +161,9 @@ class ZImagePipeline:
                 pred = self.transformer(x, t, prompt_embeds).astype(mx.float32)
             denoised = x + sigma * pred
             x = euler_step(x, pred, sigma, sigma_next)
+            if mask is not None:
+                x = (1 - mask) * scale_noise(image_latents, noise, sigma_next) + mask * x
+                denoised = (1 - mask) * image_latents + mask * denoised  # a preview shows the kept region as is
             mx.eval(x)
             yield Step(i, total, sigma, x, denoised)
 
@@ -170,19 +182,45 @@ class ZImagePipeline:
     # ------------------------------------------------------------------------------------------
     # The one call
 
-    def generate(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, width: int = 1024,
-                 height: int = 1024, steps: int = 8, guidance: float = 0.0, cfg_normalization: float | bool = False,
-                 cfg_truncation: float = 1.0, seed: int | None = None, num_images: int = 1,
-                 latents: mx.array | None = None, callback: Callable[[int, int, mx.array], None] | None = None,
-                 max_sequence_length: int = 512):
+    def generate(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                 width: int | None = None, height: int | None = None, steps: int = 8, guidance: float = 0.0,
+                 cfg_normalization: float | bool = False, cfg_truncation: float = 1.0, seed: int | None = None,
+                 num_images: int = 1, latents: mx.array | None = None,
+                 callback: Callable[[int, int, mx.array], None] | None = None, max_sequence_length: int = 512, *,
+                 image=None, mask=None, strength: float | None = None, image_latents: mx.array | None = None):
         """Generate images; returns a list of PIL images, prompt-major (all images of prompt 0 first).
 
         Image k uses the noise of seed + k, so any image of a batch can be made again alone. With
         seed=None a seed is drawn; each image's seed is in `image.info["seed"]`. `latents` (B, h, w, 16)
         float32 replaces the noise (B = prompts x num_images). `callback(step, total, latents)` runs
-        after every step (step counts from 1).
+        after every step (step counts from 1). width and height default to 1024, or to the image's size.
+
+        Image to image (diffusers' ZImageImg2ImgPipeline): `image` (a path or a PIL image) and `strength`
+        (default 0.6). Only the last steps of the `steps`-step schedule run, ceil(strength x steps) of them
+        (see `sampler.strength_start`), starting from sigma * noise + (1 - sigma) * image latents at the first
+        kept sigma. The image latents are a sample of the VAE posterior drawn with `image_key(seed + k)`
+        (also when `latents` gives the noise). strength 1 is text-to-image with the same seed (the image only
+        sets the size); strength 0 runs no step and returns the VAE round trip of the image (decoded image
+        latents; diffusers raises an error there).
+
+        Inpainting (diffusers' ZImageInpaintPipeline): add `mask`, a path or PIL image of the image's size,
+        white where to repaint (greyscale, binarised at 50%); strength defaults to 1. The kept region is reset
+        to the image after every step.
+
+        Resize policy: without width and height the output has the image's size rounded down to multiples of
+        16; with both, the image (and mask) are resized to them; with one, the other follows the aspect ratio
+        (nearest multiple of 16). Resizing is Lanczos, as diffusers' VaeImageProcessor; the aspect ratio is
+        not preserved by cropping. Paths are opened with their EXIF orientation applied.
+
+        `image_latents` (1 or B, h, w, 16), e.g. from `encode_image`, replaces the image's encoding (then
+        `image` may be left out: the size is 8 x the latents').
         """
         prompts = _check_prompts(prompt, "prompt")
+        init = None
+        if image is not None or mask is not None or strength is not None or image_latents is not None:
+            init = image_input(image, mask, strength, width, height, image_latents)
+            width, height = init.width, init.height
+        width, height = 1024 if width is None else width, 1024 if height is None else height
         validate(width=width, height=height, steps=steps, guidance=guidance, num_images=num_images, seed=seed)
         negatives = None
         if guidance > 0:
@@ -196,37 +234,173 @@ class ZImagePipeline:
         h, w = height // 8, width // 8
         B = len(prompts) * num_images
         self.transformer.check_sizes(h, w, [1])
+        seed = random.randint(0, MAX_SEED) if seed is None else seed
+        seeds = [(seed + k) % (MAX_SEED + 1) for k in range(B)]
+        seeded = latents is None  # then the seed alone gives the image back
         if latents is not None:
             if tuple(latents.shape) != (B, h, w, LATENT_CHANNELS):
                 raise ValueError(f"latents must have shape {(B, h, w, LATENT_CHANNELS)}, got {tuple(latents.shape)}")
-            seeds = [None] * B
         else:
-            seed = random.randint(0, MAX_SEED) if seed is None else seed
-            seeds = [(seed + k) % (MAX_SEED + 1) for k in range(B)]
             latents = mx.concatenate([noise(s, h, w) for s in seeds])
 
-        feats = self.encode_prompt(prompts + (negatives or []), max_sequence_length)
-        pos = [f for f in feats[: len(prompts)] for _ in range(num_images)]
-        neg = [f for f in feats[len(prompts):] for _ in range(num_images)] if negatives else None
-        if self.low_memory:
-            self.release_text_encoder()
+        sigmas = self.sigmas(steps, height, width)
+        inpaint = {}
+        if init is not None:
+            sigmas, latents, inpaint = self._start_from_image(init, sigmas, latents, seeds)
 
-        for step in self.denoise(pos, latents, self.sigmas(steps, height, width), negative_embeds=neg,
-                                 guidance=guidance, cfg_normalization=cfg_normalization,
-                                 cfg_truncation=cfg_truncation):
-            latents = step.latents
-            if callback is not None:
-                callback(step.index + 1, step.total, latents)
+        if len(sigmas) > 1:  # a strength that leaves no step needs no prompt either
+            feats = self.encode_prompt(prompts + (negatives or []), max_sequence_length)
+            pos = [f for f in feats[: len(prompts)] for _ in range(num_images)]
+            neg = [f for f in feats[len(prompts):] for _ in range(num_images)] if negatives else None
+            if self.low_memory:
+                self.release_text_encoder()
+            for step in self.denoise(pos, latents, sigmas, negative_embeds=neg, guidance=guidance,
+                                     cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation, **inpaint):
+                latents = step.latents
+                if callback is not None:
+                    callback(step.index + 1, step.total, latents)
         images = self.decode(latents)
         for k, image in enumerate(images):
-            if seeds[k] is not None:
+            if seeded:
                 image.info["seed"] = seeds[k]
         return images
+
+    def _start_from_image(self, init: "ImageInput", sigmas: list[float], noise: mx.array, seeds: list[int]):
+        """The sigmas kept by the strength, the starting latents, and the inpainting blend's arguments."""
+        sigmas = sigmas[strength_start(len(sigmas) - 1, init.strength):]
+        if init.mask is None and sigmas[0] == 1.0:
+            return sigmas, noise, {}  # pure noise: the image latents would be multiplied by 1 - 1 = 0
+        z = init.latents if init.latents is not None else self._encode(init.image, init.width, init.height, seeds)
+        if z.shape[0] not in (1, noise.shape[0]):
+            raise ValueError(f"image_latents hold {z.shape[0]} images for a batch of {noise.shape[0]}: give 1 or {noise.shape[0]}")
+        latents = scale_noise(z, noise, sigmas[0])
+        inpaint = {}
+        if init.mask is not None:
+            inpaint = dict(mask=mask_latents(init.mask, init.width, init.height, self.vae.scale), image_latents=z,
+                           noise=noise)
+        mx.eval(latents, z)
+        return sigmas, latents, inpaint
+
+    def _encode(self, image, width: int, height: int, seeds: list[int]) -> mx.array:
+        """One encoder pass over the image resized to (width, height); one posterior sample per seed, (B, h, w, 16)."""
+        mean, std = self.vae.posterior(from_pil(image, width, height))  # (1, h, w, 16)
+        eps = mx.concatenate([mx.random.normal(mean.shape, key=image_key(s)) for s in seeds])
+        return self.vae.scale_latents(mean + std * eps)
+
+    def encode_image(self, image, width: int | None = None, height: int | None = None, seed: int = 0) -> mx.array:
+        """The latents an image-to-image run of this seed starts from: the image (a path or a PIL image) resized
+        by generate's policy and encoded, the VAE posterior sampled with `image_key(seed)`; (1, h, w, 16),
+        evaluated. Pass them to `generate(image_latents=...)` to encode once for several prompts or strengths."""
+        init = image_input(image, None, None, width, height, None)
+        validate(seed=seed)
+        z = self._encode(init.image, init.width, init.height, [seed])
+        mx.eval(z)
+        return z
 
 
 def noise(seed: int, h: int, w: int) -> mx.array:
     """The initial noise for one image: (1, h, w, 16) float32 from mx.random.key(seed)."""
     return mx.random.normal((1, h, w, LATENT_CHANNELS), dtype=mx.float32, key=mx.random.key(seed))
+
+
+def image_key(seed: int) -> mx.array:
+    """The key that samples the VAE posterior of the input image for `seed` (img2img): split from
+    mx.random.key(seed), so it draws independently of noise(seed)."""
+    return mx.random.split(mx.random.key(seed))[1]
+
+
+@dataclass
+class ImageInput:
+    """An image-to-image or inpainting request, checked and sized by `image_input`."""
+
+    image: object  # PIL image as given (resized when encoded); None when only latents were given
+    mask: object  # PIL image of the image's size, or None
+    latents: mx.array | None  # the caller's image_latents, or None
+    width: int  # output size
+    height: int
+    strength: float
+
+
+def image_input(image, mask=None, strength: float | None = None, width: int | None = None,
+                height: int | None = None, image_latents: mx.array | None = None) -> ImageInput:
+    """Check an image-to-image / inpainting request and settle the output size by generate's resize policy.
+
+    Opens paths (no model needed: the CLI calls it before loading one); raises ValueError or TypeError with a
+    one-line reason: no image, an unreadable file, a mask of another size, a strength outside [0, 1].
+    """
+    if image is None and image_latents is None:
+        raise ValueError(f"{'mask' if mask is not None else 'strength'} needs an image to start from (image=...)")
+    validate(width=width, height=height, strength=strength)
+    image = open_image(image, "image") if image is not None else None
+    mask = open_image(mask, "mask") if mask is not None else None
+    if image is not None:
+        size = image.size
+    elif not isinstance(image_latents, mx.array) or image_latents.ndim != 4 or image_latents.shape[-1] != LATENT_CHANNELS:
+        raise TypeError(f"image_latents must be an mx.array of shape (1 or B, h, w, {LATENT_CHANNELS})")
+    else:
+        size = (image_latents.shape[2] * 8, image_latents.shape[1] * 8)
+    if mask is not None and mask.size != size:
+        raise ValueError(f"the mask is {mask.width}x{mask.height} but the image is {size[0]}x{size[1]}: "
+                         "they must have the same size")
+    width, height = output_size(size, width, height)
+    if image_latents is not None and tuple(image_latents.shape[1:]) != (height // 8, width // 8, LATENT_CHANNELS):
+        raise ValueError(f"image_latents must have shape (1 or B, {height // 8}, {width // 8}, {LATENT_CHANNELS}) "
+                         f"for a {width}x{height} image, got {tuple(image_latents.shape)}")
+    if strength is None:
+        strength = 1.0 if mask is not None else 0.6  # diffusers' defaults
+    return ImageInput(image, mask, image_latents, width, height, float(strength))
+
+
+def output_size(size: tuple[int, int], width: int | None = None, height: int | None = None) -> tuple[int, int]:
+    """The output (width, height) for an input image of `size` (W, H): both given, as given; neither, the
+    image's size rounded down to multiples of 16; one, the other from the aspect ratio (nearest multiple of 16)."""
+    W, H = size
+    if width is None and height is None:
+        width, height = W // 16 * 16, H // 16 * 16
+        if not width or not height:
+            raise ValueError(f"the image is {W}x{H} pixels; it must be at least 16x16")
+        if max(width, height) > 8192:
+            raise ValueError(f"the image is {W}x{H} pixels, above the model's limit of 8192 a side: give a smaller width and height")
+    elif height is None:
+        height = max(16, round(width * H / W / 16) * 16)
+    elif width is None:
+        width = max(16, round(height * W / H / 16) * 16)
+    validate(width=width, height=height)
+    return width, height
+
+
+def open_image(value, what: str = "image"):
+    """A PIL image as is, or a path opened like diffusers' load_image (EXIF orientation applied); ValueError
+    for a missing or unreadable file, TypeError for anything else. `what` names it in messages."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(value, Image.Image):
+        return value
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a path or a PIL image, got {type(value).__name__}")
+    path = Path(value).expanduser()
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return ImageOps.exif_transpose(im)
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path}: no such file") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{what} {path} is not an image Pillow can read") from None
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def mask_latents(mask, width: int, height: int, scale: int = 8) -> mx.array:
+    """A PIL mask -> (1, height / scale, width / scale, 1) float32 of 0 (keep) and 1 (repaint), as diffusers'
+    inpainting prepares it: resized to (width, height) with Lanczos, greyscale, 1 where >= 50% (binarised at
+    full size), then torch's 'nearest' down to the latent grid, which is the top-left pixel of each block."""
+    from PIL import Image
+
+    if mask.size != (width, height):
+        mask = mask.resize((width, height), resample=Image.Resampling.LANCZOS)
+    m = (np.asarray(mask.convert("L"), dtype=np.float32) / np.float32(255) >= 0.5).astype(np.float32)
+    return mx.array(m[::scale, ::scale][None, :, :, None])  # (1, h, w, 1)
 
 
 def _check_prompts(prompt, what: str) -> list[str]:
@@ -253,5 +427,5 @@ def validate(*, width=None, height=None, steps=None, guidance=None, num_images=N
         raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED):
         raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
-    if strength is not None and not (isinstance(strength, (int, float)) and 0 <= strength <= 1):
-        raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+    if strength is not None and (isinstance(strength, bool) or not (isinstance(strength, (int, float)) and 0 <= strength <= 1)):
+        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")

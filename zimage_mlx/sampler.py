@@ -90,8 +90,8 @@ def euler_step(x: mx.array, prediction: mx.array, sigma: float, sigma_next: floa
 
 def strength_start(steps: int, strength: float) -> int:
     """The index of the first sigma an image-to-image run keeps: the first int(steps - steps * strength) of
-    the `steps` sigmas are skipped (diffusers' SD3-style rule, in Python floats like it). strength 1 keeps all;
-    strength 0, or any strength below 1/steps, keeps none: no DiT step runs."""
+    the `steps` sigmas are skipped (diffusers' SD3-style rule, in Python floats like it).
+    About ceil(strength * steps) steps run: strength 1 runs all of them, strength 0 none."""
     kept = min(steps * strength, steps)
     return int(max(steps - kept, 0))
 
