@@ -1,0 +1,108 @@
+"""Side-by-side DiT forward: zimage-mlx vs diffusers (torch, CPU) on the same shapes and weights.
+
+Full width (dim 3840, 30 heads, FFN 10240, caption features 2560) with few layers, random weights.
+Reports seconds per forward, model FLOPs, and the fraction of the GEMM throughput measured in the same
+run. On Linux preload OpenBLAS so MLX's CPU matmul is not the slow reference BLAS:
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
+        python benchmarks/dit_speed.py --size 512 --layers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def dit_flops(dim, ffn, n_img, n_cap, n_layers, n_refiner):
+    """Matmul + attention FLOPs of one forward (the rest is < 0.5%)."""
+    def block(tokens):
+        return 2 * tokens * (4 * dim * dim + 3 * dim * ffn) + 4 * tokens * tokens * dim
+
+    return n_layers * block(n_img + n_cap) + n_refiner * (block(n_img) + block(n_cap)) + 2 * n_img * 64 * dim
+
+
+def timeit(fn, repeat):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def gemm_gflops(m, k, n, repeat=3):
+    a = mx.random.normal((m, k))
+    b = mx.random.normal((n, k))
+    mx.eval(a, b)
+    dt = timeit(lambda: mx.eval(a @ b.T), repeat)
+    return 2 * m * k * n / dt / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=512, help="image side in pixels")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--refiner-layers", type=int, default=2)
+    ap.add_argument("--caption", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--no-torch", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+    from diffusers import ZImageTransformer2DModel
+
+    import reference
+    from zimage_mlx.transformer import TransformerArgs, ZImageTransformer
+
+    torch.set_num_threads(torch.get_num_threads())
+    cfg = dict(reference.TRANSFORMER_CONFIG, dim=3840, n_heads=30, n_kv_heads=30, cap_feat_dim=2560,
+               axes_dims=[32, 48, 48], n_layers=args.layers, n_refiner_layers=args.refiner_layers)
+    tmodel = ZImageTransformer2DModel(**cfg).eval()
+    reference.randomize_(tmodel, 0)
+    weights = {k: mx.array(v.numpy()) for k, v in tmodel.state_dict().items()}
+    model = ZImageTransformer(TransformerArgs.from_dict(cfg))
+    model.load_weights(list(weights.items()))
+    if args.dtype != "float32":
+        model.set_dtype(getattr(mx, args.dtype))
+    mx.eval(model.parameters())
+    del weights
+    gc.collect()
+
+    h = w = args.size // 8
+    n_img, n_cap = (h // 2) * (w // 2), args.caption
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 16, h, w)).astype(np.float32)
+    cap = rng.standard_normal((n_cap, 2560)).astype(np.float32)
+    flops = dit_flops(3840, 10240, n_img, n_cap, args.layers, args.refiner_layers)
+
+    gemm = gemm_gflops(n_img + n_cap, 3840, 10240)
+    xm, tm, cm = mx.array(x.transpose(0, 2, 3, 1)), mx.array([0.3]), [mx.array(cap)]
+    t_mlx = timeit(lambda: mx.eval(model(xm, tm, cm)), args.repeat)
+    print(f"shape: {args.size}x{args.size} ({n_img} image + {n_cap} caption tokens), {args.layers} layers + "
+          f"{args.refiner_layers}+{args.refiner_layers} refiners, dim 3840, {args.dtype}")
+    print(f"model FLOPs per forward: {flops / 1e12:.3f} TFLOP")
+    print(f"MLX GEMM ({n_img + n_cap}x3840x10240): {gemm:.1f} GFLOP/s -> floor {flops / gemm / 1e9:.2f} s")
+    print(f"zimage-mlx forward: {t_mlx:.2f} s = {flops / t_mlx / 1e9:.1f} GFLOP/s = "
+          f"{100 * flops / t_mlx / 1e9 / gemm:.0f}% of GEMM")
+    if not args.no_torch:
+        xt, tt, ct = [torch.from_numpy(x[0])[:, None]], torch.tensor([0.3]), [torch.from_numpy(cap)]
+        with torch.no_grad():
+            t_torch = timeit(lambda: tmodel(xt, tt, ct, return_dict=False), args.repeat)
+        print(f"diffusers forward (torch {torch.__version__}, {torch.get_num_threads()} threads): {t_torch:.2f} s "
+              f"-> zimage-mlx is {t_torch / t_mlx:.2f}x diffusers' speed")
+
+
+if __name__ == "__main__":
+    main()
