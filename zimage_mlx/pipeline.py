@@ -21,6 +21,7 @@ import numpy as np
 from .sampler import (FlowMatchScheduler, apply_cfg, euler_step, guidance_for_step, model_time, scale_noise,
                       strength_start)
 from .text_encoder import TextEncoder
+from .text_encoder import default_bits as text_encoder_bits
 from .transformer import ZImageTransformer
 from .vae import VAE, from_pil, to_pil
 from .weights import resolve_model
@@ -68,15 +69,14 @@ class ZImagePipeline:
         """Load a checkpoint folder (diffusers layout, or one written by `zimage-mlx convert`) or a Hub id.
 
         dtype: "auto" (bfloat16 on an Apple GPU, float32 on CPU), "bfloat16", "float16" or "float32".
-        quantize: 4 or 8 to quantize the DiT and text encoder on the fly (the VAE never is).
+        quantize: 4 or 8 to quantize on the fly with each model's policy: the DiT to that many bits, the text
+        encoder to at least 8 (the VAE never is). A folder converted quantized loads as stored without it.
         low_memory: load the text encoder only while encoding and free it before denoising, and decode
         the VAE in tiles; a little slower, a much lower peak.
         """
         root = resolve_model(model)
         dtype = default_dtype() if dtype == "auto" else dtype
-        if quantize is not None:
-            raise NotImplementedError("on-the-fly quantization is not available yet")
-        transformer = ZImageTransformer.from_pretrained(root / "transformer", dtype=dtype)
+        transformer = ZImageTransformer.from_pretrained(root / "transformer", dtype=dtype, quantize=quantize)
         vae = VAE.from_pretrained(root / "vae")
         scheduler = FlowMatchScheduler.from_pretrained(root / "scheduler")
         pipe = cls(transformer, None, vae, scheduler, root=root, dtype=dtype, low_memory=low_memory,
@@ -88,7 +88,8 @@ class ZImagePipeline:
     def _load_text_encoder(self) -> TextEncoder:
         # Qwen3 overflows float16; the text encoder runs once per prompt, so it gets bfloat16 instead.
         dtype = "bfloat16" if self.dtype == "float16" else self.dtype
-        return TextEncoder.from_pretrained(self.root, dtype=dtype, cap_feat_dim=self.transformer.args.cap_feat_dim)
+        return TextEncoder.from_pretrained(self.root, dtype=dtype, cap_feat_dim=self.transformer.args.cap_feat_dim,
+                                           quantize=text_encoder_bits(self.quantize))
 
     # ------------------------------------------------------------------------------------------
     # Stages

@@ -19,7 +19,8 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.qwen3 import ModelArgs, TransformerBlock
 from transformers import AutoTokenizer
 
-from .weights import CheckpointError, load_into, load_safetensors, read_config, to_dtype
+from .weights import (CheckpointError, check_quantization, load_into, load_safetensors, quantize_as_stored,
+                      read_config, to_dtype)
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -70,6 +71,33 @@ class Qwen3Encoder(nn.Module):
         return out
 
 
+# Quantization policy, measured with benchmarks/quantization_error.py (random weights, so indicative): every
+# Linear and the token embedding. At 8 bits the features move by ~1.5%; at 4 bits by ~20%, so the text
+# encoder, which runs once per prompt, gets 8 bits unless 4 are asked for it explicitly. Quantizing the
+# embedding adds a fifth to that error and saves 0.37 GB at Qwen3-4B size, so it is quantized too.
+QUANT_KEEP: tuple[str, ...] = ()
+MIN_DEFAULT_BITS = 8
+DEFAULT_GROUP_SIZE = 64
+
+
+def default_bits(bits: int | None) -> int | None:
+    """The text encoder's bits when the whole model is quantized to `bits` (e.g. 4 -> 8)."""
+    return None if bits is None else max(bits, MIN_DEFAULT_BITS)
+
+
+def quant_predicate(bits: int, group_size: int = DEFAULT_GROUP_SIZE, keep: tuple[str, ...] = QUANT_KEEP):
+    """The text encoder's quantization policy as an `nn.quantize` class_predicate: the Linear layers and the
+    token embedding, except those under a `keep` prefix and those whose input width is not a multiple of
+    group_size (mx.quantize works on whole groups of a row)."""
+
+    def predicate(path: str, module: nn.Module):
+        if not isinstance(module, (nn.Linear, nn.Embedding)) or path.startswith(keep) or module.weight.shape[-1] % group_size:
+            return False
+        return {"bits": bits, "group_size": group_size}
+
+    return predicate
+
+
 def _check_prompts(prompts) -> list[str]:
     if isinstance(prompts, str):
         return [prompts]
@@ -111,11 +139,14 @@ class TextEncoder:
         self.hidden_size = model.args.hidden_size
 
     @classmethod
-    def from_pretrained(cls, root, dtype="float32", cap_feat_dim: int | None = None) -> "TextEncoder":
+    def from_pretrained(cls, root, dtype="float32", cap_feat_dim: int | None = None, quantize: int | None = None,
+                        group_size: int = DEFAULT_GROUP_SIZE) -> "TextEncoder":
         """Load text_encoder/ and tokenizer/ from a Z-Image checkpoint folder.
 
         dtype is the compute dtype ("float32" or "bfloat16"); weights are cast to it. cap_feat_dim is the
         DiT's caption width: a text encoder of another hidden size is refused before any weight is read.
+        quantize: bits to quantize a float text encoder to with this model's policy (`quant_predicate`); one
+        stored quantized (by `zimage-mlx convert`) loads as stored and refuses other bits.
         """
         root = Path(root)
         dtype = to_dtype(dtype)
@@ -124,7 +155,8 @@ class TextEncoder:
         for name in ("text_encoder", "tokenizer"):
             if not (root / name).is_dir():
                 raise CheckpointError(f"{root / name} is missing: point to a full Z-Image checkpoint folder (with text_encoder/ and tokenizer/) or download one")
-        args = model_args(read_config(root / "text_encoder"))
+        config = read_config(root / "text_encoder")
+        args = model_args(config)
         if cap_feat_dim is not None and args.hidden_size != cap_feat_dim:
             raise CheckpointError(
                 f"the text encoder's hidden size is {args.hidden_size} but the transformer expects caption features of "
@@ -137,9 +169,16 @@ class TextEncoder:
         if not tokenizer.chat_template:
             raise CheckpointError(f"{root / 'tokenizer'} has no chat template: it is not the checkpoint's Qwen3 tokenizer")
 
+        if quantize is not None:
+            check_quantization(quantize, group_size)
         model = Qwen3Encoder(args)
-        # No name holds the file arrays, so each one is freed as soon as it is cast.
-        load_into(model, model.sanitize(load_safetensors(root / "text_encoder")), "text encoder", dtype=dtype)
+        weights = model.sanitize(load_safetensors(root / "text_encoder"))
+        stored = quantize_as_stored(model, weights, config, "text encoder", quantize)
+        # Once loaded, no name holds the file arrays, so each one is freed as soon as it is cast.
+        load_into(model, weights, "text encoder", dtype=dtype)
+        del weights
+        if quantize is not None and stored is None:
+            nn.quantize(model, class_predicate=quant_predicate(quantize, group_size))
         # Read and cast the kept weights now, one at a time so that at most one file array is alive next to
         # the cast ones (evaluated together, all of them were); the dropped ones are never read.
         for _, p in tree_flatten(model.parameters()):

@@ -21,7 +21,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .weights import CheckpointError, load_into, load_safetensors, read_config, to_dtype
+from .weights import (CheckpointError, check_quantization, load_into, load_safetensors, quantize_as_stored, quantize_model,
+                      read_config, to_dtype)
 
 SEQ_MULTI_OF = 32
 ADALN_EMBED_DIM = 256
@@ -224,6 +225,38 @@ class FinalLayer(nn.Module):
         return self.linear(mx.fast.layer_norm(x, None, None, 1e-6) * scale)
 
 
+# ----------------------------------------------------------------------------------------------
+# Quantization policy: the one predicate used by the converter and by on-the-fly quantization
+
+# Measured with benchmarks/quantization_error.py (DiT output error of quantizing one layer group alone, per
+# share of parameters; random weights, so indicative).
+# Kept in the compute dtype: the timestep MLP and the caption projection, which diffusers also keeps out of
+# layerwise casting (spec trap 14), and the patch embedding and final layer, which map straight from and to
+# the 64-wide patch space: per parameter they are over 100x more sensitive than block weights, and together
+# these four are 0.2% of the parameters.
+QUANT_KEEP = ("t_embedder.", "cap_embedder.", "all_x_embedder.", "all_final_layer.")
+# At least 8 bits: the blocks' adaLN modulation (the scale and gate of every branch), 3-6x more sensitive
+# per parameter than attention and FFN weights, 2% of the parameters (+2% size at 4 bits).
+QUANT_MIN_BITS = {"adaLN_modulation": 8}
+DEFAULT_GROUP_SIZE = 64
+
+
+def quant_predicate(bits: int, group_size: int = DEFAULT_GROUP_SIZE, keep: tuple[str, ...] = QUANT_KEEP,
+                    min_bits: dict[str, int] = QUANT_MIN_BITS):
+    """The DiT's quantization policy as an `nn.quantize` class_predicate: which Linear layers get quantized,
+    at which bits and group size. Layers under a `keep` prefix stay in the compute dtype, and so do layers
+    whose input width is not a multiple of group_size (mx.quantize works on whole groups of a row); a layer
+    whose path contains a `min_bits` key gets at least those bits."""
+
+    def predicate(path: str, module: nn.Module):
+        if not isinstance(module, nn.Linear) or path.startswith(keep) or module.weight.shape[-1] % group_size:
+            return False
+        b = max([bits] + [m for name, m in min_bits.items() if name in path])
+        return {"bits": b, "group_size": group_size}
+
+    return predicate
+
+
 class ZImageTransformer(nn.Module):
     def __init__(self, args: TransformerArgs):
         super().__init__()
@@ -383,10 +416,23 @@ class ZImageTransformer(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="float32") -> "ZImageTransformer":
-        """Load a diffusers `transformer/` folder (config.json + one or several safetensors, any dtype)."""
-        folder = Path(folder)
+    def from_pretrained(cls, folder, dtype="float32", quantize: int | None = None,
+                        group_size: int = DEFAULT_GROUP_SIZE) -> "ZImageTransformer":
+        """Load a `transformer/` folder (config.json + one or several safetensors, any dtype): diffusers', or one
+        written by `zimage-mlx convert`, quantized or not.
+
+        quantize: bits to quantize a float folder to on the fly with this model's policy (`quant_predicate`);
+        a folder stored quantized loads as stored and refuses other bits.
+        """
+        folder, what = Path(folder), f"transformer ({folder})"
         config = read_config(folder)
         model = cls(TransformerArgs.from_dict(config))
-        load_into(model, cls.sanitize(load_safetensors(folder)), f"transformer ({folder})", to_dtype(dtype))
+        weights = cls.sanitize(load_safetensors(folder))
+        if quantize is not None:
+            check_quantization(quantize, group_size)
+        stored = quantize_as_stored(model, weights, config, what, quantize)
+        load_into(model, weights, what, to_dtype(dtype))
+        del weights  # else the file arrays would stay alive once read
+        if quantize is not None and stored is None:
+            quantize_model(model, quant_predicate(quantize, group_size))
         return model

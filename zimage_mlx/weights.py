@@ -138,3 +138,54 @@ def check_checkpoint_folder(folder: Path) -> None:
     missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
     if missing:
         raise CheckpointError(f"{folder} is incomplete: missing folder(s) {', '.join(missing)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantization: each model's policy is its own `quant_predicate`; these helpers apply a policy on the fly or
+# rebuild the quantized layers of a stored folder.
+
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+
+
+def check_quantization(bits, group_size) -> None:
+    """Raise ValueError unless MLX can quantize with these bits and group size."""
+    if bits not in QUANT_BITS or isinstance(bits, bool):
+        raise ValueError(f"quantization bits must be one of {', '.join(map(str, QUANT_BITS))}, got {bits!r}")
+    if group_size not in GROUP_SIZES or isinstance(group_size, bool):
+        raise ValueError(f"quantization group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
+
+
+def quantize_as_stored(model: nn.Module, weights: dict[str, mx.array], config: dict, what: str,
+                       requested: int | None = None) -> dict | None:
+    """Before strict loading from a quantized folder: quantize the modules whose `<path>.scales` are in the
+    weights, with the bits and group size its config.json records (per-layer entries override them), the
+    mlx-lm way. Returns the recorded quantization, or None for a float folder.
+
+    requested: bits asked for on the fly; a folder stored at other bits is refused rather than requantized.
+    """
+    q = config.get("quantization")
+    if not q:
+        if any(k.endswith(".scales") for k in weights):
+            raise CheckpointError(f"{what}: the weights are quantized but config.json records no quantization")
+        return None
+    if requested is not None and requested != q.get("bits"):
+        raise CheckpointError(
+            f"{what} is stored quantized to {q.get('bits')} bits: load it without quantize, "
+            f"or convert the original checkpoint again with --quantize {requested}"
+        )
+    try:
+        nn.quantize(model, q["group_size"], q["bits"], mode=q.get("mode", "affine"),
+                    class_predicate=lambda p, m: f"{p}.scales" in weights and q.get(p, True))
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{what}: config.json records an unusable quantization {q}: {e}") from None
+    return q
+
+
+def quantize_model(model: nn.Module, predicate) -> None:
+    """Quantize a loaded model in place with a policy predicate, then evaluate it one parameter at a time:
+    each float weight is read, quantized and dropped before the next, so the peak stays near the quantized
+    size instead of float + quantized."""
+    nn.quantize(model, class_predicate=predicate)
+    for _, p in tree_flatten(model.parameters()):
+        mx.eval(p)
