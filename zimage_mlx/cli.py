@@ -97,6 +97,8 @@ def main():
 @click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
               help="A Hugging Face repo id or a checkpoint folder.")
 @click.option("--quantize", type=click.Choice(["4", "8"]), help="Quantize the DiT and text encoder to 4 or 8 bits.")
+@click.option("--lora", "lora_specs", metavar="PATH[:SCALE]", multiple=True,
+              help="Apply a LoRA (.safetensors file or Hub repo id) at SCALE (default 1); repeat to stack several.")
 @click.option("--size", metavar="WxH", help="Image size, e.g. 1024x768 (or 1024 for a square).  [default: 1024x1024]")
 @click.option("--width", type=int, help="Image width in pixels, a multiple of 16.")
 @click.option("--height", type=int, help="Image height in pixels, a multiple of 16.")
@@ -132,7 +134,7 @@ def main():
 @click.pass_context
 def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, quantize, size, width, height, steps,
              guidance, cfg_normalization, cfg_truncation, seed, num_images, output, overwrite, dtype, low_memory,
-             metadata, from_image, quiet, init_image, mask, strength):
+             metadata, from_image, quiet, lora_specs, init_image, mask, strength):
     """Generate images from a prompt (or several: --prompt-file), one file per prompt, seed and image.
 
     \b
@@ -141,6 +143,7 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
       zimage-mlx generate --from-image zimage-42.png --steps 12 -o again.png
       zimage-mlx generate "the same street at night" --image street.jpg --strength 0.7
       zimage-mlx generate "a red vintage car" --image street.jpg --mask car-mask.png
+      zimage-mlx generate "a portrait, watercolor" --lora watercolor.safetensors:0.8
     """
     from .pipeline import MAX_SEED, image_input, open_image, validate  # MLX and transformers load here, not for --help
     from .sampler import strength_start
@@ -152,6 +155,7 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     prompts = read_prompts(prompt, prompt_option, prompt_file)
     width, height = parse_size(size, width, height)
     quantize = int(quantize) if quantize else None
+    loras = [parse_lora(spec) for spec in lora_specs]
     if from_image is not None:
         saved = read_image_settings(from_image)
         if given("init_image"):  # a new image brings its own size; the stored one would resize it
@@ -171,6 +175,7 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
         model = model if given("model") else saved.get("model", model)
         quantize = quantize if given("quantize") else saved.get("quantization", quantize)
         dtype = dtype if given("dtype") else saved.get("dtype", dtype)
+        loras = loras if given("lora_specs") else saved.get("loras", loras)
         if not given("negative_prompt") and guidance > 0:  # a stored negative prompt only matters with CFG
             negative_prompt = saved.get("negative_prompt")
     if not prompts:
@@ -209,6 +214,10 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
                               mask=str(Path(mask).expanduser().resolve()) if mask else None)
         denoising_steps = steps - strength_start(steps, init.strength)  # the strength skips the first ones
     model_name = model_label(model)
+    with expected_errors():  # a missing, unreadable or foreign LoRA fails here, before the model loads
+        from .lora import LoraWarning, read_lora
+
+        lora_files = [(read_lora(name), scale) for name, scale in loras]
 
     # 2. The model, once for all images.
     from .pipeline import ZImagePipeline
@@ -233,6 +242,13 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
             progress.status("")
     t_loaded = time.perf_counter()
     say(f"Loaded {model_name} in {t_loaded - t_start:.1f} s ({describe_pipeline(pipe)})")
+    for lora_file, scale in lora_files:
+        with expected_errors(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", LoraWarning)
+            pipe.load_lora(lora_file, scale)
+        for w in caught:
+            say(f"Warning: {w.message}")
+        say(f"Applied LoRA {lora_file.name} at scale {format_number(scale)}")
 
     # 3. Prompts are encoded a few at a time (one text-encoder load each in --low-memory mode); the
     # pipeline's prompt cache then serves `generate`, so step times measure denoising only.
@@ -259,7 +275,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
                 info = png_info(dict(prompt=prompts[p], negative_prompt=negative_prompt or "", seed=s, steps=steps,
                                      guidance=guidance, cfg_normalization=cfg_normalization,
                                      cfg_truncation=cfg_truncation, width=width, height=height, model=model_name,
-                                     quantization=pipe.quantize, dtype=pipe.dtype, **image_settings))
+                                     quantization=pipe.quantize, dtype=pipe.dtype, **image_settings,
+                                     loras=[(model_label(name), scale) for name, scale in loras]))
             save_png(image, paths[i], info, overwrite)
             steps_done += denoising_steps
             step_seconds += progress.step_seconds
@@ -312,6 +329,20 @@ def parse_size(size: str | None, width: int | None, height: int | None) -> tuple
         raise UserError(f"--size must look like 1024x768 (width x height) or 1024, got {size!r}")
     w = int(m.group(1))
     return w, int(m.group(2)) if m.group(2) else w
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """--lora PATH[:SCALE] into (path or Hub id, scale); a file whose name has a colon is taken whole."""
+    name, sep, scale = spec.rpartition(":")
+    if not sep or Path(spec).expanduser().exists():
+        return spec, 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        raise UserError(f"--lora {spec}: the scale {scale!r} after the last ':' is not a number") from None
+    if not name or not math.isfinite(value):
+        raise UserError(f"--lora {spec}: give PATH[:SCALE] with a finite number as SCALE, e.g. style.safetensors:0.8")
+    return name, value
 
 
 def model_label(model: str) -> str:
@@ -391,6 +422,8 @@ def png_info(settings: dict):
         "dtype": settings["dtype"],
         **({"image": settings["image"], "strength": format_number(settings["strength"])} if settings.get("image") else {}),
         **({"mask": settings["mask"]} if settings.get("mask") else {}),
+        **({"loras": json.dumps([{"name": n, "scale": s} for n, s in settings["loras"]], ensure_ascii=False)}
+           if settings.get("loras") else {}),
         "version": __version__,
         "Software": f"zimage-mlx {__version__}",
         "parameters": a1111_parameters(settings),
@@ -411,6 +444,8 @@ def a1111_parameters(s: dict) -> str:
         fields["CFG truncation"] = format_number(s["cfg_truncation"])
     if s["quantization"]:
         fields["Quantization"] = f"{s['quantization']}-bit"
+    if s.get("loras"):
+        fields["LoRA"] = ", ".join(f"{n}:{format_number(v)}" for n, v in s["loras"])
     if s.get("image"):
         fields["Denoising strength"] = format_number(s["strength"])
     fields["Dtype"] = s["dtype"]
@@ -466,7 +501,7 @@ def read_image_settings(path: str) -> dict:
     if "prompt" in text and "seed" in text:
         raw = {k: text[k] for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "cfg_normalization",
                                     "cfg_truncation", "width", "height", "model", "quantization", "dtype",
-                                    "image", "mask", "strength") if k in text}
+                                    "loras", "image", "mask", "strength") if k in text}
     elif "parameters" in text:
         a = parse_a1111_parameters(text["parameters"])
         raw = {"prompt": a["prompt"], "negative_prompt": a["negative_prompt"], "seed": a.get("Seed")}
@@ -489,6 +524,8 @@ def read_image_settings(path: str) -> dict:
                 settings[key] = float(value)
             elif key == "quantization":
                 settings[key] = None if value in ("", "none") else int(value)
+            elif key == "loras":
+                settings[key] = saved_loras(path, value)
             else:
                 settings[key] = value
         except ValueError:
@@ -496,6 +533,14 @@ def read_image_settings(path: str) -> dict:
     if settings.get("dtype") not in ("bfloat16", "float16", "float32"):
         settings.pop("dtype", None)
     return settings
+
+
+def saved_loras(path: str, value: str) -> list[tuple[str, float]]:
+    """The `loras` chunk: a JSON list of {"name", "scale"}."""
+    try:
+        return [(str(x["name"]), float(x["scale"])) for x in json.loads(value)]
+    except (ValueError, TypeError, KeyError):
+        raise UserError(f"--from-image {path}: the metadata's loras {value!r} is not a list of names and scales") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -581,3 +626,9 @@ class Progress:
     def finish(self) -> None:
         self.total_seconds = time.perf_counter() - self.t0
         self.status("")
+
+
+# Registered last: zimage_mlx.convert imports only click at module level (MLX loads when it runs).
+from .convert import convert_command  # noqa: E402
+
+main.add_command(convert_command, "convert")

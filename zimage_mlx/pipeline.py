@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
+from .lora import Lora, apply_lora, read_lora, restore
 from .sampler import (FlowMatchScheduler, apply_cfg, euler_step, guidance_for_step, model_time, scale_noise,
                       strength_start)
 from .text_encoder import TextEncoder
@@ -62,6 +63,8 @@ class ZImagePipeline:
         self.low_memory = low_memory
         self.quantize = quantize
         self._prompt_cache: OrderedDict[tuple[str, int], mx.array] = OrderedDict()
+        self.loras: list[tuple[str, float]] = []  # (name, scale) of the LoRAs applied, in order
+        self._lora_originals: dict = {}  # what unload_loras() puts back
 
     @classmethod
     def from_pretrained(cls, model=DEFAULT_MODEL, dtype: str = "auto", quantize: int | None = None,
@@ -179,6 +182,24 @@ class ZImagePipeline:
     def preview(self, step: Step):
         """Decode a step's x0 estimate: what the image is becoming, for an app to show while it waits."""
         return self.decode(step.denoised)
+
+    # ------------------------------------------------------------------------------------------
+    # LoRA
+
+    def load_lora(self, lora, scale: float = 1.0) -> Lora:
+        """Apply a LoRA to the DiT: a .safetensors path, a Hub repo id holding one (or `owner/repo/file.safetensors`),
+        or a `Lora` from `read_lora`. Several LoRAs stack. Keys that match no layer give a `LoraWarning`; a file
+        for another model, or one that does not fit, raises `LoraError` and changes nothing.
+        """
+        lora = lora if isinstance(lora, Lora) else read_lora(lora)
+        apply_lora(self.transformer, lora, scale, self._lora_originals)
+        self.loras.append((lora.name, float(scale)))
+        return lora
+
+    def unload_loras(self) -> None:
+        """Remove every LoRA: the DiT gets its original weights back, bit for bit."""
+        restore(self.transformer, self._lora_originals)
+        self.loras.clear()
 
     # ------------------------------------------------------------------------------------------
     # The one call

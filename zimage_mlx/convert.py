@@ -1,0 +1,619 @@
+"""Convert a Z-Image checkpoint into an MLX folder that `ZImagePipeline.from_pretrained` loads directly.
+
+Sources:
+  - a checkpoint in the diffusers layout (Tongyi-MAI/Z-Image-Turbo): a folder or a Hub id;
+  - single files as ComfyUI ships them: the DiT (`z_image_turbo_bf16.safetensors`: fused qkv, renamed keys),
+    the text encoder (`qwen_3_4b.safetensors`) and the VAE (`ae.safetensors`, LDM names), either in a folder
+    (each file is recognised by its tensor names) or named one by one, which also replaces one component
+    of a diffusers checkpoint. Single files hold no tokenizer, scheduler or configs: those come from `base`
+    (a folder or a Hub id, of which only these small files are downloaded), with the shapes that differ
+    from base's configs read from the tensors.
+
+The output has the diffusers layout: model_index.json; transformer/ and text_encoder/ in `dtype`, quantized
+with each model's policy (`quant_predicate` in transformer.py and text_encoder.py) when asked, which their
+config.json records; vae/ in diffusers names and torch layout, in its own dtype and never quantized;
+tokenizer/ and scheduler/ copied. Tensors are converted one at a time into shards of at most `shard_size`
+bytes, so the peak memory is about one shard whatever the model's size (benchmarks/convert_memory.py). The
+folder is written next to dst under a temporary name, loaded once (lazily) as a check, then renamed.
+
+MLX, transformers and the models are imported inside the functions: the CLI imports this module to
+register the command, and `zimage-mlx --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import click
+
+DEFAULT_BASE = "Tongyi-MAI/Z-Image-Turbo"
+DEFAULT_SHARD_SIZE = 2 * 2**30
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+WEIGHTS = ("transformer", "text_encoder", "vae")
+LABELS = {"transformer": "DiT", "text_encoder": "text encoder", "vae": "VAE"}
+OPTIONS = {"transformer": "--transformer", "text_encoder": "--text-encoder", "vae": "--vae"}
+# What base provides for single files: configs, tokenizer, scheduler (a few MB).
+SMALL_FILES = ["model_index.json", "scheduler/*.json", "tokenizer/*", "*/config.json"]
+
+
+@dataclass
+class Component:
+    """Where one model's weights come from and the config to build it with."""
+
+    name: str  # transformer | text_encoder | vae
+    files: list[Path]
+    config: dict
+    label: str  # the folder or file, for messages
+    single_file: bool = False
+    bits: int | None = None
+    out_bytes: int = 0  # what the conversion writes, known while checking
+    out_count: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# What a file holds
+
+
+def identify(keys) -> str:
+    """What a set of tensor names belongs to: "transformer", "text_encoder", "vae", or a description of
+    another model ("a FLUX transformer", ...), or "" when nothing is recognised."""
+    ks = {k.removeprefix("model.diffusion_model.") for k in keys}
+
+    def starts(*prefixes):
+        return any(k.startswith(prefixes) for k in ks)
+
+    def ends(*suffixes):
+        return any(k.endswith(suffixes) for k in ks)
+
+    if "cap_embedder.1.weight" in ks:
+        return "transformer" if {"x_pad_token", "cap_pad_token"} & ks else "a Lumina-2 (NextDiT) transformer"
+    if starts("double_blocks.", "single_blocks.", "single_transformer_blocks."):
+        return "a FLUX transformer"
+    if starts("joint_blocks.", "transformer_blocks.") and ends("context_embedder.weight"):
+        return "an SD3 transformer"
+    if starts("input_blocks.", "down_blocks.") and ends("conv_in.weight", "input_blocks.0.0.weight"):
+        return "a Stable Diffusion UNet"
+    if ends("embed_tokens.weight"):
+        return "text_encoder" if ends("self_attn.q_norm.weight") else "a language model other than Qwen3 (no q_norm)"
+    if starts("text_model.") or ends("SelfAttention.q.weight"):
+        return "a CLIP or T5 text encoder"
+    if ends("decoder.conv_in.weight"):
+        return "vae"
+    return ""
+
+
+def _open(files: list[Path], label: str) -> dict:
+    """The tensors of safetensors files, lazily: only the headers are read."""
+    import mlx.core as mx
+
+    from .weights import CheckpointError
+
+    tensors = {}
+    for f in files:
+        if f.suffix != ".safetensors":
+            raise CheckpointError(f"{f} is not a .safetensors file (convert reads safetensors only)")
+        try:
+            tensors.update(mx.load(str(f)))
+        except Exception as e:  # mx.load raises RuntimeError/ValueError on damaged or foreign files
+            raise CheckpointError(f"cannot read {f} ({label}): {e}") from None
+    return tensors
+
+
+def _check_kind(name: str, tensors: dict, label: str) -> None:
+    from .weights import CheckpointError
+
+    kind = identify(tensors)
+    if kind != name:
+        what = kind if kind and kind not in WEIGHTS else f"a Z-Image {LABELS[kind]}" if kind else "no model convert knows"
+        raise CheckpointError(f"{label} should hold Z-Image's {LABELS[name]} but holds {what}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the sources
+
+
+def _resolve(name, weights: tuple[str, ...]) -> Path:
+    """A diffusers checkpoint folder, or a Hub id with the small files plus the weights of `weights` only."""
+    from .weights import CheckpointError, check_checkpoint_folder, resolve_model
+
+    path = Path(name).expanduser()
+    if path.exists() or set(weights) == set(WEIGHTS):
+        return resolve_model(path if path.exists() else name)
+    name = str(name)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise CheckpointError(f"{name} does not exist (and it is not a Hub repo id like {DEFAULT_BASE})")
+    from huggingface_hub import snapshot_download
+
+    patterns = SMALL_FILES + [p for c in weights for p in (f"{c}/*.safetensors", f"{c}/*.safetensors.index.json")]
+    try:
+        folder = Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated, network: all end the same way for the user
+        raise CheckpointError(
+            f"cannot get {name} from the Hugging Face Hub ({type(e).__name__}); if you are offline, download it once "
+            f"(hf download {name}) and pass the folder"
+        ) from None
+    check_checkpoint_folder(folder)
+    return folder
+
+
+def _scan(folder: Path) -> dict[str, list[Path]]:
+    """The single files under folder, by what they hold (recognised by their tensor names)."""
+    found: dict[str, list[Path]] = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        if any(part.startswith(".") for part in f.relative_to(folder).parts):
+            continue
+        try:
+            kind = identify(_open([f], str(f)))
+        except Exception:  # a damaged file is reported only if it is the one needed
+            kind = ""
+        found.setdefault(kind, []).append(f)
+    return found
+
+
+def find_sources(src, *, transformer=None, text_encoder=None, vae=None, base=None) -> tuple[Path, dict[str, Component]]:
+    """Where each component comes from: (folder with tokenizer/ scheduler/ model_index.json, components).
+
+    Raises CheckpointError naming what is missing or wrong. Only headers are read.
+    """
+    from .weights import CheckpointError, read_config, safetensors_files
+
+    files = {"transformer": transformer, "text_encoder": text_encoder, "vae": vae}
+    for name, f in files.items():
+        if f is not None:
+            f = files[name] = Path(f).expanduser()
+            if not f.is_file():
+                raise CheckpointError(f"{OPTIONS[name]} {f}: no such file (give the {LABELS[name]} as one .safetensors file)")
+    path = Path(src).expanduser()
+    # A diffusers checkpoint: a Hub id, or a folder with model_index.json or component configs (a folder of
+    # ComfyUI files may well have a vae/ subfolder, but no config.json in it).
+    diffusers = not path.exists() or path.is_dir() and (
+        (path / "model_index.json").exists() or any((path / c / "config.json").exists() for c in WEIGHTS))
+    if diffusers:
+        if base is not None:
+            raise CheckpointError(f"--base is for single files; {src} is a checkpoint with its own tokenizer and configs")
+        root = _resolve(src, tuple(c for c in WEIGHTS if files[c] is None))
+    else:
+        found = _scan(path) if path.is_dir() else {identify(_open([path], str(path))): [path]}
+        for name in WEIGHTS:
+            if files[name] is not None:
+                continue
+            hits = found.get(name, [])
+            if len(hits) > 1:
+                raise CheckpointError(f"{src} holds several {LABELS[name]} files ({', '.join(p.name for p in hits)}): "
+                                      f"pick one with {OPTIONS[name]} FILE")
+            if not hits:
+                others = [f"{p.name} ({kind})" for kind, ps in found.items() if kind not in WEIGHTS for p in ps]
+                seen = f"; it has {', '.join(others[:4])}" if others else ""
+                raise CheckpointError(f"no Z-Image {LABELS[name]} in {src}{seen}: add it or pass {OPTIONS[name]} FILE")
+            files[name] = hits[0]
+        root = _resolve(DEFAULT_BASE if base is None else base, ())
+
+    components = {}
+    for name in WEIGHTS:
+        config = read_config(root / name)
+        if files[name] is None:
+            components[name] = Component(name, safetensors_files(root / name), config, str(root / name))
+        else:
+            components[name] = Component(name, [files[name]], config, str(files[name]), single_file=True)
+    return root, components
+
+
+# ----------------------------------------------------------------------------------------------
+# Per model: build it (lazily: nothing is allocated), map the tensor names, check that they fit
+
+
+def _derive_dit_config(tensors: dict, config: dict) -> dict:
+    """base's transformer config with the widths and depths this file's tensors have."""
+    def count(prefix):
+        return len({k.split(".")[1] for k in tensors if k.startswith(prefix + ".")})
+
+    dim, cap_feat_dim = tensors["cap_embedder.1.weight"].shape
+    head_dim = tensors["layers.0.attention.norm_q.weight"].shape[0] if "layers.0.attention.norm_q.weight" in tensors \
+        else dim // config.get("n_heads", 30)
+    return dict(config, dim=dim, cap_feat_dim=cap_feat_dim, n_heads=dim // head_dim, n_kv_heads=dim // head_dim,
+                n_layers=count("layers"), n_refiner_layers=count("noise_refiner"),
+                in_channels=tensors["all_x_embedder.2-1.weight"].shape[1] // 4)
+
+
+def _derive_qwen_config(tensors: dict, config: dict) -> dict:
+    """base's text encoder config with the widths and depth this file's tensors have."""
+    t = {k.removeprefix("model."): w for k, w in tensors.items()}
+    vocab, hidden = t["embed_tokens.weight"].shape
+    head_dim = t["layers.0.self_attn.q_norm.weight"].shape[0]
+    return dict(config, vocab_size=vocab, hidden_size=hidden, head_dim=head_dim,
+                num_attention_heads=t["layers.0.self_attn.q_proj.weight"].shape[0] // head_dim,
+                num_key_value_heads=t["layers.0.self_attn.k_proj.weight"].shape[0] // head_dim,
+                intermediate_size=t["layers.0.mlp.gate_proj.weight"].shape[0],
+                num_hidden_layers=len({k.split(".")[1] for k in t if k.startswith("layers.")}))
+
+
+def _model(c: Component, tensors: dict):
+    """(model, sanitize(dict) -> dict) for a component; single files get their config from their shapes."""
+    from .text_encoder import Qwen3Encoder, model_args
+    from .transformer import TransformerArgs, ZImageTransformer
+    from .vae import VAE, VAEArgs
+    from .weights import CheckpointError
+
+    try:
+        if c.name == "transformer":
+            if c.single_file:
+                c.config = _derive_dit_config(ZImageTransformer.sanitize(tensors), c.config)
+            return ZImageTransformer(TransformerArgs.from_dict(c.config)), ZImageTransformer.sanitize
+        if c.name == "text_encoder":
+            if c.single_file:
+                c.config = _derive_qwen_config(tensors, c.config)
+            model = Qwen3Encoder(model_args(c.config))
+            return model, model.sanitize
+        model = VAE(VAEArgs.from_dict(c.config))
+    except KeyError as e:
+        raise CheckpointError(f"{c.label} lacks {e.args[0]}: it is not a complete Z-Image {LABELS[c.name]}") from None
+    latent = c.config.get("latent_channels", 16)
+    conv_in = next((w for k, w in tensors.items() if k.endswith("decoder.conv_in.weight")), None)
+    if conv_in is not None and conv_in.ndim == 4:
+        channels = conv_in.shape[1] if conv_in.shape[2] == conv_in.shape[3] else conv_in.shape[3]  # torch or MLX layout
+        if channels != latent:
+            raise CheckpointError(f"{c.label} is a {channels}-channel VAE (Stable Diffusion's?); Z-Image needs the "
+                                  f"{latent}-channel FLUX VAE")
+    return model, model.sanitize
+
+
+def _fits(model, sanitized: dict, what: str) -> None:
+    """Strict loading into a lazily built model: every key present with its shape (nothing is read)."""
+    from mlx.utils import tree_flatten
+
+    from .weights import CheckpointError
+
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(sanitized))
+    unexpected = sorted(set(sanitized) - set(expected))
+    wrong = [k for k in set(expected) & set(sanitized) if tuple(expected[k].shape) != tuple(sanitized[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s), e.g. {', '.join(unexpected[:3])}")
+    if wrong:
+        k = sorted(wrong)[0]
+        problems.append(f"{len(wrong)} tensor(s) of another shape, e.g. {k} {tuple(sanitized[k].shape)} where "
+                        f"the config gives {tuple(expected[k].shape)}")
+    if problems:
+        raise CheckpointError(f"{what} does not fit its config: {'; '.join(problems)}")
+
+
+def _converted(tensors: Iterator[tuple[str, object]], modules: dict, predicate, dtype, overrides: dict | None = None):
+    """(key, lazy array) out of (key, lazy array) in: floats cast to dtype, the Linear/Embedding weights the
+    predicate selects quantized into weight, scales and biases (scales in dtype, as on-the-fly
+    quantization makes them). Layers quantized otherwise than overrides["default"] are added to overrides."""
+    import mlx.core as mx
+
+    for key, w in tensors:
+        path, _, leaf = key.rpartition(".")
+        params = predicate(path, modules[path]) if predicate and leaf == "weight" and path in modules else False
+        if dtype is not None and mx.issubdtype(w.dtype, mx.floating):
+            w = w.astype(dtype)
+        if not params:
+            yield key, w
+            continue
+        if overrides is not None and params != overrides["default"]:
+            overrides[path] = params
+        wq, scales, biases = mx.quantize(w, group_size=params["group_size"], bits=params["bits"])
+        yield key, wq
+        yield f"{path}.scales", scales
+        yield f"{path}.biases", biases
+
+
+def _stream(c: Component, sanitize) -> Iterator[tuple[str, object]]:
+    """The component's tensors one at a time, with their final names: each is read only when used and
+    dropped once handed on."""
+    if c.name == "vae":  # small, and its conv layout is judged over all its convolutions: map it as a whole
+        tensors = sanitize(_open(c.files, c.label))
+        for key in list(tensors):
+            # The VAE is written in diffusers names and torch layout: undo sanitize's [O, I, kh, kw] ->
+            # [O, kh, kw, I] so that the folder reads the same to any loader.
+            w = tensors.pop(key)
+            yield key, w.transpose(0, 3, 1, 2) if w.ndim == 4 else w
+        return
+    for f in c.files:
+        tensors = _open([f], c.label)
+        for key in list(tensors):
+            yield from sanitize({key: tensors.pop(key)}).items()
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def _write_shards(tensors, out: Path, shard_size: int, progress=None, total: int = 0) -> int:
+    """Evaluate tensors one at a time into safetensors shards of at most shard_size bytes (one bigger tensor
+    gets a shard of its own) plus an index; returns the bytes written."""
+    import mlx.core as mx
+
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, int]] = []
+    shard: dict = {}
+    size = written = done = 0
+
+    def flush():
+        nonlocal shard, size
+        mx.save_safetensors(str(out / f"part-{len(shards)}.safetensors"), shard, metadata={"format": "mlx"})
+        shards.append({k: w.nbytes for k, w in shard.items()})
+        shard, size = {}, 0
+        mx.clear_cache()  # give the shard's memory back before the next one grows
+
+    for key, w in tensors:
+        mx.eval(w)
+        if shard and size + w.nbytes > shard_size:
+            flush()
+        shard[key] = w
+        size += w.nbytes
+        written += w.nbytes
+        done += 1
+        if progress:
+            progress(done, total)
+    if shard or not shards:
+        flush()
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for i, name in enumerate(names):
+        (out / f"part-{i}.safetensors").rename(out / name)
+    if n > 1:
+        weight_map = {k: name for name, shard_keys in zip(names, shards) for k in shard_keys}
+        index = {"metadata": {"total_size": written}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return written
+
+
+def _write_config(path: Path, config: dict, dtype_name: str, quantization: dict | None) -> None:
+    config = {k: v for k, v in config.items() if k != "quantization"}
+    config["dtype"] = dtype_name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype_name
+    if quantization:
+        config["quantization"] = quantization
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def _check_written(root: Path) -> None:
+    """Load the written folder the way the pipeline does, lazily: configs, keys, shapes and quantization
+    must all agree (nothing is computed and no weight is read)."""
+    from transformers import AutoTokenizer
+
+    from .sampler import FlowMatchScheduler
+    from .text_encoder import Qwen3Encoder, model_args
+    from .transformer import ZImageTransformer
+    from .vae import VAE
+    from .weights import (CheckpointError, check_checkpoint_folder, load_into, load_safetensors, quantize_as_stored,
+                          read_config)
+
+    try:
+        check_checkpoint_folder(root)
+        ZImageTransformer.from_pretrained(root / "transformer")
+        config = read_config(root / "text_encoder")
+        encoder = Qwen3Encoder(model_args(config))
+        weights = encoder.sanitize(load_safetensors(root / "text_encoder"))
+        quantize_as_stored(encoder, weights, config, "text encoder")
+        load_into(encoder, weights, "text encoder")
+        if not AutoTokenizer.from_pretrained(str(root / "tokenizer")).chat_template:
+            raise CheckpointError("the tokenizer has no chat template")
+        VAE.from_pretrained(root / "vae")
+        FlowMatchScheduler.from_pretrained(root / "scheduler")
+    except Exception as e:
+        raise RuntimeError(f"the converted folder does not load ({e}); this is a bug in zimage-mlx convert") from e
+
+
+def folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# ----------------------------------------------------------------------------------------------
+# The conversion
+
+
+def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, group_size: int = 64,
+            transformer_bits: int | None = None, text_encoder_bits: int | None = None, force: bool = False,
+            transformer=None, text_encoder=None, vae=None, base=None, shard_size: int = DEFAULT_SHARD_SIZE,
+            progress: Callable[[str, int, int], None] | None = None) -> dict[str, tuple[int, str]]:
+    """Convert a Z-Image checkpoint into an MLX folder at dst; returns {component: (bytes, description)}.
+
+    src: a diffusers checkpoint folder or Hub id, or single files (a .safetensors file or a folder of them).
+    transformer, text_encoder, vae: single files that replace src's component. base: for single files, the
+    folder or Hub id that gives tokenizer, scheduler and configs (default Tongyi-MAI/Z-Image-Turbo).
+    dtype: the DiT and text encoder weights' dtype (the text encoder is stored in bfloat16 for float16:
+    Qwen3 overflows float16); the VAE keeps its own. quantize: bits for the DiT, and at least 8 for the text
+    encoder (transformer_bits and text_encoder_bits set each alone); group_size for both.
+    progress(component, done, total) is called after each tensor written.
+    Everything is checked before anything is written; errors raise CheckpointError or ValueError.
+    """
+    import mlx.core as mx
+
+    from . import text_encoder as te_module
+    from . import transformer as dit_module
+    from .weights import CheckpointError, check_quantization, to_dtype
+
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    for bits in (quantize, transformer_bits, text_encoder_bits):
+        if bits is not None:
+            check_quantization(bits, group_size)
+    bits = {"transformer": transformer_bits if transformer_bits is not None else quantize,
+            "text_encoder": text_encoder_bits if text_encoder_bits is not None else te_module.default_bits(quantize),
+            "vae": None}
+    dtypes = {"transformer": dtype, "text_encoder": "bfloat16" if dtype == "float16" else dtype, "vae": None}
+    predicates = {"transformer": dit_module.quant_predicate, "text_encoder": te_module.quant_predicate}
+
+    dst = Path(dst).expanduser()
+    if dst.exists() and not force:
+        raise ValueError(f"{dst} already exists; pass --force to replace it")
+    src_path = Path(src).expanduser()
+    if src_path.exists():
+        a, b = src_path.resolve(), dst.resolve()
+        if a == b or b in a.parents or a in b.parents:
+            raise ValueError(f"{dst} must be outside the source {src} (and not contain it)")
+    ancestor = dst.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {dst}: {ancestor} is not a writable folder")
+
+    # 1. Check everything: sources, keys, shapes, quantization, disk space (headers only).
+    root, components = find_sources(src, transformer=transformer, text_encoder=text_encoder, vae=vae, base=base)
+    models = {}
+    for name, c in components.items():
+        tensors = _open(c.files, c.label)
+        _check_kind(name, tensors, c.label)
+        model, sanitize = _model(c, tensors)
+        sanitized = sanitize(tensors)
+        _fits(model, sanitized, f"{c.label} ({LABELS[name]})")
+        c.bits = bits[name]
+        predicate = predicates[name](c.bits, group_size) if c.bits else None
+        out_dtype = to_dtype(dtypes[name]) if dtypes[name] else None
+        modules = dict(model.named_modules())
+        sizes = [w.nbytes for _, w in _converted(iter(sanitized.items()), modules, predicate, out_dtype)]
+        c.out_bytes, c.out_count = sum(sizes), len(sizes)
+        if predicate and not any(predicate(p, m) for p, m in modules.items()):
+            raise ValueError(f"no layer of the {LABELS[name]} can be quantized with group size {group_size} "
+                             f"(its widths are not multiples of it): choose another --group-size")
+        models[name] = (model, sanitize, modules, predicate, out_dtype)
+        del tensors, sanitized
+    needed = sum(c.out_bytes for c in components.values()) + folder_size(root / "tokenizer") + 2**20
+    free = shutil.disk_usage(ancestor).free
+    if needed > free:
+        raise CheckpointError(f"not enough disk space for {dst}: it needs about {needed / 1e9:.1f} GB, "
+                              f"{ancestor} has {free / 1e9:.1f} GB free")
+
+    # 2. Write into a temporary folder next to dst, check it, then rename it into place.
+    tmp = dst.parent / f".{dst.name}.converting-{os.getpid()}"
+    result = {}
+    try:
+        tmp.mkdir(parents=True)
+        for name, c in components.items():
+            model, sanitize, modules, predicate, out_dtype = models[name]
+            report = (lambda done, total, name=name: progress(name, done, total)) if progress else None
+            default = {"bits": c.bits, "group_size": group_size}
+            overrides = {"default": default}
+            _write_shards(_converted(_stream(c, sanitize), modules, predicate, out_dtype, overrides),
+                          tmp / name, shard_size, report, c.out_count)
+            quantization = None
+            if predicate:
+                del overrides["default"]
+                quantization = {"group_size": group_size, "bits": c.bits, "mode": "affine", **dict(sorted(overrides.items()))}
+            stored = dtypes[name] or _float_dtype(c)
+            _write_config(tmp / name / "config.json", c.config, stored, quantization)
+            del models[name]
+            mx.clear_cache()
+        for name in ("tokenizer", "scheduler"):
+            shutil.copytree(root / name, tmp / name)
+        shutil.copyfile(root / "model_index.json", tmp / "model_index.json")
+        _check_written(tmp)
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        elif dst.exists() or dst.is_symlink():
+            dst.unlink()
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    for name in WEIGHTS + ("tokenizer", "scheduler"):
+        note = ""
+        if name in components:
+            c = components[name]
+            note = json.loads((dst / name / "config.json").read_text())["dtype"]
+            if c.bits:
+                note += f", {c.bits}-bit (group {group_size})"
+            note += f", from {c.label}"
+        result[name] = (folder_size(dst / name), note)
+    return result
+
+
+def _float_dtype(c: Component) -> str:
+    """The dtype of a component kept as it is (the VAE): its first floating tensor's."""
+    import mlx.core as mx
+
+    for w in _open(c.files, c.label).values():
+        if mx.issubdtype(w.dtype, mx.floating):
+            return str(w.dtype).removeprefix("mlx.core.")
+    return "float32"
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+
+
+class _Command(click.Command):
+    """Bad options as one `Error:` line with exit code 2, like the other zimage-mlx commands."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            from .cli import UserError
+
+            raise UserError(e.format_message()) from None
+
+
+BITS = ["2", "3", "4", "5", "6", "8"]
+
+
+@click.command("convert", cls=_Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("src")
+@click.argument("dst")
+@click.option("--quantize", type=click.Choice(["4", "8"]),
+              help="Quantize the DiT to 4 or 8 bits and the text encoder to 8 (the VAE never is).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              help="Quantization group size: smaller is more accurate and larger.")
+@click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="bfloat16", show_default=True,
+              help="Dtype of the DiT and text encoder weights (float16 keeps the text encoder in bfloat16).")
+@click.option("--transformer-bits", type=click.Choice(BITS), help="Bits for the DiT alone (overrides --quantize).")
+@click.option("--text-encoder-bits", type=click.Choice(BITS), help="Bits for the text encoder alone (overrides --quantize).")
+@click.option("--transformer", "transformer_file", metavar="FILE", help="The DiT from one .safetensors file (e.g. ComfyUI's).")
+@click.option("--text-encoder", "text_encoder_file", metavar="FILE", help="The text encoder from one .safetensors file.")
+@click.option("--vae", "vae_file", metavar="FILE", help="The VAE from one .safetensors file (e.g. ae.safetensors).")
+@click.option("--base", metavar="MODEL", help=f"For single files: the folder or Hub id that gives tokenizer, scheduler "
+                                              f"and configs (small files only).  [default: {DEFAULT_BASE}]")
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+def convert_command(src, dst, quantize, group_size, dtype, transformer_bits, text_encoder_bits, transformer_file,
+                    text_encoder_file, vae_file, base, force):
+    """Convert a checkpoint into an MLX folder (optionally quantized) that loads directly.
+
+    SRC is a diffusers checkpoint (a folder or a Hub id), or ComfyUI single files: a folder holding the DiT,
+    the text encoder and the VAE (recognised by their tensor names), or a file; --transformer, --text-encoder
+    and --vae name single files one by one, replacing SRC's.
+
+    \b
+      zimage-mlx convert Tongyi-MAI/Z-Image-Turbo z-image-turbo-mlx
+      zimage-mlx convert Tongyi-MAI/Z-Image-Turbo z-image-turbo-q4 --quantize 4
+      zimage-mlx convert ComfyUI/models/split_files z-image-turbo-mlx
+    """
+    from .cli import Progress, expected_errors
+
+    progress = Progress()
+    current = {"name": None}
+
+    def report(name, done, total):
+        if current["name"] != name:
+            if current["name"]:
+                progress.finish()
+            current["name"] = name
+            progress.start(f"Converting the {LABELS[name]}")
+        progress(done, total)
+
+    t0 = time.perf_counter()
+    with expected_errors():
+        result = convert(src, dst, dtype=dtype, quantize=int(quantize) if quantize else None, group_size=int(group_size),
+                         transformer_bits=int(transformer_bits) if transformer_bits else None,
+                         text_encoder_bits=int(text_encoder_bits) if text_encoder_bits else None, force=force,
+                         transformer=transformer_file, text_encoder=text_encoder_file, vae=vae_file, base=base,
+                         progress=report)
+    if current["name"]:
+        progress.finish()
+    for name, (nbytes, note) in result.items():
+        click.echo(f"{name:<13} {nbytes / 1e9:7.2f} GB  {note}".rstrip())
+    total = sum(n for n, _ in result.values())
+    click.echo(f"Wrote {dst} ({total / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s")

@@ -1,0 +1,387 @@
+"""LoRA adapters for the Z-Image DiT: read the formats trainers write, apply them, and undo them exactly.
+
+Key conventions (model-spec section 10), read with the semantics of diffusers'
+`_convert_non_diffusers_z_image_lora_to_diffusers` (loaders/lora_conversion_utils.py), which the tests
+check us against:
+
+  diffusers / PEFT   transformer.layers.0.attention.to_q.lora_A[.default].weight, lora_B, optional .alpha
+                     (and lora_alpha / alpha_pattern / use_rslora in the file's `lora_adapter_metadata`)
+  ai-toolkit         diffusion_model.layers.0.attention.to_q.lora_A.weight
+  kohya / musubi     lora_unet_layers_0_attention_to_q.lora_down.weight, lora_up, alpha
+  ComfyUI native     ...attention.qkv.* (B stacks q, k and v, A is shared), ...attention.out.*,
+                     x_embedder, final_layer
+  "dot" (Anime-Z)    ...attention.to.q.lora.down.weight, lora.up; its redundant qkv/out copies are skipped
+
+A float layer gets W + scale * alpha / rank * (B @ A), computed in float32 and cast back to W's dtype, and
+its original array is kept, so unloading restores it bit for bit. A quantized layer is never dequantized:
+the LoRA runs beside it, y = layer(x) + (x @ A^T) @ (c B)^T, which keeps the LoRA exact and costs no
+memory (benchmarks/lora_quantized.py compares this with dequantize-merge-requantize).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class LoraError(ValueError):
+    """A LoRA file that cannot be applied: unreadable, for another model, or not fitting the DiT."""
+
+
+class LoraWarning(UserWarning):
+    """A LoRA was applied, but some of its keys name no layer of the DiT and were left out."""
+
+
+@dataclass
+class LoraLayer:
+    """One layer's update: B @ A times `factor` (alpha / rank), before the user's scale."""
+
+    down: mx.array  # A: (rank, in)
+    up: mx.array  # B: (out, rank)
+    factor: float
+    keys: tuple[str, ...]  # the file's keys for this layer, for messages
+
+
+@dataclass
+class Lora:
+    """A LoRA file read and mapped to DiT layer names (diffusers spelling), not yet applied."""
+
+    name: str  # as the user gave it: a path or a Hub id
+    path: Path
+    layers: dict[str, LoraLayer]
+    unmatched: list[str]  # keys that are not LoRA weights of a layer (orphans, biases, unknown names)
+    skipped: list[str]  # redundant copies of other keys (fused qkv / bare out next to split keys)
+    n_keys: int
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading: file or Hub id -> Lora
+
+# module path, then one of: .lora_A[.adapter].weight, .lora_down.weight, .lora.down.weight, .alpha
+_SUFFIX = re.compile(r"\.(?:lora_(A|B|down|up)(?:\.[\w-]+)?\.weight|lora\.(down|up)\.weight|(alpha))$")
+_ROLE = {"A": "down", "down": "down", "B": "up", "up": "up"}
+_PREFIXES = ("base_model.model.", "transformer.", "model.diffusion_model.", "diffusion_model.")
+# Kohya writes module paths with every "." turned into "_"; these names keep their own underscores.
+_KOHYA_WORDS = re.compile(
+    r"(?<![^_])(all_x_embedder|all_final_layer|x_embedder|final_layer|noise_refiner|context_refiner|"
+    r"adaLN_modulation|cap_embedder|t_embedder|feed_forward|to_out|to_[qkv])(?![^_])", re.IGNORECASE)
+_DIT_ROOTS = {"layers", "noise_refiner", "context_refiner", "all_x_embedder", "all_final_layer", "cap_embedder",
+              "t_embedder"}
+_TEXT_ENCODER = re.compile(r"^(?:lora_te\d*_|text_encoders?[._]|te\d?\.)")
+# Substrings that give away a LoRA for another model (no Z-Image key contains them), checked in this order.
+_OTHER_MODELS = (
+    (("double_blocks", "single_blocks", "single_transformer_blocks"), "FLUX"),
+    (("transformer_blocks",), "FLUX, SD3, Qwen-Image or another MMDiT"),
+    (("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block"), "Stable Diffusion / SDXL"),
+)
+
+
+def read_lora(source) -> Lora:
+    """Read a LoRA: a .safetensors file, a folder holding one, a Hub repo id holding one, or
+    `owner/repo/file.safetensors`. Raises LoraError for files that are not Z-Image DiT LoRAs we can apply."""
+    path = resolve_lora(source)
+    try:
+        tensors, metadata = mx.load(str(path), return_metadata=True)
+    except Exception as e:  # mx.load raises RuntimeError/ValueError on damaged files
+        raise LoraError(f"cannot read LoRA {path}: {e}") from None
+    return map_lora(tensors, metadata, name=str(source), file=path)
+
+
+def map_lora(tensors: dict[str, mx.array], metadata: dict | None = None, *, name: str = "LoRA",
+             file: Path | None = None) -> Lora:
+    """Map a LoRA state dict in any of the supported conventions to DiT layer names."""
+    keys = list(tensors)
+    _refuse_unsupported(name, keys)
+    config = _peft_config(name, metadata)
+
+    groups: dict[str, dict[str, tuple[str, mx.array]]] = {}  # module path in the file -> role -> (key, array)
+    unmatched = []
+    for key, w in tensors.items():
+        m = _SUFFIX.search(key)
+        if m is None or m.start() == 0:
+            unmatched.append(key)
+            continue
+        role = "alpha" if m.group(3) else _ROLE[m.group(1) or m.group(2)]
+        groups.setdefault(key[: m.start()], {})[role] = (key, w)
+
+    layers: dict[str, LoraLayer] = {}
+    aliased: dict[str, bool] = {}
+    skipped: list[str] = []
+    for module, parts in groups.items():
+        found = tuple(parts[r][0] for r in ("down", "up", "alpha") if r in parts)
+        if "down" not in parts or "up" not in parts:
+            unmatched.extend(found)  # an orphan half or alpha: nothing to apply
+            continue
+        (down_key, down), (up_key, up) = parts["down"], parts["up"]
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise LoraError(f"{name}: {down_key} {tuple(down.shape)} and {up_key} {tuple(up.shape)} are not a "
+                            "pair of LoRA matrices (rank x in, out x rank)")
+        path = _module_path(module)
+        target = _canonical(path)
+        rank = down.shape[0]
+        if "alpha" in parts:
+            alpha = float(parts["alpha"][1].astype(mx.float32).reshape(-1)[0].item())
+        else:
+            alpha = float(config["alpha_pattern"].get(target, config["lora_alpha"] or rank))
+        factor = alpha / (math.sqrt(rank) if config["use_rslora"] else rank)
+
+        # ComfyUI's fused qkv and bare out; the "dot" format carries them next to split keys.
+        alias = path.endswith((".attention.qkv", ".attention.out"))
+        if target.endswith(".attention.qkv"):  # fused q, k, v: split B in thirds, share A
+            if up.shape[0] % 3:
+                raise LoraError(f"{name}: {up_key} has {up.shape[0]} rows, not three equal q, k, v parts")
+            block = target[: -len("qkv")]
+            split = zip((block + p for p in ("to_q", "to_k", "to_v")), mx.split(up, 3, axis=0))
+        else:
+            split = [(target, up)]
+        for t, b in split:
+            if t in layers:
+                if alias:  # a redundant copy of split keys seen already
+                    skipped.extend(k for k in found if k not in skipped)
+                    continue
+                if not aliased[t]:
+                    raise LoraError(f"{name}: {layers[t].keys[0]} and {down_key} both update layer {t}")
+                skipped.extend(k for k in layers[t].keys if k not in skipped)
+            layers[t] = LoraLayer(down, b, factor, found)
+            aliased[t] = alias
+    if not any(t.split(".")[0] in _DIT_ROOTS for t in layers):
+        raise LoraError(f"{name}: none of its {len(keys)} keys names a layer of the Z-Image DiT "
+                        f"(e.g. {', '.join(sorted(keys)[:3])})")
+    return Lora(name=name, path=Path(file or name), layers=layers, unmatched=unmatched,
+                skipped=skipped, n_keys=len(keys))
+
+
+def layer_name(module: str) -> str:
+    """A LoRA file's module path -> the DiT layer name in diffusers spelling (fused qkv stays `qkv`)."""
+    return _canonical(_module_path(module))
+
+
+def _module_path(module: str) -> str:
+    """Without the trainer's prefix, and dotted where kohya wrote underscores."""
+    for prefix in _PREFIXES:
+        module = module.removeprefix(prefix)
+    if module.startswith("lora_unet_"):
+        pieces = _KOHYA_WORDS.split(module.removeprefix("lora_unet_"))  # odd pieces are protected words
+        module = "".join(p if i % 2 else p.replace("_", ".") for i, p in enumerate(pieces))
+    return module
+
+
+def _canonical(path: str) -> str:
+    """ComfyUI's original module names and the "dot" format's to.q -> diffusers names."""
+    if path == "x_embedder":
+        return "all_x_embedder.2-1"
+    if path.startswith("final_layer."):
+        path = "all_final_layer.2-1." + path.removeprefix("final_layer.")
+    path = re.sub(r"\.attention\.to\.([qkv])$", r".attention.to_\1", path)
+    return re.sub(r"\.attention\.(?:out|to_out)$", ".attention.to_out.0", path)
+
+
+def _refuse_unsupported(name: str, keys: list[str]) -> None:
+    def examples(found):
+        return ", ".join(found[:3]) + (f" (and {len(found) - 3} more)" if len(found) > 3 else "")
+
+    if not keys:
+        raise LoraError(f"{name} holds no tensors")
+    for markers, what in _OTHER_MODELS:
+        found = [k for k in keys if any(m in k for m in markers)]
+        if found:
+            raise LoraError(f"{name} is not a Z-Image LoRA: it looks like one for {what} ({examples(found)})")
+    text_encoder = [k for k in keys if _TEXT_ENCODER.match(k)]
+    if text_encoder:
+        # The text encoder is reloaded between prompts in low-memory mode and its output is cached per prompt,
+        # and diffusers' Z-Image loader applies LoRAs to the DiT only. Refusing beats an image without them.
+        raise LoraError(f"{name} changes the text encoder ({len(text_encoder)} keys, e.g. {examples(text_encoder)}); "
+                        "zimage-mlx applies LoRAs to the DiT only")
+    for marker, what in (("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"), (".lokr_", "LoKr"),
+                         (".hada_", "LoHa")):
+        found = [k for k in keys if marker in k]
+        if found:
+            raise LoraError(f"{name} is a {what} adapter ({examples(found)}), which zimage-mlx does not support yet; "
+                            "only plain LoRA (lora_A/lora_B, lora_down/lora_up) files can be applied")
+
+
+def _peft_config(name: str, metadata: dict | None) -> dict:
+    """lora_alpha, alpha_pattern and use_rslora from a diffusers/PEFT file's `lora_adapter_metadata`."""
+    config = {"lora_alpha": None, "alpha_pattern": {}, "use_rslora": False}
+    raw = (metadata or {}).get("lora_adapter_metadata")
+    if not raw:
+        return config
+    try:
+        meta = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
+    except (json.JSONDecodeError, AttributeError):
+        raise LoraError(f"{name}: its lora_adapter_metadata is not a JSON object") from None
+    if meta.get("use_dora"):
+        raise LoraError(f"{name} is a DoRA adapter (use_dora in its metadata), which zimage-mlx does not support yet")
+    config["lora_alpha"] = meta.get("lora_alpha")
+    # PEFT matches pattern keys against the end of module names; ours are full diffusers names.
+    config["alpha_pattern"] = {k.lstrip("^"): v for k, v in (meta.get("alpha_pattern") or {}).items()}
+    config["use_rslora"] = bool(meta.get("use_rslora"))
+    return config
+
+
+def resolve_lora(source) -> Path:
+    """A local .safetensors file (or a folder holding exactly one), else a Hub repo id holding exactly one
+    .safetensors file, or `owner/repo/path/file.safetensors`; downloaded into the HF cache."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise LoraError(f"LoRA folder {path} holds {len(files)} .safetensors files; name one of them" +
+                            (f" ({', '.join(f.name for f in files[:4])})" if files else ""))
+        return files[0]
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise LoraError(f"LoRA {path} is not a .safetensors file (pickled .pt/.ckpt files are not loaded)")
+        return path
+    name = str(source)
+    parts = name.split("/")
+    if (name.startswith((".", "/", "~")) or len(parts) < 2 or not all(parts)
+            or (len(parts) == 2 and name.endswith(".safetensors"))):
+        raise LoraError(f"LoRA file {name} does not exist")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    if filename is not None and not filename.endswith(".safetensors"):
+        raise LoraError(f"LoRA {name}: name a .safetensors file in the repo {repo}, or the repo alone")
+    from huggingface_hub import hf_hub_download, list_repo_files, snapshot_download
+
+    try:
+        if filename is None:
+            try:
+                files = [f for f in list_repo_files(repo) if f.endswith(".safetensors")]
+            except Exception:  # offline: whatever of the repo is in the local cache
+                folder = Path(snapshot_download(repo, allow_patterns=["*.safetensors"], local_files_only=True))
+                files = [str(f.relative_to(folder)) for f in folder.rglob("*.safetensors")]
+            if len(files) != 1:
+                raise LoraError(f"the Hub repo {repo} has {len(files)} .safetensors files; name one as "
+                                f"{repo}/FILE.safetensors" + (f" (e.g. {', '.join(sorted(files)[:3])})" if files else ""))
+            filename = files[0]
+        return Path(hf_hub_download(repo, filename))
+    except LoraError:
+        raise
+    except Exception as e:  # offline, unknown repo or file, gated: all end the same way for the user
+        raise LoraError(f"LoRA {name} is not a local file and cannot be fetched from the Hugging Face Hub "
+                        f"({type(e).__name__})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Applying and undoing
+
+
+class LoraLinear(nn.Module):
+    """A quantized layer with LoRAs running beside it: base(x) + (x @ A^T) @ B^T, B already scaled.
+
+    Stacked LoRAs are concatenated along the rank, so any number of them costs one pair of small matmuls.
+    """
+
+    def __init__(self, base: nn.QuantizedLinear):
+        super().__init__()
+        self.base = base
+        self.down: mx.array | None = None  # (sum of ranks, in)
+        self.up: mx.array | None = None  # (out, sum of ranks)
+
+    def add(self, down: mx.array, up: mx.array) -> None:
+        dtype = self.base.scales.dtype  # the compute dtype of the quantized model
+        down, up = down.astype(dtype), up.astype(dtype)
+        self.down = down if self.down is None else mx.concatenate([self.down, down], axis=0)
+        self.up = up if self.up is None else mx.concatenate([self.up, up], axis=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.base(x) + (x @ self.down.T) @ self.up.T
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's Linear layers (plain, quantized, or quantized with LoRAs) by dotted name."""
+    kinds = (nn.Linear, nn.QuantizedLinear, LoraLinear)
+    return {name: m for name, m in model.named_modules() if isinstance(m, kinds) and not name.endswith(".base")}
+
+
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """(out, in) features of a Linear, QuantizedLinear or LoraLinear."""
+    if isinstance(module, LoraLinear):
+        module = module.base
+    if isinstance(module, nn.QuantizedLinear):
+        return module.weight.shape[0], module.scales.shape[-1] * module.group_size
+    return tuple(module.weight.shape)
+
+
+def apply_lora(model: nn.Module, lora: Lora, scale: float, originals: dict) -> int:
+    """Apply `lora` at `scale` to the model; return the number of layers changed.
+
+    `originals` collects, for every layer touched the first time, what `restore` needs to undo all LoRAs
+    exactly: the original weight array of a float layer, the original module of a quantized one. Nothing
+    changes if the LoRA is refused (no layer matches, a shape does not fit).
+    """
+    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)):
+        raise LoraError(f"LoRA scale must be a finite number, got {scale!r}")
+    layers = linear_layers(model)
+    by_lower = {n.lower(): n for n in layers}  # some trainers lower-case names (adaln_modulation)
+    todo, missing = [], dict.fromkeys(lora.unmatched)  # a dict keeps the order and drops repeats
+    for target, layer in lora.layers.items():
+        name = by_lower.get(target.lower())
+        if name is None:
+            missing.update(dict.fromkeys(layer.keys))
+            continue
+        out_dim, in_dim = layer_dims(layers[name])
+        if layer.down.shape[1] != in_dim or layer.up.shape[0] != out_dim:
+            raise LoraError(f"{lora.name}: {layer.keys[0]} does not fit the DiT layer {name}: the LoRA maps "
+                            f"{layer.down.shape[1]} -> {layer.up.shape[0]} features, the layer {in_dim} -> {out_dim} "
+                            "(a LoRA for another model or model size?)")
+        todo.append((name, layer))
+
+    missing = list(missing)
+    if not todo:
+        raise LoraError(f"{lora.name}: none of its {lora.n_keys} keys names a layer of this Z-Image DiT "
+                        f"(e.g. {', '.join(missing[:3])})")
+    if missing:
+        warnings.warn(LoraWarning(f"{lora.name}: {len(missing)} of its {lora.n_keys} keys name no layer of the "
+                                  f"Z-Image DiT and are not applied, e.g. {', '.join(missing[:3])}"), stacklevel=3)
+
+    for name, layer in todo:
+        module = layers[name]
+        c = scale * layer.factor
+        if isinstance(module, nn.Linear):
+            originals.setdefault(name, module.weight)
+            w = module.weight
+            delta = c * (layer.up.astype(mx.float32) @ layer.down.astype(mx.float32))  # (out, in)
+            module.weight = (w.astype(mx.float32) + delta).astype(w.dtype)
+            mx.eval(module.weight)  # one layer at a time: a full-size delta is 150 MB in float32
+        else:
+            if not isinstance(module, LoraLinear):
+                originals.setdefault(name, module)
+                module = layers[name] = LoraLinear(module)
+                _set_module(model, name, module)
+            module.add(layer.down, c * layer.up.astype(mx.float32))
+            mx.eval(module.down, module.up)
+    return len(todo)
+
+
+def restore(model: nn.Module, originals: dict) -> None:
+    """Undo every LoRA applied with this `originals` dict, bit for bit, and empty it."""
+    for name, original in originals.items():
+        if isinstance(original, mx.array):
+            _get_module(model, name).weight = original
+        else:
+            _set_module(model, name, original)
+    originals.clear()
+
+
+def _get_module(model: nn.Module, name: str):
+    m = model
+    for part in name.split("."):
+        m = m[int(part)] if isinstance(m, list) else m[part]
+    return m
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, last = name.rpartition(".")
+    parent = _get_module(model, parent_name) if parent_name else model
+    if isinstance(parent, list):
+        parent[int(last)] = module
+    else:
+        parent[last] = module  # an nn.Module is a dict of its children, like the {"2-1": ...} dicts
