@@ -27,6 +27,9 @@ from zimage_mlx import ZImagePipeline, cli
 from zimage_mlx import lora as lora_mod
 from zimage_mlx.lora import LoraError, LoraLinear, LoraWarning, layer_dims, linear_layers, read_lora
 
+# peft says this when diffusers loads a second adapter into the same model, which the stacking tests do.
+pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+
 RANK = 4
 PROMPT = "a red fox in the snow"
 SIZE = dict(width=32, height=32)
@@ -131,7 +134,7 @@ def fmt_diffusers_metadata(tmp, dims):
     t = {}
     for n, (a, b) in factors(dims, 3).items():
         t[f"transformer.{n}.lora_A.weight"], t[f"transformer.{n}.lora_B.weight"] = a, b
-    config = {"r": RANK, "lora_alpha": 2, "alpha_pattern": {"layers.0.attention.to_q": 8, "t_embedder.mlp.2": 16},
+    config = {"r": RANK, "lora_alpha": 2, "alpha_pattern": {"layers.0.attention.to_q": 8, "t_embedder.mlp.2": 16, "to_k": 6},
               "target_modules": sorted(dims)}
     meta = {"format": "pt", "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()})}
     f = write(tmp / "metadata.safetensors", t, meta)
@@ -254,7 +257,6 @@ def test_matches_diffusers(fmt, pipe, dims, base_image, reference_checkpoint, tm
     assert np.abs(got - base_image).mean() > 5
 
 
-@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # peft, on diffusers' second adapter
 def test_stacking_and_scales(pipe, dims, reference_checkpoint, tmp_path):
     first, _ = fmt_diffusers(tmp_path, dims)
     second, _ = fmt_kohya(tmp_path, dims)
@@ -290,6 +292,26 @@ def test_unload_restores_weights_and_image_exactly(pipe, dims, base_image, tmp_p
     assert pipe.loras == []
     assert_same_weights(pipe.transformer, before)
     assert np.array_equal(ours(pipe), base_image)
+
+
+def test_unfused_float_layers_get_the_side_path(pipe, dims, reference_checkpoint, tmp_path):
+    """fuse=False: no layer's weights change, and the image is the fused one; mixing both modes unloads too."""
+    first, second = fmt_diffusers(tmp_path, dims)[0], fmt_kohya(tmp_path, dims)[0]
+    before = snapshot(pipe.transformer)
+    pipe.load_lora(first, 0.7, fuse=False)
+    pipe.load_lora(second, -0.5, fuse=False)
+    assert all(isinstance(m, LoraLinear) for m in linear_layers(pipe.transformer).values())
+    assert all(np.array_equal(np.array(m.base.weight), before[f"{n}.weight"][1])
+               for n, m in linear_layers(pipe.transformer).items())
+    side = ours(pipe)
+    assert np.abs(side - theirs(reference_checkpoint, [(first, 0.7), (second, -0.5)])).max() <= 1
+    pipe.unload_loras()
+    assert_same_weights(pipe.transformer, before)
+    pipe.load_lora(first, 0.7)  # fused, then a side path on the merged layers
+    pipe.load_lora(second, -0.5, fuse=False)
+    assert np.abs(ours(pipe) - side).max() <= 1
+    pipe.unload_loras()
+    assert_same_weights(pipe.transformer, before)
 
 
 def test_bfloat16_weights_stay_bfloat16(reference_checkpoint, dims, tmp_path):
@@ -344,6 +366,21 @@ def test_quantized_layers_get_the_lora_beside_them(reference_checkpoint, dims, t
     q.unload_loras()
     assert_same_weights(q.transformer, before)
     assert all(not isinstance(m, LoraLinear) for m in linear_layers(q.transformer).values())
+    assert np.array_equal(ours(q), q_base)
+
+
+def test_from_pretrained_quantize_mixes_merged_and_side_path_layers(reference_checkpoint, dims, tmp_path):
+    """With the pipeline's own quantization policy some layers stay float (merged), others get a side path."""
+    q = ZImagePipeline.from_pretrained(reference_checkpoint, dtype="float32", quantize=4)
+    quantized = {n for n, m in linear_layers(q.transformer).items() if isinstance(m, nn.QuantizedLinear)}
+    assert 0 < len(quantized) < len(dims)
+    before, q_base = snapshot(q.transformer), ours(q)
+    q.load_lora(fmt_ai_toolkit(tmp_path, dims)[0])
+    layers = linear_layers(q.transformer)
+    assert {n for n, m in layers.items() if isinstance(m, LoraLinear)} == quantized
+    assert np.abs(ours(q) - q_base).mean() > 5
+    q.unload_loras()
+    assert_same_weights(q.transformer, before)
     assert np.array_equal(ours(q), q_base)
 
 
@@ -496,8 +533,8 @@ def test_cli_lora_flag(reference_checkpoint, pipe, dims, tmp_path):
                  "--lora", f"{first}:0.7", "--lora", second, "-o", out)
     assert r.exit_code == 0, r.output
     assert f"Applied LoRA {first} at scale 0.7" in r.stderr and f"Applied LoRA {second} at scale 1" in r.stderr
-    pipe.load_lora(first, 0.7)
-    pipe.load_lora(second)
+    pipe.load_lora(first, 0.7, fuse=False)
+    pipe.load_lora(second, fuse=False)
     expected = pipe.generate(PROMPT, steps=2, seed=3, **SIZE)[0]
     with Image.open(out) as im:
         np.testing.assert_array_equal(np.asarray(im.convert("RGB")), np.asarray(expected))

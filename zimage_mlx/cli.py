@@ -245,7 +245,7 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     for lora_file, scale in lora_files:
         with expected_errors(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", LoraWarning)
-            pipe.load_lora(lora_file, scale)
+            pipe.load_lora(lora_file, scale, fuse=False)  # beside the layers: no second copy of the DiT
         for w in caught:
             say(f"Warning: {w.message}")
         say(f"Applied LoRA {lora_file.name} at scale {format_number(scale)}")

@@ -15,7 +15,8 @@ check us against:
 A float layer gets W + scale * alpha / rank * (B @ A), computed in float32 and cast back to W's dtype, and
 its original array is kept, so unloading restores it bit for bit. A quantized layer is never dequantized:
 the LoRA runs beside it, y = layer(x) + (x @ A^T) @ (c B)^T, which keeps the LoRA exact and costs no
-memory (benchmarks/lora_quantized.py compares this with dequantize-merge-requantize).
+memory (benchmarks/lora_quantized.py compares this with dequantize-merge-requantize); with fuse=False
+float layers get the same side path, trading a few percent per step for no extra memory.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def map_lora(tensors: dict[str, mx.array], metadata: dict | None = None, *, name
         if "alpha" in parts:
             alpha = float(parts["alpha"][1].astype(mx.float32).reshape(-1)[0].item())
         else:
-            alpha = float(config["alpha_pattern"].get(target, config["lora_alpha"] or rank))
+            alpha = float(_pattern_value(config["alpha_pattern"], target, config["lora_alpha"] or rank))
         factor = alpha / (math.sqrt(rank) if config["use_rslora"] else rank)
 
         # ComfyUI's fused qkv and bare out; the "dot" format carries them next to split keys.
@@ -220,10 +221,18 @@ def _peft_config(name: str, metadata: dict | None) -> dict:
     if meta.get("use_dora"):
         raise LoraError(f"{name} is a DoRA adapter (use_dora in its metadata), which zimage-mlx does not support yet")
     config["lora_alpha"] = meta.get("lora_alpha")
-    # PEFT matches pattern keys against the end of module names; ours are full diffusers names.
-    config["alpha_pattern"] = {k.lstrip("^"): v for k, v in (meta.get("alpha_pattern") or {}).items()}
+    config["alpha_pattern"] = dict(meta.get("alpha_pattern") or {})
     config["use_rslora"] = bool(meta.get("use_rslora"))
     return config
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rank/alpha pattern lookup: a key matches the end of a module name at a dot, or, starting
+    with ^, the whole name; the first match wins."""
+    for key, value in patterns.items():
+        if re.fullmatch(key[1:] if key.startswith("^") else rf"(?:.*\.)?(?:{key})", name):
+            return value
+    return default
 
 
 def resolve_lora(source) -> Path:
@@ -274,20 +283,25 @@ def resolve_lora(source) -> Path:
 
 
 class LoraLinear(nn.Module):
-    """A quantized layer with LoRAs running beside it: base(x) + (x @ A^T) @ B^T, B already scaled.
-
-    Stacked LoRAs are concatenated along the rank, so any number of them costs one pair of small matmuls.
+    """A layer with LoRAs running beside it: base(x) + (x @ A^T) @ B^T, B already scaled. The base (a
+    QuantizedLinear, or a Linear when not fusing) is untouched. Stacked LoRAs are concatenated along the
+    rank, so any number of them costs one pair of small matmuls.
     """
 
-    def __init__(self, base: nn.QuantizedLinear):
+    def __init__(self, base: nn.Module, dtype: mx.Dtype):
         super().__init__()
         self.base = base
+        self.dtype = dtype  # the model's compute dtype, which the factors are kept in
         self.down: mx.array | None = None  # (sum of ranks, in)
         self.up: mx.array | None = None  # (out, sum of ranks)
 
+    @property
+    def weight(self) -> mx.array:
+        """The base layer's weight, for code that reads a layer's dtype from it (the timestep MLP)."""
+        return self.base.weight
+
     def add(self, down: mx.array, up: mx.array) -> None:
-        dtype = self.base.scales.dtype  # the compute dtype of the quantized model
-        down, up = down.astype(dtype), up.astype(dtype)
+        down, up = down.astype(self.dtype), up.astype(self.dtype)
         self.down = down if self.down is None else mx.concatenate([self.down, down], axis=0)
         self.up = up if self.up is None else mx.concatenate([self.up, up], axis=1)
 
@@ -296,7 +310,7 @@ class LoraLinear(nn.Module):
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's Linear layers (plain, quantized, or quantized with LoRAs) by dotted name."""
+    """The model's Linear layers (plain, quantized, or with LoRAs beside them) by dotted name."""
     kinds = (nn.Linear, nn.QuantizedLinear, LoraLinear)
     return {name: m for name, m in model.named_modules() if isinstance(m, kinds) and not name.endswith(".base")}
 
@@ -310,12 +324,15 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
     return tuple(module.weight.shape)
 
 
-def apply_lora(model: nn.Module, lora: Lora, scale: float, originals: dict) -> int:
+def apply_lora(model: nn.Module, lora: Lora, scale: float, originals: dict, fuse: bool = True) -> int:
     """Apply `lora` at `scale` to the model; return the number of layers changed.
 
+    fuse: merge into float layers (no cost per step; the original weights are kept for `restore`, so each
+    touched layer takes twice its memory until then). Quantized layers, and every layer with fuse=False,
+    get the LoRA beside them instead (no extra memory; a few percent more work per step).
     `originals` collects, for every layer touched the first time, what `restore` needs to undo all LoRAs
-    exactly: the original weight array of a float layer, the original module of a quantized one. Nothing
-    changes if the LoRA is refused (no layer matches, a shape does not fit).
+    exactly: the layer's module and its weight array. Nothing changes if the LoRA is refused (no layer
+    matches, a shape does not fit).
     """
     if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)):
         raise LoraError(f"LoRA scale must be a finite number, got {scale!r}")
@@ -342,19 +359,19 @@ def apply_lora(model: nn.Module, lora: Lora, scale: float, originals: dict) -> i
         warnings.warn(LoraWarning(f"{lora.name}: {len(missing)} of its {lora.n_keys} keys name no layer of the "
                                   f"Z-Image DiT and are not applied, e.g. {', '.join(missing[:3])}"), stacklevel=3)
 
+    compute_dtype = getattr(model, "dtype", mx.float32)  # the DiT's; side-path factors are kept in it
     for name, layer in todo:
         module = layers[name]
+        originals.setdefault(name, (module, module.weight if isinstance(module, nn.Linear) else None))
         c = scale * layer.factor
-        if isinstance(module, nn.Linear):
-            originals.setdefault(name, module.weight)
+        if fuse and isinstance(module, nn.Linear):
             w = module.weight
             delta = c * (layer.up.astype(mx.float32) @ layer.down.astype(mx.float32))  # (out, in)
             module.weight = (w.astype(mx.float32) + delta).astype(w.dtype)
             mx.eval(module.weight)  # one layer at a time: a full-size delta is 150 MB in float32
         else:
             if not isinstance(module, LoraLinear):
-                originals.setdefault(name, module)
-                module = layers[name] = LoraLinear(module)
+                module = layers[name] = LoraLinear(module, compute_dtype)
                 _set_module(model, name, module)
             module.add(layer.down, c * layer.up.astype(mx.float32))
             mx.eval(module.down, module.up)
@@ -363,11 +380,10 @@ def apply_lora(model: nn.Module, lora: Lora, scale: float, originals: dict) -> i
 
 def restore(model: nn.Module, originals: dict) -> None:
     """Undo every LoRA applied with this `originals` dict, bit for bit, and empty it."""
-    for name, original in originals.items():
-        if isinstance(original, mx.array):
-            _get_module(model, name).weight = original
-        else:
-            _set_module(model, name, original)
+    for name, (module, weight) in originals.items():
+        if weight is not None:
+            module.weight = weight
+        _set_module(model, name, module)
     originals.clear()
 
 

@@ -186,13 +186,18 @@ class ZImagePipeline:
     # ------------------------------------------------------------------------------------------
     # LoRA
 
-    def load_lora(self, lora, scale: float = 1.0) -> Lora:
+    def load_lora(self, lora, scale: float = 1.0, *, fuse: bool = True) -> Lora:
         """Apply a LoRA to the DiT: a .safetensors path, a Hub repo id holding one (or `owner/repo/file.safetensors`),
         or a `Lora` from `read_lora`. Several LoRAs stack. Keys that match no layer give a `LoraWarning`; a file
         for another model, or one that does not fit, raises `LoraError` and changes nothing.
+
+        fuse=True merges the LoRA into float weights: no cost per step, but every touched layer keeps its
+        original weights for `unload_loras` (up to twice the DiT's memory for a LoRA on every layer).
+        fuse=False runs it beside the layers, as quantized layers always do: no extra memory, a few
+        percent more work per step.
         """
         lora = lora if isinstance(lora, Lora) else read_lora(lora)
-        apply_lora(self.transformer, lora, scale, self._lora_originals)
+        apply_lora(self.transformer, lora, scale, self._lora_originals, fuse=fuse)
         self.loras.append((lora.name, float(scale)))
         return lora
 
