@@ -291,6 +291,22 @@ def test_shapes_that_do_not_fit(checkpoint_copy, tmp_path):
     (checkpoint_copy / "transformer" / "config.json").write_text(json.dumps(dict(config, cap_feat_dim=64)))
     with pytest.raises(CheckpointError, match="of another shape, e.g. cap_embedder"):
         convert(checkpoint_copy, tmp_path / "out")
+    (checkpoint_copy / "transformer" / "config.json").write_text(json.dumps(config))
+    config = json.loads((checkpoint_copy / "text_encoder" / "config.json").read_text())
+    (checkpoint_copy / "text_encoder" / "config.json").write_text(json.dumps(dict(config, hidden_size=64)))
+    with pytest.raises(CheckpointError, match=r"text_encoder \(text encoder\) does not fit its config"):
+        convert(checkpoint_copy, tmp_path / "out")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_text_encoder_of_another_width(reference_checkpoint, comfy, tmp_path):
+    # A single-file DiT taking 64-wide captions: it fits the config read from its shapes, not the text encoder.
+    dit = mx.load(str(comfy / "diffusion_models" / "z_image_turbo.safetensors"))
+    dit["model.diffusion_model.cap_embedder.0.weight"] = mx.ones((64,))
+    dit["model.diffusion_model.cap_embedder.1.weight"] = mx.zeros((96, 64))
+    mx.save_safetensors(str(tmp_path / "dit.safetensors"), dit)
+    with pytest.raises(CheckpointError, match="hidden size 48 but the DiT .* caption features of 64"):
+        convert(reference_checkpoint, tmp_path / "out", transformer=tmp_path / "dit.safetensors")
     assert_nothing_written(tmp_path / "out")
 
 

@@ -12,9 +12,11 @@ Sources:
 The output has the diffusers layout: model_index.json; transformer/ and text_encoder/ in `dtype`, quantized
 with each model's policy (`quant_predicate` in transformer.py and text_encoder.py) when asked, which their
 config.json records; vae/ in diffusers names and torch layout, in its own dtype and never quantized;
-tokenizer/ and scheduler/ copied. Tensors are converted one at a time into shards of at most `shard_size`
-bytes, so the peak memory is about one shard whatever the model's size (benchmarks/convert_memory.py). The
-folder is written next to dst under a temporary name, loaded once (lazily) as a check, then renamed.
+tokenizer/ and scheduler/ copied. Shards of at most `shard_size` bytes are planned from the lazy shapes, and
+tensors are then read, converted and appended one at a time, so the peak memory is one source tensor and its
+output whatever the model's or the shard's size (benchmarks/convert_memory.py: ~1.4 GiB for the release at 4
+or 8 bits). The folder is written next to dst under a temporary name, loaded once (lazily) as a check, then
+renamed.
 
 MLX, transformers and the models are imported inside the functions: the CLI imports this module to
 register the command, and `zimage-mlx --help` stays fast.
@@ -53,7 +55,6 @@ class Component:
     single_file: bool = False
     bits: int | None = None
     out_bytes: int = 0  # what the conversion writes, known while checking
-    out_count: int = 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,44 +330,66 @@ def _stream(c: Component, sanitize) -> Iterator[tuple[str, object]]:
 # Writing
 
 
-def _write_shards(tensors, out: Path, shard_size: int, progress=None, total: int = 0) -> int:
-    """Evaluate tensors one at a time into safetensors shards of at most shard_size bytes (one bigger tensor
-    gets a shard of its own) plus an index; returns the bytes written."""
+# safetensors dtype names of what the conversion writes.
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32", "int32": "I32",
+                      "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16", "bool": "BOOL"}
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
+
+
+def _write_shards(tensors: Callable[[], Iterator], out: Path, shard_size: int, progress=None) -> int:
+    """Write the tensors into safetensors shards of at most shard_size bytes (a bigger tensor gets a shard of
+    its own) plus an index; returns the bytes written.
+
+    tensors() gives the same lazy (key, array) sequence each time it is called. A first pass plans the shards
+    from the lazy shapes (nothing is read), so each file's header is written first and every tensor is then
+    evaluated and appended alone: the peak is one source tensor and its output, whatever the shard size.
+    """
     import mlx.core as mx
 
-    out.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, int]] = []
-    shard: dict = {}
-    size = written = done = 0
-
-    def flush():
-        nonlocal shard, size
-        mx.save_safetensors(str(out / f"part-{len(shards)}.safetensors"), shard, metadata={"format": "mlx"})
-        shards.append({k: w.nbytes for k, w in shard.items()})
-        shard, size = {}, 0
-        mx.clear_cache()  # give the shard's memory back before the next one grows
-
-    for key, w in tensors:
-        mx.eval(w)
-        if shard and size + w.nbytes > shard_size:
-            flush()
-        shard[key] = w
-        size += w.nbytes
-        written += w.nbytes
-        done += 1
-        if progress:
-            progress(done, total)
-    if shard or not shards:
-        flush()
+    entries = [(k, tuple(w.shape), _dtype_name(w.dtype), w.nbytes) for k, w in tensors()]
+    shards: list[list] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e[3] > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e[3]
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for i, name in enumerate(names):
-        (out / f"part-{i}.safetensors").rename(out / name)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = tensors()
+    done = 0
+    for name, shard in zip(names, shards):
+        header, offset = {"__metadata__": {"format": "mlx"}}, 0
+        for key, shape, dtype, nbytes in shard:
+            header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+        with open(out / name, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for key, _, _, nbytes in shard:
+                k, w = next(arrays)
+                if k != key or w.nbytes != nbytes:
+                    raise RuntimeError(f"the tensors changed between two passes ({key} / {k}): a bug in convert")
+                w = mx.contiguous(w)  # row-major bytes (a transposed view is not)
+                mx.eval(w)
+                f.write(memoryview(w))
+                del w
+                done += 1
+                if progress:
+                    progress(done, len(entries))
+        mx.clear_cache()
     if n > 1:
-        weight_map = {k: name for name, shard_keys in zip(names, shards) for k in shard_keys}
-        index = {"metadata": {"total_size": written}, "weight_map": dict(sorted(weight_map.items()))}
+        weight_map = {e[0]: name for name, shard in zip(names, shards) for e in shard}
+        index = {"metadata": {"total_size": sum(e[3] for e in entries)}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return written
+    return sum(e[3] for e in entries)
 
 
 def _write_config(path: Path, config: dict, dtype_name: str, quantization: dict | None) -> None:
@@ -474,13 +497,17 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
         predicate = predicates[name](c.bits, group_size) if c.bits else None
         out_dtype = to_dtype(dtypes[name]) if dtypes[name] else None
         modules = dict(model.named_modules())
-        sizes = [w.nbytes for _, w in _converted(iter(sanitized.items()), modules, predicate, out_dtype)]
-        c.out_bytes, c.out_count = sum(sizes), len(sizes)
+        c.out_bytes = sum(w.nbytes for _, w in _converted(iter(sanitized.items()), modules, predicate, out_dtype))
         if predicate and not any(predicate(p, m) for p, m in modules.items()):
             raise ValueError(f"no layer of the {LABELS[name]} can be quantized with group size {group_size} "
                              f"(its widths are not multiples of it): choose another --group-size")
         models[name] = (model, sanitize, modules, predicate, out_dtype)
         del tensors, sanitized
+    hidden, cap_feat_dim = models["text_encoder"][0].args.hidden_size, models["transformer"][0].args.cap_feat_dim
+    if hidden != cap_feat_dim:
+        raise CheckpointError(f"the text encoder ({components['text_encoder'].label}) has hidden size {hidden} but the DiT "
+                              f"({components['transformer'].label}) takes caption features of {cap_feat_dim}: they come "
+                              f"from different models")
     needed = sum(c.out_bytes for c in components.values()) + folder_size(root / "tokenizer") + 2**20
     free = shutil.disk_usage(ancestor).free
     if needed > free:
@@ -497,8 +524,8 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
             report = (lambda done, total, name=name: progress(name, done, total)) if progress else None
             default = {"bits": c.bits, "group_size": group_size}
             overrides = {"default": default}
-            _write_shards(_converted(_stream(c, sanitize), modules, predicate, out_dtype, overrides),
-                          tmp / name, shard_size, report, c.out_count)
+            _write_shards(lambda: _converted(_stream(c, sanitize), modules, predicate, out_dtype, overrides),
+                          tmp / name, shard_size, report)
             quantization = None
             if predicate:
                 del overrides["default"]
@@ -538,7 +565,7 @@ def _float_dtype(c: Component) -> str:
 
     for w in _open(c.files, c.label).values():
         if mx.issubdtype(w.dtype, mx.floating):
-            return str(w.dtype).removeprefix("mlx.core.")
+            return _dtype_name(w.dtype)
     return "float32"
 
 
