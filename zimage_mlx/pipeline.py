@@ -24,12 +24,13 @@ from .sampler import (FlowMatchScheduler, apply_cfg, euler_step, guidance_for_st
 from .text_encoder import TextEncoder
 from .text_encoder import default_bits as text_encoder_bits
 from .transformer import ZImageTransformer
-from .vae import VAE, from_pil, to_pil
+from .vae import VAE, auto_tile_size, from_pil, to_pil
 from .weights import resolve_model
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 LATENT_CHANNELS = 16
 MAX_SEED = 2**32 - 1
+LOW_MEMORY_TILE = 64  # latent pixels (512 image pixels) per VAE tile side in low-memory mode
 
 
 def default_dtype() -> str:
@@ -172,12 +173,17 @@ class ZImagePipeline:
             yield Step(i, total, sigma, x, denoised)
 
     def decode(self, latents: mx.array, tile_size: int | None = None):
-        """Latents (B, h, w, 16) to PIL images."""
-        if tile_size is None and self.low_memory:
-            tile_size = self.low_memory_tile_size
-        return to_pil(self.vae.decode(latents, tile_size=tile_size))
+        """Latents (B, h, w, 16) to PIL images.
 
-    low_memory_tile_size = 64  # latent pixels (512 image pixels) per tile side in low-memory mode
+        Without tile_size, the whole image is decoded when that fits the device comfortably (exactly
+        the reference), else in tiles (vae.auto_tile_size); low-memory mode always tiles above 512 px.
+        """
+        if tile_size is None:
+            h, w = latents.shape[1:3]
+            tile_size = auto_tile_size(h, w)
+            if self.low_memory and h * w > LOW_MEMORY_TILE**2:
+                tile_size = min(tile_size or LOW_MEMORY_TILE, LOW_MEMORY_TILE)
+        return to_pil(self.vae.decode(latents, tile_size=tile_size))
 
     def preview(self, step: Step):
         """Decode a step's x0 estimate: what the image is becoming, for an app to show while it waits."""

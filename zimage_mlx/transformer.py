@@ -138,7 +138,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = [nn.Linear(FREQ_EMBED_DIM, T_MLP_DIM), nn.SiLU(), nn.Linear(T_MLP_DIM, out_dim)]
 
     def __call__(self, t: mx.array) -> mx.array:
-        x = timestep_embedding(t).astype(self.mlp[0].weight.dtype)
+        first = self.mlp[0]  # its weight is uint32 if quantized; the scales carry the compute dtype then
+        x = timestep_embedding(t).astype(first.scales.dtype if "scales" in first else first.weight.dtype)
         for layer in self.mlp:
             x = layer(x)
         return x
