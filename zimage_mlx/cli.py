@@ -96,7 +96,7 @@ def main():
 @click.option("--negative-prompt", metavar="TEXT", help="What to steer away from; needs --guidance > 0.")
 @click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
               help="A Hugging Face repo id or a checkpoint folder.")
-@click.option("--quantize", type=click.Choice(["4", "8"]), help="Quantize the DiT and text encoder to 4 or 8 bits.")
+@click.option("--quantize", type=click.Choice(["4", "8"]), help="Quantize on the fly: the DiT to 4 or 8 bits, the text encoder to 8.")
 @click.option("--lora", "lora_specs", metavar="PATH[:SCALE]", multiple=True,
               help="Apply a LoRA (.safetensors file or Hub repo id) at SCALE (default 1); repeat to stack several.")
 @click.option("--size", metavar="WxH", help="Image size, e.g. 1024x768 (or 1024 for a square).  [default: 1024x1024]")
