@@ -43,3 +43,22 @@ def checkpoint_copy(reference_checkpoint, tmp_path) -> Path:
     dst = tmp_path / "ckpt"
     shutil.copytree(reference_checkpoint, dst)
     return dst
+
+
+@pytest.fixture()
+def dit_forwards(monkeypatch):
+    """Call it to start counting DiT forwards; returns the list of their batch sizes, filled as they run."""
+    from zimage_mlx.transformer import ZImageTransformer
+
+    def start() -> list[int]:
+        calls: list[int] = []
+        orig = ZImageTransformer.__call__
+
+        def counting(self, x, t, caps):
+            calls.append(x.shape[0])
+            return orig(self, x, t, caps)
+
+        monkeypatch.setattr(ZImageTransformer, "__call__", counting)
+        return calls
+
+    return start

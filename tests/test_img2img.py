@@ -24,7 +24,6 @@ from PIL import Image
 from zimage_mlx import ZImagePipeline, cli
 from zimage_mlx.pipeline import image_key, mask_latents, noise, open_image, output_size
 from zimage_mlx.sampler import strength_start
-from zimage_mlx.transformer import ZImageTransformer
 
 
 @pytest.fixture(scope="module")
@@ -91,18 +90,6 @@ def pixels(image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
-def count_forwards(monkeypatch) -> list:
-    calls = []
-    orig = ZImageTransformer.__call__
-
-    def counting(self, x, t, caps):
-        calls.append(x.shape[0])
-        return orig(self, x, t, caps)
-
-    monkeypatch.setattr(ZImageTransformer, "__call__", counting)
-    return calls
-
-
 # ------------------------------------------------------------------------------------------------
 # Parity with diffusers
 
@@ -153,9 +140,9 @@ def test_strength_schedule():
     assert strength_start(4, 0.6) == 1 and strength_start(1, 0.01) == 0 and strength_start(10, 0.3) == 7
 
 
-def test_strength_zero_returns_the_vae_round_trip(pipe, monkeypatch):
+def test_strength_zero_returns_the_vae_round_trip(pipe, dit_forwards, monkeypatch):
     image, seed = photo(50, 37), 11
-    forwards = count_forwards(monkeypatch)
+    forwards = dit_forwards()
     monkeypatch.setattr(pipe, "encode_prompt", lambda *a, **k: pytest.fail("no step, no prompt encoding"))
     for mask in (None, box_mask(50, 37, (0, 0, 20, 20))):
         got = pipe.generate("a fox", image=image, mask=mask, strength=0.0, steps=8, seed=seed)[0]
@@ -172,9 +159,9 @@ def test_strength_one_img2img_is_text_to_image(pipe, monkeypatch):
     assert got.info["seed"] == 21
 
 
-def test_steps_run_and_inpainting_keeps_the_image_latents(pipe, monkeypatch):
+def test_steps_run_and_inpainting_keeps_the_image_latents(pipe, dit_forwards):
     image, mask, seed = photo(48, 32), box_mask(48, 32, (8, 8, 40, 24)), 3
-    forwards = count_forwards(monkeypatch)
+    forwards = dit_forwards()
     seen = []
     pipe.generate("a fox", image=image, mask=mask, strength=0.6, steps=8, seed=seed,
                   callback=lambda i, n, x: seen.append((i, n, x)))

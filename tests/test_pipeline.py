@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from zimage_mlx import ZImagePipeline
-from zimage_mlx.transformer import ZImageTransformer
 from zimage_mlx.weights import CheckpointError
 
 
@@ -71,20 +70,8 @@ def test_images_match_diffusers(pipe, reference_pipeline, name, ours, theirs):
         assert b.std() > 10 and ((b > 0) & (b < 255)).mean() > 0.5
 
 
-def count_forwards(monkeypatch):
-    calls = []
-    orig = ZImageTransformer.__call__
-
-    def counting(self, x, t, caps):
-        calls.append(x.shape[0])
-        return orig(self, x, t, caps)
-
-    monkeypatch.setattr(ZImageTransformer, "__call__", counting)
-    return calls
-
-
-def test_forward_count_without_and_with_cfg(pipe, monkeypatch):
-    calls = count_forwards(monkeypatch)
+def test_forward_count_without_and_with_cfg(pipe, dit_forwards):
+    calls = dit_forwards()
     pipe.generate("a cat", width=32, height=32, steps=8, seed=1)
     assert calls == [1] * 8  # 8 steps, 8 forwards, no ninth
     calls.clear()
