@@ -252,3 +252,32 @@ def test_traps_are_caught(trap, reference_checkpoint, torch_dit, monkeypatch):
     assert rel_err(run_mlx(model, x, caps, ts), ref) < FP32_REL_TOL  # unmutated: parity holds
     _mutate(trap, model, monkeypatch)
     assert rel_err(run_mlx(model, x, caps, ts), ref) > 100 * FP32_REL_TOL
+
+
+@pytest.mark.parametrize("batch,h,w,cap_lens,t", [CASES[0], CASES[5]])
+def test_parity_float32_generic_kernels(torch_dit, mlx_dit, batch, h, w, cap_lens, t, monkeypatch):
+    """The path Apple GPUs take (mx.fast attention, nn.silu), forced on the CPU, matches the reference too."""
+    from zimage_mlx import kernels
+
+    monkeypatch.setattr(kernels, "FAST_CPU_PATH", False)
+    x, caps, ts = make_inputs(batch, h, w, cap_lens, t)
+    assert rel_err(run_mlx(mlx_dit, x, caps, ts), run_torch(torch_dit, x, caps, ts)) < FP32_REL_TOL
+
+
+def test_bfloat16_stays_bfloat16_through_every_block(reference_transformer_bf16, monkeypatch):
+    """No silent float32 promotion: what leaves each block, attention and FFN is bfloat16 (RoPE and the
+    timestep embedding compute in float32 inside, as the reference does, and cast back)."""
+    model = ZImageTransformer.from_pretrained(reference_transformer_bf16, dtype="bfloat16")
+    seen = []
+    for cls in (T.TransformerBlock, T.Attention, T.FeedForward, T.FinalLayer):
+        def wrapped(self, *a, _orig=cls.__call__, _name=cls.__name__, **k):
+            out = _orig(self, *a, **k)
+            seen.append((_name, out.dtype))
+            return out
+        monkeypatch.setattr(cls, "__call__", wrapped)
+    for batch, h, w, cap_lens, t in (CASES[0], CASES[5]):
+        x, caps, ts = make_inputs(batch, h, w, cap_lens, t)
+        model(mx.array(x.transpose(0, 2, 3, 1)), mx.array(ts), [mx.array(c) for c in caps])
+    names = {n for n, _ in seen}
+    assert names == {"TransformerBlock", "Attention", "FeedForward", "FinalLayer"}
+    assert all(d == mx.bfloat16 for _, d in seen), [s for s in seen if s[1] != mx.bfloat16]

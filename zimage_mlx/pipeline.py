@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
+from . import kernels
 from .lora import Lora, apply_lora, read_lora, restore
 from .sampler import (FlowMatchScheduler, apply_cfg, euler_step, guidance_for_step, model_time, scale_noise,
                       strength_start)
@@ -80,6 +81,8 @@ class ZImagePipeline:
         """
         root = resolve_model(model)
         dtype = default_dtype() if dtype == "auto" else dtype
+        if mx.default_device() == mx.cpu:
+            kernels.keep_freed_memory()  # MLX's CPU backend has no buffer cache (see kernels.py)
         transformer = ZImageTransformer.from_pretrained(root / "transformer", dtype=dtype, quantize=quantize)
         vae = VAE.from_pretrained(root / "vae")
         scheduler = FlowMatchScheduler.from_pretrained(root / "scheduler")

@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import kernels
 from .weights import (CheckpointError, check_quantization, load_into, load_safetensors, quantize_as_stored, quantize_model,
                       read_config, to_dtype)
 
@@ -168,7 +169,7 @@ class Attention(nn.Module):
             q, k = self.norm_q(q), self.norm_k(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (B, H, L, D)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        o = kernels.attention(q, k, v, self.scale, mask)
         return self.to_out[0](o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -180,7 +181,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
+        return self.w2(kernels.silu_mul(self.w1(x), self.w3(x)))
 
 
 class TransformerBlock(nn.Module):

@@ -1,0 +1,129 @@
+"""Attention and SiLU, with a fast path for MLX's CPU backend.
+
+On Apple GPUs these are MLX's fused Metal kernels (`mx.fast.scaled_dot_product_attention`, `nn.silu`) and
+nothing here changes that. MLX's CPU backend evaluates `exp` and `sigmoid` one element at a time in
+generic code (about 20 ns per float32 on an x86 core, versus 0.5 ns for a multiply), and its
+`scaled_dot_product_attention` falls back to a matmul, a softmax and a matmul. In a full-width DiT block
+at 1056 tokens the softmax (30 x 1056 x 1056 exponentials) and the FFN's SiLU cost about a quarter of the
+block's GEMM time that way. For float32 on the CPU we therefore compute exp with a range reduction and a
+polynomial that `mx.compile` fuses into one loop (accurate to about 2 ulp; tested against numpy), and:
+
+- attention as scores = (q * scale) @ k^T, e = exp(scores - rowmax), out = (e @ v) / rowsum(e): the
+  division runs on (L, head_dim) instead of (L, L); one head at a time (and, where one head's scores
+  would exceed `ATTENTION_CHUNK_BYTES`, a block of query rows at a time), chained with `mx.depends` so
+  each chunk's scores are freed before the next chunk's are computed. Measured at 30 heads x 2080
+  tokens: 0.9 GiB peak and 3.6x faster than the whole (30, L, L) at once, which peaked at 3.0 GiB;
+- SiLU as x / (1 + exp(-x)), and the FFN's silu(a) * b as one fused loop.
+
+`FAST_CPU_PATH = False` turns the fast path off (tests use it to check both paths against the reference).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+
+FAST_CPU_PATH = True
+# The float32 scores of one attention chunk (one head, all query rows up to this size) on the CPU path.
+ATTENTION_CHUNK_BYTES = 64 * 1024 * 1024
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 0.693145751953125  # ln 2 split so n * _LN2_HI is exact for |n| <= 128
+_LN2_LO = 1.4286068203094172e-06
+_ROUND = 12582912.0  # 1.5 * 2**23: y + _ROUND rounds y to an integer held in the low mantissa bits
+_ROUND_BITS = 0x4B400000
+
+
+def _exp_f32(x: mx.array) -> mx.array:
+    """exp(x) for float32 x: 2**n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, degree-7 Taylor for
+    exp(r) (truncation error < 6e-9 relative), 2**n built in the exponent bits. Inputs are clipped to
+    [-87.3, 88.3] (exp stays a normal float: below it returns ~1e-38 instead of a denormal or 0)."""
+    x = mx.clip(x, -87.3, 88.3)
+    t = x * _LOG2E + _ROUND
+    n = t - _ROUND
+    r = (x - n * _LN2_HI) - n * _LN2_LO
+    p = r * (1 / 5040) + 1 / 720
+    for c in (1 / 120, 1 / 24, 1 / 6, 1 / 2, 1.0, 1.0):
+        p = p * r + c
+    two_n = mx.view(mx.left_shift(mx.view(t, mx.int32) - (_ROUND_BITS - 127), 23), mx.float32)
+    return p * two_n
+
+
+_exp = mx.compile(_exp_f32)
+_shifted_exp = mx.compile(lambda s, m: _exp_f32(s - m))
+_silu = mx.compile(lambda x: x / (1.0 + _exp_f32(-x)))
+_silu_mul = mx.compile(lambda a, b: a * b / (1.0 + _exp_f32(-a)))
+
+
+def _fast(*arrays: mx.array) -> bool:
+    return (FAST_CPU_PATH and mx.default_device().type == mx.DeviceType.cpu
+            and all(a.dtype == mx.float32 for a in arrays))
+
+
+def exp(x: mx.array) -> mx.array:
+    return _exp(x) if _fast(x) else mx.exp(x)
+
+
+def silu(x: mx.array) -> mx.array:
+    return _silu(x) if _fast(x) else nn.silu(x)
+
+
+def silu_mul(a: mx.array, b: mx.array) -> mx.array:
+    """silu(a) * b (the gated FFN)."""
+    return _silu_mul(a, b) if _fast(a, b) else nn.silu(a) * b
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
+    """softmax(q k^T * scale [masked]) v for (B, H, L, D) inputs; mask is boolean (True = attend),
+    broadcastable to (B, H, Lq, Lk)."""
+    if not _fast(q, k, v):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if mask is not None and mask.ndim < 4:
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    B, H, Lq, _ = q.shape
+    rows = max(1, min(Lq, ATTENTION_CHUNK_BYTES // (B * k.shape[2] * 4)))
+    heads, done = [], None
+    for h in range(H):
+        hs = slice(h, h + 1)
+        m = mask if mask is None or mask.shape[1] == 1 else mask[:, hs]
+        parts = []
+        for r0 in range(0, Lq, rows):
+            qc = q[:, hs, r0 : r0 + rows]
+            if done is not None:  # one chunk at a time: its scores are freed before the next chunk's exist
+                qc = mx.depends(qc, done)
+            mc = m if m is None or m.shape[2] == 1 else m[:, :, r0 : r0 + rows]
+            done = _attention_f32(qc, k[:, hs], v[:, hs], scale, mc)
+            parts.append(done)
+        heads.append(parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2))
+    return heads[0] if H == 1 else mx.concatenate(heads, axis=1)
+
+
+def _attention_f32(q, k, v, scale, mask):
+    s = (q * scale) @ k.swapaxes(-1, -2)
+    if mask is not None:
+        s = mx.where(mask, s, -mx.inf)
+    e = _shifted_exp(s, mx.max(s, axis=-1, keepdims=True))
+    return (e @ v) / mx.sum(e, axis=-1, keepdims=True)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS. Returns whether
+    it applied (Linux with glibc only).
+
+    MLX's CPU backend has no buffer cache: every op output is a fresh allocation, and glibc serves large
+    ones (over 32 MiB at most) with mmap and unmaps them on free, so each op pays a page fault per 4 KiB
+    of its output on first touch (about 30 ms for a 40 MiB array: several times the op's arithmetic).
+    With mmap off and a high trim threshold, freed blocks are reused. Memory freed in the process (a
+    released text encoder) is reused by later allocations but not handed back to the OS. Process-wide,
+    so it is called for CPU runs only (by `ZImagePipeline.from_pretrained` and the benchmarks)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
