@@ -23,6 +23,7 @@ from zimage_mlx import __version__, cli
 from zimage_mlx.pipeline import DEFAULT_MODEL, ZImagePipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+REAL_LOAD = ZImagePipeline.from_pretrained  # before the `loads` fixture caches it
 SUBPROCESS_TIMEOUT = 300
 
 
@@ -368,3 +369,20 @@ def test_example(subprocesses, name, files):
         with Image.open(out / f) as im:
             assert im.size == (32, 32), f
     assert stdout.strip()
+
+
+def test_text_encoder_is_freed_before_denoising(ckpt, tmp_path, monkeypatch):
+    """A single-shot run frees the text encoder once every prompt it needs is encoded, before any DiT forward."""
+    from zimage_mlx.transformer import ZImageTransformer
+
+    events = []
+    release, forward = ZImagePipeline.release_text_encoder, ZImageTransformer.__call__
+    monkeypatch.setattr(ZImagePipeline, "release_text_encoder",
+                        lambda self: events.append(("release", self.text_encoder is not None)) or release(self))
+    monkeypatch.setattr(ZImageTransformer, "__call__", lambda self, *a: events.append(("dit", None)) or forward(self, *a))
+    # a pipeline of its own (not the `loads` cache's, whose encoder an earlier run may have freed)
+    monkeypatch.setattr(ZImagePipeline, "from_pretrained", classmethod(lambda cls, *a, **k: REAL_LOAD(*a, **k)))
+    ok("a lighthouse", "-m", ckpt, "--size", 32, "--steps", 2, "--seed", 1, "--num-images", 2,
+       "-o", tmp_path / "{seed}.png")
+    assert events[0] == ("release", True) and events.count(("dit", None)) == 4
+    assert len(list(tmp_path.iterdir())) == 2
