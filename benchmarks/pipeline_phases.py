@@ -2,7 +2,9 @@
 
 Builds a random-weight checkpoint in the Hugging Face layout (with the test suite's builders), either
 tiny or at the real widths with few layers, then runs ZImagePipeline on it. mx.get_peak_memory() is
-reset between phases, so each phase's peak is its own (weights resident at that time included).
+reset between phases, so each phase's peak is its own (weights resident at that time included). As in
+a single-shot CLI run, the text encoder is freed once the prompt is encoded. Each DiT step is reported
+with its model FLOPs and its share of the GEMM throughput measured in the same run (at the DiT's shape).
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
         python benchmarks/pipeline_phases.py --width full --size 512 --steps 2 --low-memory
@@ -72,18 +74,20 @@ def main():
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--low-memory", action="store_true")
+    ap.add_argument("--quantize", type=int, choices=[4, 8])
     args = ap.parse_args()
 
+    from dit_speed import dit_flops, gemm_gflops
     from zimage_mlx import ZImagePipeline
 
     root = build(Path(args.dir) / f"{args.width}-{args.layers}", args.width, args.layers, args.te_layers)
     rows = []
     with Phase("load (lazy)", rows):
-        pipe = ZImagePipeline.from_pretrained(root, dtype=args.dtype, low_memory=args.low_memory)
+        pipe = ZImagePipeline.from_pretrained(root, dtype=args.dtype, low_memory=args.low_memory,
+                                              quantize=args.quantize)
     with Phase("text encoding (incl. weights read)", rows):
         feats = pipe.encode_prompt("a red fox in the snow, golden hour, 35 mm photo")
-    if args.low_memory:
-        pipe.release_text_encoder()
+    pipe.release_text_encoder()
     h = w = args.size // 8
     latents = mx.random.normal((1, h, w, 16), key=mx.random.key(0))
     steps = pipe.denoise(feats, latents, pipe.sigmas(args.steps, args.size, args.size))
@@ -93,11 +97,21 @@ def main():
     with Phase("VAE decode", rows):
         pipe.decode(step.latents)
 
+    a = pipe.transformer.args
+    n_img, n_cap = (h // 2) * (w // 2), int(feats[0].shape[0])
+    flops = dit_flops(a.dim, int(a.dim / 3 * 8), n_img, n_cap, a.n_layers, a.n_refiner_layers)
+    gemm = gemm_gflops(n_img + n_cap, a.dim, int(a.dim / 3 * 8)) if args.dtype == "float32" else None
     print(f"{args.width} width ({args.layers} DiT layers), {args.size}x{args.size}, {args.dtype}"
-          f"{', low memory' if args.low_memory else ''}, device {mx.default_device()}")
-    print("| phase | seconds | peak GiB | active after GiB |\n|---|---|---|---|")
+          f"{f', {args.quantize}-bit' if args.quantize else ''}{', low memory' if args.low_memory else ''}, "
+          f"device {mx.default_device()}")
+    print(f"DiT model FLOPs per step: {flops / 1e9:.1f} GFLOP ({n_img} image + {n_cap} caption tokens)"
+          + (f"; float32 GEMM {n_img + n_cap}x{a.dim}x{int(a.dim / 3 * 8)} in this run: {gemm:.1f} GFLOP/s" if gemm else ""))
+    print("| phase | seconds | peak GiB | active after GiB | GFLOP/s (share of GEMM) |\n|---|---|---|---|---|")
     for name, sec, peak, active in rows:
-        print(f"| {name} | {sec:.2f} | {peak:.2f} | {active:.2f} |")
+        rate = ""
+        if name.startswith("DiT step"):
+            rate = f"{flops / sec / 1e9:.1f}" + (f" ({100 * flops / sec / 1e9 / gemm:.0f}%)" if gemm else "")
+        print(f"| {name} | {sec:.2f} | {peak:.2f} | {active:.2f} | {rate} |")
 
 
 if __name__ == "__main__":
