@@ -1,4 +1,4 @@
-"""Side-by-side DiT forward: zimage-mlx vs diffusers (torch, CPU) on the same shapes and weights.
+"""Side-by-side DiT forward: zimage-mlx vs diffusers (torch, CPU) vs mflux on the same shapes and weights.
 
 Full width (dim 3840, 30 heads, FFN 10240, caption features 2560) with few layers, random weights.
 Reports seconds per forward, model FLOPs, and the fraction of the GEMM throughput measured in the same
@@ -6,14 +6,23 @@ run. On Linux preload OpenBLAS so MLX's CPU matmul is not the slow reference BLA
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
         python benchmarks/dit_speed.py --size 512 --layers 2
+
+mflux (the peer MLX port) pins its own mlx, so it runs from its own venv (see benchmarks/mflux_dit.py for
+the setup): the same diffusers weights, config and inputs go to a temp dir and mflux_dit.py times them in
+a subprocess, which inherits the environment (LD_PRELOAD included). Every output is also compared with
+diffusers' (max abs error / max abs of the reference).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +30,8 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+MFLUX_PYTHON = Path("/work/venvs/mflux/bin/python")
 
 
 def dit_flops(dim, ffn, n_img, n_cap, n_layers, n_refiner):
@@ -41,6 +52,37 @@ def timeit(fn, repeat):
     return statistics.median(times)
 
 
+def timed_run(fn, repeat):
+    """timeit that also returns fn's last result."""
+    last = []
+    return timeit(lambda: last.append(fn()), repeat), last[-1]
+
+
+def rel_err(ours, ref):
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def run_mflux(python, tmodel, cfg, x, t, cap, args):
+    """Time mflux's transformer on tmodel's weights in mflux's venv; returns its JSON and output (C, h, w)."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        save_file({k: v.contiguous() for k, v in tmodel.state_dict().items()}, str(tmp / "weights.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(cfg))
+        np.savez(tmp / "inputs.npz", x=x, t=np.float32(t), cap=cap)
+        cmd = [str(python), str(Path(__file__).with_name("mflux_dit.py")), "--compile",
+               "--weights", str(tmp / "weights.safetensors"), "--config", str(tmp / "config.json"),
+               "--inputs", str(tmp / "inputs.npz"), "--repeat", str(args.repeat), "--dtype", args.dtype,
+               "--out", str(tmp / "out.npy")]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+        if proc.returncode != 0:
+            print(f"mflux: {python} failed (exit {proc.returncode}); skipped")
+            return None, None
+        # mflux returns -(diffusers' prediction): flip it to compare.
+        return json.loads(proc.stdout.strip().splitlines()[-1]), -np.load(tmp / "out.npy")[:, 0]
+
+
 def gemm_gflops(m, k, n, repeat=3):
     a = mx.random.normal((m, k))
     b = mx.random.normal((n, k))
@@ -58,6 +100,9 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--mflux-python", type=Path, default=MFLUX_PYTHON if MFLUX_PYTHON.exists() else None,
+                    help=f"python of a venv with mflux installed (default {MFLUX_PYTHON} if it exists)")
+    ap.add_argument("--no-mflux", action="store_true")
     args = ap.parse_args()
 
     import torch
@@ -89,19 +134,45 @@ def main():
 
     gemm = gemm_gflops(n_img + n_cap, 3840, 10240)
     xm, tm, cm = mx.array(x.transpose(0, 2, 3, 1)), mx.array([0.3]), [mx.array(cap)]
-    t_mlx = timeit(lambda: mx.eval(model(xm, tm, cm)), args.repeat)
+
+    def mlx_forward():
+        out = model(xm, tm, cm)
+        mx.eval(out)
+        return out
+
+    t_mlx, out_mlx = timed_run(mlx_forward, args.repeat)
+    out_mlx = np.array(out_mlx[0].astype(mx.float32)).transpose(2, 0, 1)  # (C, h, w)
+    del model
+    gc.collect()
+    mx.clear_cache()
     print(f"shape: {args.size}x{args.size} ({n_img} image + {n_cap} caption tokens), {args.layers} layers + "
           f"{args.refiner_layers}+{args.refiner_layers} refiners, dim 3840, {args.dtype}")
     print(f"model FLOPs per forward: {flops / 1e12:.3f} TFLOP")
     print(f"MLX GEMM ({n_img + n_cap}x3840x10240): {gemm:.1f} GFLOP/s -> floor {flops / gemm / 1e9:.2f} s")
     print(f"zimage-mlx forward: {t_mlx:.2f} s = {flops / t_mlx / 1e9:.1f} GFLOP/s = "
           f"{100 * flops / t_mlx / 1e9 / gemm:.0f}% of GEMM")
+    mf = out_mf = None
+    if not args.no_mflux and (args.mflux_python is None or not args.mflux_python.exists()):
+        print(f"mflux: no venv python at {args.mflux_python or MFLUX_PYTHON}; skipped (see benchmarks/mflux_dit.py)")
+    elif not args.no_mflux:
+        mf, out_mf = run_mflux(args.mflux_python, tmodel, cfg, x, 0.3, cap, args)
+    if mf is not None:
+        t_mf, t_mfc = mf["seconds"], mf["seconds_compiled"]
+        print(f"mflux {mf['mflux_version']} forward (mlx {mf['mlx_version']}): {t_mf:.2f} s = "
+              f"{flops / t_mf / 1e9:.1f} GFLOP/s; mx.compile'd as its pipeline runs it: {t_mfc:.2f} s "
+              f"-> zimage-mlx is {t_mf / t_mlx:.2f}x mflux's speed ({t_mfc / t_mlx:.2f}x compiled)")
+        print(f"mflux vs zimage-mlx output: max rel err {rel_err(out_mf, out_mlx):.1e}")
     if not args.no_torch:
         xt, tt, ct = [torch.from_numpy(x[0])[:, None]], torch.tensor([0.3]), [torch.from_numpy(cap)]
         with torch.no_grad():
-            t_torch = timeit(lambda: tmodel(xt, tt, ct, return_dict=False), args.repeat)
+            t_torch, out_torch = timed_run(lambda: tmodel(xt, tt, ct, return_dict=False), args.repeat)
+        out_torch = out_torch[0][0][:, 0].float().numpy()  # (C, h, w)
         print(f"diffusers forward (torch {torch.__version__}, {torch.get_num_threads()} threads): {t_torch:.2f} s "
               f"-> zimage-mlx is {t_torch / t_mlx:.2f}x diffusers' speed")
+        print(f"zimage-mlx vs diffusers output: max rel err {rel_err(out_mlx, out_torch):.1e}")
+        if mf is not None:
+            print(f"mflux is {t_torch / t_mf:.2f}x diffusers' speed ({t_torch / t_mfc:.2f}x compiled); "
+                  f"mflux vs diffusers output: max rel err {rel_err(out_mf, out_torch):.1e}")
 
 
 if __name__ == "__main__":
