@@ -45,9 +45,14 @@ def _torch_attention(q, k, v, scale, mask=None):
     return torch.nn.functional.scaled_dot_product_attention(*t, attn_mask=m, scale=scale).numpy()
 
 
-@pytest.mark.parametrize("chunk_bytes", [kernels.ATTENTION_CHUNK_BYTES, 3 * 40 * 4])  # whole heads; 3 rows
-def test_attention_matches_torch(chunk_bytes, monkeypatch):
+@pytest.mark.parametrize("chunk_bytes,split", [(kernels.ATTENTION_CHUNK_BYTES, False),  # whole heads
+                                               (3 * 40 * 4, False),  # blocks of 3 query rows
+                                               (kernels.ATTENTION_CHUNK_BYTES, True)])  # softmax over streams
+def test_attention_matches_torch(chunk_bytes, split, monkeypatch):
     monkeypatch.setattr(kernels, "ATTENTION_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(kernels, "SPLIT_MIN_ELEMENTS", 0 if split else 1 << 40)
+    if split:  # at least two streams, whatever this machine's core count
+        monkeypatch.setattr(kernels, "_STREAMS", [mx.new_stream(mx.cpu) for _ in range(3)])
     rng = np.random.default_rng(2)
     q, k, v = (mx.array(rng.standard_normal((2, 3, 40, 16)).astype(np.float32) * 3) for _ in range(3))
     valid = np.arange(40)[None, :] < np.array([40, 23])[:, None]

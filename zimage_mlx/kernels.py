@@ -13,6 +13,8 @@ polynomial that `mx.compile` fuses into one loop (accurate to about 2 ulp; teste
   would exceed `ATTENTION_CHUNK_BYTES`, a block of query rows at a time), chained with `mx.depends` so
   each chunk's scores are freed before the next chunk's are computed. Measured at 30 heads x 2080
   tokens: 0.9 GiB peak and 3.6x faster than the whole (30, L, L) at once, which peaked at 3.0 GiB;
+- the max, exp and sum of large score blocks in row blocks on one CPU stream per core (MLX runs each
+  stream's element-wise work on one thread);
 - SiLU as x / (1 + exp(-x)), and the FFN's silu(a) * b as one fused loop.
 
 `FAST_CPU_PATH = False` turns the fast path off (tests use it to check both paths against the reference).
@@ -21,6 +23,7 @@ polynomial that `mx.compile` fuses into one loop (accurate to about 2 ulp; teste
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 import mlx.core as mx
@@ -29,6 +32,9 @@ import mlx.nn as nn
 FAST_CPU_PATH = True
 # The float32 scores of one attention chunk (one head, all query rows up to this size) on the CPU path.
 ATTENTION_CHUNK_BYTES = 64 * 1024 * 1024
+# Score blocks of at least this many elements split their softmax over the CPU cores (smaller ones would
+# spend more on synchronising streams than they save).
+SPLIT_MIN_ELEMENTS = 1 << 18
 
 _LOG2E = 1.4426950408889634
 _LN2_HI = 0.693145751953125  # ln 2 split so n * _LN2_HI is exact for |n| <= 128
@@ -105,8 +111,32 @@ def _attention_f32(q, k, v, scale, mask):
     s = (q * scale) @ k.swapaxes(-1, -2)
     if mask is not None:
         s = mx.where(mask, s, -mx.inf)
-    e = _shifted_exp(s, mx.max(s, axis=-1, keepdims=True))
-    return (e @ v) / mx.sum(e, axis=-1, keepdims=True)
+    Lq, Lk = s.shape[-2:]
+    streams = _streams() if Lq * Lk >= SPLIT_MIN_ELEMENTS else []
+    if len(streams) < 2 or Lq < len(streams):
+        e = _shifted_exp(s, mx.max(s, axis=-1, keepdims=True))
+        return (e @ v) / mx.sum(e, axis=-1, keepdims=True)
+    # MLX's CPU element-wise ops and reductions run on one thread per stream: give each core a block of
+    # rows for the max, exp and sum (the GEMMs already use every core).
+    bounds = [round(i * Lq / len(streams)) for i in range(len(streams) + 1)]
+    outs = []
+    for stream, r0, r1 in zip(streams, bounds, bounds[1:]):
+        with mx.stream(stream):
+            sr = s[..., r0:r1, :]
+            e = _shifted_exp(sr, mx.max(sr, axis=-1, keepdims=True))
+            total = mx.sum(e, axis=-1, keepdims=True)
+        outs.append((e @ v) / total)
+    return mx.concatenate(outs, axis=-2)
+
+
+_STREAMS: list = []
+
+
+def _streams() -> list:
+    """CPU streams for row blocks of the softmax, one per core up to 4 (created once)."""
+    if not _STREAMS:
+        _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(max(1, min(4, os.cpu_count() or 1))))
+    return _STREAMS
 
 
 def keep_freed_memory() -> bool:
