@@ -75,7 +75,10 @@ def run_mflux(python, tmodel, cfg, x, t, cap, args):
                "--weights", str(tmp / "weights.safetensors"), "--config", str(tmp / "config.json"),
                "--inputs", str(tmp / "inputs.npz"), "--repeat", str(args.repeat), "--dtype", args.dtype,
                "--out", str(tmp / "out.npy")]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+        env = os.environ.copy()
+        if not args.default_malloc:  # the same allocator setting as this process (kernels.keep_freed_memory)
+            env["GLIBC_TUNABLES"] = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         if proc.returncode != 0:
             print(f"mflux: {python} failed (exit {proc.returncode}); skipped")
             return None, None
@@ -103,7 +106,13 @@ def main():
     ap.add_argument("--mflux-python", type=Path, default=MFLUX_PYTHON if MFLUX_PYTHON.exists() else None,
                     help=f"python of a venv with mflux installed (default {MFLUX_PYTHON} if it exists)")
     ap.add_argument("--no-mflux", action="store_true")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc malloc as it is (by default freed memory is kept for reuse, for all three "
+                         "implementations alike, as ZImagePipeline does on CPU: see zimage_mlx/kernels.py)")
     args = ap.parse_args()
+    from zimage_mlx import kernels
+
+    kept = False if args.default_malloc else kernels.keep_freed_memory()
 
     import torch
     from diffusers import ZImageTransformer2DModel
@@ -147,7 +156,7 @@ def main():
     mx.clear_cache()
     print(f"shape: {args.size}x{args.size} ({n_img} image + {n_cap} caption tokens), {args.layers} layers + "
           f"{args.refiner_layers}+{args.refiner_layers} refiners, dim 3840, {args.dtype}")
-    print(f"model FLOPs per forward: {flops / 1e12:.3f} TFLOP")
+    print(f"model FLOPs per forward: {flops / 1e12:.3f} TFLOP; malloc keeps freed memory: {kept}")
     print(f"MLX GEMM ({n_img + n_cap}x3840x10240): {gemm:.1f} GFLOP/s -> floor {flops / gemm / 1e9:.2f} s")
     print(f"zimage-mlx forward: {t_mlx:.2f} s = {flops / t_mlx / 1e9:.1f} GFLOP/s = "
           f"{100 * flops / t_mlx / 1e9 / gemm:.0f}% of GEMM")
