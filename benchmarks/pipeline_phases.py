@@ -3,7 +3,7 @@
 Builds a random-weight checkpoint in the Hugging Face layout (with the test suite's builders), either
 tiny or at the real widths with few layers, then runs ZImagePipeline on it. mx.get_peak_memory() is
 reset between phases, so each phase's peak is its own (weights resident at that time included). As in
-a single-shot CLI run, the text encoder is freed once the prompt is encoded. Each DiT step is reported
+a single-shot CLI run, the text encoder is freed once the prompt is encoded and the DiT before decoding. Each DiT step is reported
 with its model FLOPs and its share of the GEMM throughput measured in the same run (at the DiT's shape).
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
@@ -94,10 +94,11 @@ def main():
     for i in range(args.steps):
         with Phase(f"DiT step {i + 1}" + (" (incl. weights read)" if i == 0 else ""), rows):
             step = next(steps)
-    with Phase("VAE decode", rows):
+    a = pipe.transformer.args
+    pipe.release_transformer()  # as the CLI does before its last decode
+    with Phase("VAE decode (DiT freed)", rows):
         pipe.decode(step.latents)
 
-    a = pipe.transformer.args
     n_img, n_cap = (h // 2) * (w // 2), int(feats[0].shape[0])
     flops = dit_flops(a.dim, int(a.dim / 3 * 8), n_img, n_cap, a.n_layers, a.n_refiner_layers)
     gemm = gemm_gflops(n_img + n_cap, a.dim, int(a.dim / 3 * 8)) if args.dtype == "float32" else None

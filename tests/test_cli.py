@@ -36,7 +36,7 @@ def loads():
     def cached(cls, model, dtype="auto", quantize=None, low_memory=False):
         key = (str(model), dtype, quantize, low_memory)
         calls.append(key)
-        if key not in cache:
+        if key not in cache or cache[key].transformer is None:  # a run frees the DiT before its last decode
             cache[key] = real(model, dtype=dtype, quantize=quantize, low_memory=low_memory)
         return cache[key]
 
@@ -372,7 +372,8 @@ def test_example(subprocesses, name, files):
 
 
 def test_text_encoder_is_freed_before_denoising(ckpt, tmp_path, monkeypatch):
-    """A single-shot run frees the text encoder once every prompt it needs is encoded, before any DiT forward."""
+    """A single-shot run frees the text encoder once every prompt it needs is encoded, before any DiT forward,
+    and the DiT before its last decode."""
     from zimage_mlx.transformer import ZImageTransformer
 
     events = []
@@ -381,8 +382,11 @@ def test_text_encoder_is_freed_before_denoising(ckpt, tmp_path, monkeypatch):
                         lambda self: events.append(("release", self.text_encoder is not None)) or release(self))
     monkeypatch.setattr(ZImageTransformer, "__call__", lambda self, *a: events.append(("dit", None)) or forward(self, *a))
     # a pipeline of its own (not the `loads` cache's, whose encoder an earlier run may have freed)
-    monkeypatch.setattr(ZImagePipeline, "from_pretrained", classmethod(lambda cls, *a, **k: REAL_LOAD(*a, **k)))
+    pipes = []
+    monkeypatch.setattr(ZImagePipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: pipes.append(REAL_LOAD(*a, **k)) or pipes[-1]))
     ok("a lighthouse", "-m", ckpt, "--size", 32, "--steps", 2, "--seed", 1, "--num-images", 2,
        "-o", tmp_path / "{seed}.png")
     assert events[0] == ("release", True) and events.count(("dit", None)) == 4
     assert len(list(tmp_path.iterdir())) == 2
+    assert pipes[0].transformer is None  # freed before the last image was decoded

@@ -252,7 +252,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
 
     # 3. Prompts are encoded a few at a time (one text-encoder load each in --low-memory mode); the
     # pipeline's prompt cache then serves `generate`, so step times measure denoising only. Once the last
-    # prompts are encoded the text encoder is freed (Qwen3-4B: 7.8 GB in bfloat16) before their denoising.
+    # prompts are encoded the text encoder is freed (Qwen3-4B: 7.8 GB in bfloat16) before their denoising,
+    # and the DiT is freed before the last image is decoded: the peak is the largest phase, not a sum.
     shown = set()
     steps_done, step_seconds = 0, 0.0
     chunk = 8
@@ -270,7 +271,7 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
             image = pipe.generate(prompts[p], negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                                   guidance=guidance, cfg_normalization=cfg_normalization,
                                   cfg_truncation=cfg_truncation, seed=s, num_images=1, callback=progress,
-                                  **source)[0]
+                                  release_transformer=i == len(jobs) - 1, **source)[0]
             progress.finish()
             show_warnings(caught, shown, quiet)
             info = None

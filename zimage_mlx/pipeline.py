@@ -57,6 +57,7 @@ class ZImagePipeline:
                  scheduler: FlowMatchScheduler, *, root: Path, dtype: str, low_memory: bool = False,
                  quantize: int | None = None):
         self.transformer = transformer
+        self._cap_feat_dim = transformer.args.cap_feat_dim
         self.text_encoder = text_encoder
         self.vae = vae
         self.scheduler = scheduler
@@ -95,7 +96,7 @@ class ZImagePipeline:
     def _load_text_encoder(self) -> TextEncoder:
         # Qwen3 overflows float16; the text encoder runs once per prompt, so it gets bfloat16 instead.
         dtype = "bfloat16" if self.dtype == "float16" else self.dtype
-        return TextEncoder.from_pretrained(self.root, dtype=dtype, cap_feat_dim=self.transformer.args.cap_feat_dim,
+        return TextEncoder.from_pretrained(self.root, dtype=dtype, cap_feat_dim=self._cap_feat_dim,
                                            quantize=text_encoder_bits(self.quantize))
 
     # ------------------------------------------------------------------------------------------
@@ -133,6 +134,19 @@ class ZImagePipeline:
             self.text_encoder = None
         mx.clear_cache()
 
+    def release_transformer(self) -> None:
+        """Free the DiT's weights, for a process that has denoised its last image and only decodes now
+        (the CLI does this before its last decode, so the DiT and the VAE's activations never add up).
+        This pipeline cannot denoise afterwards: load another to generate again."""
+        self.transformer = None
+        self._lora_originals = {}
+        mx.clear_cache()
+
+    def _dit(self) -> ZImageTransformer:
+        if self.transformer is None:
+            raise RuntimeError("this pipeline's DiT was freed by release_transformer(); load the pipeline again")
+        return self.transformer
+
     def sigmas(self, steps: int, height: int, width: int) -> list[float]:
         seq_len = (height // 16) * (width // 16)
         return [float(s) for s in self.scheduler.sigmas(steps, seq_len)]
@@ -155,6 +169,7 @@ class ZImagePipeline:
         B = latents.shape[0]
         if len(prompt_embeds) != B or (negative_embeds is not None and len(negative_embeds) != B):
             raise ValueError("need one prompt embedding (and one negative) per latent")
+        dit = self._dit()
         x = latents.astype(mx.float32)
         total = len(sigmas) - 1
         for i in range(total):
@@ -162,11 +177,11 @@ class ZImagePipeline:
             g = guidance_for_step(guidance, sigma, cfg_truncation) if negative_embeds is not None else 0.0
             t = mx.full((B,), model_time(sigma), dtype=mx.float32)
             if g > 0:
-                both = self.transformer(mx.concatenate([x, x]), mx.concatenate([t, t]),
+                both = dit(mx.concatenate([x, x]), mx.concatenate([t, t]),
                                         list(prompt_embeds) + list(negative_embeds))
                 pred = apply_cfg(both[:B], both[B:], g, cfg_normalization)
             else:
-                pred = self.transformer(x, t, prompt_embeds).astype(mx.float32)
+                pred = dit(x, t, prompt_embeds).astype(mx.float32)
             denoised = x + sigma * pred
             x = euler_step(x, pred, sigma, sigma_next)
             if mask is not None:
@@ -206,13 +221,13 @@ class ZImagePipeline:
         percent more work per step.
         """
         lora = lora if isinstance(lora, Lora) else read_lora(lora)
-        apply_lora(self.transformer, lora, scale, self._lora_originals, fuse=fuse)
+        apply_lora(self._dit(), lora, scale, self._lora_originals, fuse=fuse)
         self.loras.append((lora.name, float(scale)))
         return lora
 
     def unload_loras(self) -> None:
         """Remove every LoRA: the DiT gets its original weights back, bit for bit."""
-        restore(self.transformer, self._lora_originals)
+        restore(self._dit(), self._lora_originals)
         self.loras.clear()
 
     # ------------------------------------------------------------------------------------------
@@ -223,7 +238,8 @@ class ZImagePipeline:
                  cfg_normalization: float | bool = False, cfg_truncation: float = 1.0, seed: int | None = None,
                  num_images: int = 1, latents: mx.array | None = None,
                  callback: Callable[[int, int, mx.array], None] | None = None, max_sequence_length: int = 512, *,
-                 image=None, mask=None, strength: float | None = None, image_latents: mx.array | None = None):
+                 image=None, mask=None, strength: float | None = None, image_latents: mx.array | None = None,
+                 release_transformer: bool = False):
         """Generate images; returns a list of PIL images, prompt-major (all images of prompt 0 first).
 
         Image k uses the noise of seed + k, so any image of a batch can be made again alone. With
@@ -250,6 +266,9 @@ class ZImagePipeline:
 
         `image_latents` (1 or B, h, w, 16), e.g. from `encode_image`, replaces the image's encoding (then
         `image` may be left out: the size is 8 x the latents').
+
+        release_transformer=True frees the DiT after denoising, before decoding (see `release_transformer`):
+        for the last image of a process that wants the lowest peak.
         """
         prompts = _check_prompts(prompt, "prompt")
         init = None
@@ -269,7 +288,7 @@ class ZImagePipeline:
             raise ValueError("negative_prompt needs guidance > 0 (Turbo runs without CFG; try --guidance 4 with the Base model)")
         h, w = height // 8, width // 8
         B = len(prompts) * num_images
-        self.transformer.check_sizes(h, w, [1])
+        self._dit().check_sizes(h, w, [1])
         seed = random.randint(0, MAX_SEED) if seed is None else seed
         seeds = [(seed + k) % (MAX_SEED + 1) for k in range(B)]
         seeded = latents is None  # then the seed alone gives the image back
@@ -295,6 +314,9 @@ class ZImagePipeline:
                 latents = step.latents
                 if callback is not None:
                     callback(step.index + 1, step.total, latents)
+        if release_transformer:
+            mx.eval(latents)
+            self.release_transformer()
         images = self.decode(latents)
         for k, image in enumerate(images):
             if seeded:
