@@ -2,10 +2,14 @@
 
 Builds ZImageTransformer (the release config: 6.15B parameters), the text encoder as we run it (Qwen3-4B
 without its unused last layer) and the VAE at full size *lazily*: no weight is ever materialised, the
-bytes come from the shapes and dtypes after the same quantization policy the converter uses. Add the
-activation peaks measured by pipeline_phases.py to get the peak of a generation.
+bytes come from the shapes and dtypes after the same quantization policy the converter uses. Given the
+activation peaks measured at full width (pipeline_phases.py, text_encoder_memory.py, vae_memory.py), it
+also prints the peak of a generation: resident weights plus the activation peak of each phase, where a
+single-shot CLI run holds only the text encoder while encoding, only the DiT while denoising and only the
+VAE while decoding (weights load lazily; each is freed before the next phase), and an app holding a
+pipeline keeps all three.
 
-    python benchmarks/memory_estimate.py
+    python benchmarks/memory_estimate.py [--te-act GIB --dit-act GIB --vae-act GIB]
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ def nparams(model: nn.Module) -> int:
 
 
 def main():
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--te-act", type=float, help="measured text-encoding activation peak, GiB")
+    ap.add_argument("--dit-act", type=float, help="measured DiT step activation peak at the size of interest, GiB")
+    ap.add_argument("--vae-act", type=float, help="measured VAE decode activation peak (tiled as run), GiB")
+    args = ap.parse_args()
     rows = []
     for label, bits in (("bfloat16", None), ("8-bit", 8), ("4-bit", 4)):
         d = dit.ZImageTransformer(dit.TransformerArgs())
@@ -52,6 +63,18 @@ def main():
     for label, b_dit, b_te in rows:
         v = vae_bytes
         print(f"| {label} | {b_dit / GB:.2f} | {b_te / GB:.2f} | {v / GB:.2f} | {(b_dit + b_te + v) / GB:.2f} |")
+    if None in (args.te_act, args.dit_act, args.vae_act):
+        return
+    te_a, dit_a, vae_a = (x * 2**30 for x in (args.te_act, args.dit_act, args.vae_act))
+    print(f"\nWith activation peaks text encoding {args.te_act} GiB, DiT step {args.dit_act} GiB, VAE decode "
+          f"{args.vae_act} GiB (GB = 1e9 bytes):")
+    print("| precision | encode phase GB | denoise phase GB | decode phase GB | CLI single-shot peak GB "
+          "| app keeping all resident GB |\n|---|---|---|---|---|---|")
+    for label, b_dit, b_te in rows:
+        phases = (b_te + te_a, b_dit + dit_a, vae_bytes + vae_a)
+        resident = b_dit + b_te + vae_bytes + max(te_a, dit_a, vae_a)
+        print(f"| {label} | " + " | ".join(f"{p / GB:.2f}" for p in phases)
+              + f" | **{max(phases) / GB:.2f}** | {resident / GB:.2f} |")
 
 
 if __name__ == "__main__":

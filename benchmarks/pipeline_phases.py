@@ -95,6 +95,7 @@ def main():
         with Phase(f"DiT step {i + 1}" + (" (incl. weights read)" if i == 0 else ""), rows):
             step = next(steps)
     a = pipe.transformer.args
+    steps.close()  # the finished generator would otherwise keep a reference to the DiT
     pipe.release_transformer()  # as the CLI does before its last decode
     with Phase("VAE decode (DiT freed)", rows):
         pipe.decode(step.latents)
