@@ -10,6 +10,7 @@ our draws; everything else (preprocessing, encoding, schedule, blending, decodin
 
 from __future__ import annotations
 
+import copy
 import math
 
 import diffusers.pipelines.z_image.pipeline_z_image_img2img as diffusers_img2img
@@ -296,12 +297,14 @@ def test_small_image_is_refused(pipe):
 
 @pytest.fixture()
 def cli_loads(pipe, monkeypatch):
-    """from_pretrained serves the module's pipeline; the list counts the loads."""
+    """from_pretrained serves (a shallow copy of) the module's pipeline; the list counts the loads. The
+    copy shares the models, so nothing is loaded again, but the CLI freeing its DiT before the last
+    decode leaves the module's pipeline whole."""
     calls = []
 
     def load(cls, *a, **k):
         calls.append(a)
-        return pipe
+        return copy.copy(pipe)
 
     monkeypatch.setattr(ZImagePipeline, "from_pretrained", classmethod(load))
     return calls
