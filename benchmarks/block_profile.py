@@ -10,21 +10,11 @@ else. Then the peak memory above inputs and weights of the block, its attention 
 from __future__ import annotations
 
 import argparse
-import time
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
-
-def median_time(fn, repeat):
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[repeat // 2]
+from dit_speed import timeit
 
 
 def main():
@@ -59,7 +49,7 @@ def main():
         "w2": lambda: ff.w2(h),
         "attention core": lambda: kernels.attention(q, q, q, 128**-0.5),
     }
-    times = {name: median_time(lambda f=f: mx.eval(f()), args.repeat) for name, f in parts.items()}
+    times = {name: timeit(lambda f=f: mx.eval(f()), args.repeat) for name, f in parts.items()}
     gemm_flops = {"q, k, v, out projections": 8 * L * 3840**2, "w1 + w3": 4 * L * 3840 * 10240,
                   "w2": 2 * L * 3840 * 10240, "attention core": 4 * L * L * 3840}
     print(f"{L} tokens, float32, {'generic ops' if args.generic else 'CPU fast path'}, median of {args.repeat}")
@@ -75,10 +65,10 @@ def main():
         wqkv = mx.concatenate([a.to_q.weight, a.to_k.weight, a.to_v.weight])
         w13 = mx.concatenate([ff.w1.weight, ff.w3.weight])
         mx.eval(wqkv, w13)
-        t3 = median_time(lambda: mx.eval([a.to_q(x), a.to_k(x), a.to_v(x)]), args.repeat)
-        t1 = median_time(lambda: mx.eval(x @ wqkv.T), args.repeat)
-        s2 = median_time(lambda: mx.eval([ff.w1(x), ff.w3(x)]), args.repeat)
-        s1 = median_time(lambda: mx.eval(x @ w13.T), args.repeat)
+        t3 = timeit(lambda: mx.eval([a.to_q(x), a.to_k(x), a.to_v(x)]), args.repeat)
+        t1 = timeit(lambda: mx.eval(x @ wqkv.T), args.repeat)
+        s2 = timeit(lambda: mx.eval([ff.w1(x), ff.w3(x)]), args.repeat)
+        s1 = timeit(lambda: mx.eval(x @ w13.T), args.repeat)
         print(f"\nq, k, v: three GEMMs {t3:.3f} s, one fused {t1:.3f} s; w1, w3: two GEMMs {s2:.3f} s, one fused {s1:.3f} s")
 
     print("\n| peak memory above inputs and weights | GiB |\n|---|---|")

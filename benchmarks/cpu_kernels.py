@@ -17,16 +17,7 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
-
-def median_time(fn, repeat=7):
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[repeat // 2]
+from dit_speed import timeit
 
 
 def run(keep: bool) -> None:
@@ -40,7 +31,7 @@ def run(keep: bool) -> None:
     mx.eval(a, b)
 
     def row(name, ours, theirs, err):
-        t_theirs, t_ours = median_time(lambda: mx.eval(theirs())), median_time(lambda: mx.eval(ours()))
+        t_theirs, t_ours = timeit(lambda: mx.eval(theirs()), 7), timeit(lambda: mx.eval(ours()), 7)
         print(f"| {name} | {t_theirs:.3f} | {t_ours:.3f} | {t_theirs / t_ours:.1f}x | {err:.1e} |")
 
     ref = np.exp(np.array(a).astype(np.float64))

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from importlib.metadata import version
 
@@ -51,15 +50,7 @@ from mflux.models.common.weights.mapping.weight_mapper import WeightMapper
 from mflux.models.z_image.model.z_image_transformer.transformer import ZImageTransformer
 from mflux.models.z_image.weights.z_image_weight_mapping import ZImageWeightMapping
 
-
-def timeit(fn, repeat):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from dit_speed import timeit  # this folder; it needs only mlx and numpy to import
 
 
 def build(cfg: dict) -> ZImageTransformer:
