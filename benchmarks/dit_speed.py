@@ -52,10 +52,26 @@ def timeit(fn, repeat):
     return statistics.median(times)
 
 
-def timed_run(fn, repeat):
-    """timeit that also returns fn's last result."""
-    last = []
-    return timeit(lambda: last.append(fn()), repeat), last[-1]
+def interleaved(fns, gemm, repeat):
+    """Time each of fns (name -> callable) `repeat` times in rounds, measuring the GEMM rate (`gemm()`,
+    GFLOP/s) before the first round and after every round. This VM's speed drifts by 10-20% over minutes,
+    so each forward is set against the GEMM measured next to it: returns {name: [seconds per round]} and
+    [GEMM GFLOP/s around each round] (the mean of the measurements before and after it)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    rates = [gemm()]
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+        rates.append(gemm())
+    return times, [(a + b) / 2 for a, b in zip(rates, rates[1:])]
+
+
+def fmt(values, spec):
+    return ", ".join(format(v, spec) for v in values)
 
 
 def rel_err(ours, ref):
@@ -86,12 +102,13 @@ def run_mflux(python, tmodel, cfg, x, t, cap, args):
         return json.loads(proc.stdout.strip().splitlines()[-1]), -np.load(tmp / "out.npy")[:, 0]
 
 
-def gemm_gflops(m, k, n, repeat=3):
+def gemm_meter(m, k, n, repeat=2):
+    """A callable returning MLX's float32 GEMM rate (GFLOP/s) for (m, k) @ (k, n) (the DiT's FFN shape):
+    the median of `repeat` timings after a warm-up."""
     a = mx.random.normal((m, k))
     b = mx.random.normal((n, k))
     mx.eval(a, b)
-    dt = timeit(lambda: mx.eval(a @ b.T), repeat)
-    return 2 * m * k * n / dt / 1e9
+    return lambda: 2 * m * k * n / timeit(lambda: mx.eval(a @ b.T), repeat) / 1e9
 
 
 def main():
@@ -141,25 +158,37 @@ def main():
     cap = rng.standard_normal((n_cap, 2560)).astype(np.float32)
     flops = dit_flops(3840, 10240, n_img, n_cap, args.layers, args.refiner_layers)
 
-    gemm = gemm_gflops(n_img + n_cap, 3840, 10240)
+    gemm = gemm_meter(n_img + n_cap, 3840, 10240)
     xm, tm, cm = mx.array(x.transpose(0, 2, 3, 1)), mx.array([0.3]), [mx.array(cap)]
+    outs = {}
 
     def mlx_forward():
-        out = model(xm, tm, cm)
-        mx.eval(out)
-        return out
+        outs["mlx"] = model(xm, tm, cm)
+        mx.eval(outs["mlx"])
 
-    t_mlx, out_mlx = timed_run(mlx_forward, args.repeat)
-    out_mlx = np.array(out_mlx[0].astype(mx.float32)).transpose(2, 0, 1)  # (C, h, w)
+    fns = {"zimage-mlx": mlx_forward}
+    if not args.no_torch:
+        xt, tt, ct = [torch.from_numpy(x[0])[:, None]], torch.tensor([0.3]), [torch.from_numpy(cap)]
+
+        def torch_forward():
+            with torch.no_grad():
+                outs["torch"] = tmodel(xt, tt, ct, return_dict=False)
+
+        fns["diffusers"] = torch_forward
+    times, rates = interleaved(fns, gemm, args.repeat)
+    out_mlx = np.array(outs.pop("mlx")[0].astype(mx.float32)).transpose(2, 0, 1)  # (C, h, w)
     del model
     gc.collect()
     mx.clear_cache()
+    t_mlx = statistics.median(times["zimage-mlx"])
+    pct = [100 * flops / t / 1e9 / g for t, g in zip(times["zimage-mlx"], rates)]
     print(f"shape: {args.size}x{args.size} ({n_img} image + {n_cap} caption tokens), {args.layers} layers + "
           f"{args.refiner_layers}+{args.refiner_layers} refiners, dim 3840, {args.dtype}")
-    print(f"model FLOPs per forward: {flops / 1e12:.3f} TFLOP; malloc keeps freed memory: {kept}")
-    print(f"MLX GEMM ({n_img + n_cap}x3840x10240): {gemm:.1f} GFLOP/s -> floor {flops / gemm / 1e9:.2f} s")
-    print(f"zimage-mlx forward: {t_mlx:.2f} s = {flops / t_mlx / 1e9:.1f} GFLOP/s = "
-          f"{100 * flops / t_mlx / 1e9 / gemm:.0f}% of GEMM")
+    print(f"model FLOPs per forward: {flops / 1e12:.3f} TFLOP; malloc keeps freed memory: {kept}; "
+          f"{args.repeat} rounds, the GEMM measured before and after each")
+    print(f"MLX GEMM ({n_img + n_cap}x3840x10240) around each round: {fmt(rates, '.1f')} GFLOP/s")
+    print(f"zimage-mlx forward: {fmt(times['zimage-mlx'], '.2f')} s = {fmt(pct, '.0f')}% of the GEMM around "
+          f"it; median {t_mlx:.2f} s, {statistics.median(pct):.0f}%")
     mf = out_mf = None
     if not args.no_mflux and (args.mflux_python is None or not args.mflux_python.exists()):
         print(f"mflux: no venv python at {args.mflux_python or MFLUX_PYTHON}; skipped (see benchmarks/mflux_dit.py)")
@@ -167,17 +196,20 @@ def main():
         mf, out_mf = run_mflux(args.mflux_python, tmodel, cfg, x, 0.3, cap, args)
     if mf is not None:
         t_mf, t_mfc = mf["seconds"], mf["seconds_compiled"]
-        print(f"mflux {mf['mflux_version']} forward (mlx {mf['mlx_version']}): {t_mf:.2f} s = "
-              f"{flops / t_mf / 1e9:.1f} GFLOP/s; mx.compile'd as its pipeline runs it: {t_mfc:.2f} s "
-              f"-> zimage-mlx is {t_mf / t_mlx:.2f}x mflux's speed ({t_mfc / t_mlx:.2f}x compiled)")
+        pct_mf = [100 * flops / t / 1e9 / g for t, g in zip(mf["rounds_compiled"], mf["gemm_gflops"])]
+        print(f"mflux {mf['mflux_version']} forward (mlx {mf['mlx_version']}, its own process): {t_mf:.2f} s; "
+              f"mx.compile'd as its pipeline runs it: {fmt(mf['rounds_compiled'], '.2f')} s = {fmt(pct_mf, '.0f')}% "
+              f"of the GEMM around it (median {t_mfc:.2f} s, {statistics.median(pct_mf):.0f}%)")
+        print(f"-> zimage-mlx is {t_mf / t_mlx:.2f}x mflux's speed ({t_mfc / t_mlx:.2f}x compiled) in seconds, "
+              f"{statistics.median(pct) / statistics.median(pct_mf):.2f}x compiled in % of each run's GEMM")
         print(f"mflux vs zimage-mlx output: max rel err {rel_err(out_mf, out_mlx):.1e}")
     if not args.no_torch:
-        xt, tt, ct = [torch.from_numpy(x[0])[:, None]], torch.tensor([0.3]), [torch.from_numpy(cap)]
-        with torch.no_grad():
-            t_torch, out_torch = timed_run(lambda: tmodel(xt, tt, ct, return_dict=False), args.repeat)
-        out_torch = out_torch[0][0][:, 0].float().numpy()  # (C, h, w)
-        print(f"diffusers forward (torch {torch.__version__}, {torch.get_num_threads()} threads): {t_torch:.2f} s "
-              f"-> zimage-mlx is {t_torch / t_mlx:.2f}x diffusers' speed")
+        t_torch = statistics.median(times["diffusers"])
+        speedups = [a / b for a, b in zip(times["diffusers"], times["zimage-mlx"])]
+        out_torch = outs["torch"][0][0][:, 0].float().numpy()  # (C, h, w)
+        print(f"diffusers forward (torch {torch.__version__}, {torch.get_num_threads()} threads), right after "
+              f"zimage-mlx's in each round: {fmt(times['diffusers'], '.2f')} s -> zimage-mlx is "
+              f"{fmt(speedups, '.2f')}x diffusers' speed (median {statistics.median(speedups):.2f}x)")
         print(f"zimage-mlx vs diffusers output: max rel err {rel_err(out_mlx, out_torch):.1e}")
         if mf is not None:
             print(f"mflux is {t_torch / t_mf:.2f}x diffusers' speed ({t_torch / t_mfc:.2f}x compiled); "

@@ -31,13 +31,14 @@ How mflux is driven (mflux 0.24.0, read from site-packages/mflux/models/z_image/
   float32; otherwise the stream is cast to ModelConfig.precision, bfloat16). Other dtypes cast the
   parameters and set ModelConfig.precision, as mflux's bfloat16 default does.
 - mflux's pipeline wraps the forward in mx.compile (ZImage._predict, on every machine but M1/M2); --compile
-  also times that. "seconds" is the plain module call, the way dit_speed.py times zimage-mlx.
+  also times that, in rounds with MLX's GEMM rate measured between them (rounds_compiled, gemm_gflops). "seconds" is the plain module call, the way dit_speed.py times zimage-mlx.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from importlib.metadata import version
 
@@ -50,7 +51,7 @@ from mflux.models.common.weights.mapping.weight_mapper import WeightMapper
 from mflux.models.z_image.model.z_image_transformer.transformer import ZImageTransformer
 from mflux.models.z_image.weights.z_image_weight_mapping import ZImageWeightMapping
 
-from dit_speed import timeit  # this folder; it needs only mlx and numpy to import
+from dit_speed import gemm_meter, interleaved, timeit  # this folder; needs only mlx and numpy to import
 
 
 def build(cfg: dict) -> ZImageTransformer:
@@ -146,7 +147,12 @@ def main():
     )
     if args.compile:
         compiled = mx.compile(forward)
-        result["seconds_compiled"] = timeit(lambda: mx.eval(compiled(xm, tm, cm)), args.repeat)
+        # Rounds with the GEMM measured between them, as dit_speed.py times zimage-mlx.
+        n_tokens = result["image_tokens"] + result["caption_tokens"]
+        gemm = gemm_meter(n_tokens, cfg["dim"], int(cfg["dim"] / 3 * 8))
+        rounds, rates = interleaved({"compiled": lambda: mx.eval(compiled(xm, tm, cm))}, gemm, args.repeat)
+        result["rounds_compiled"], result["gemm_gflops"] = rounds["compiled"], rates
+        result["seconds_compiled"] = statistics.median(rounds["compiled"])
         result["compiled_max_abs_diff"] = float(mx.abs(compiled(xm, tm, cm) - out).max())
     if args.out:
         np.save(args.out, np.array(out.astype(mx.float32)))

@@ -77,7 +77,7 @@ def main():
     ap.add_argument("--quantize", type=int, choices=[4, 8])
     args = ap.parse_args()
 
-    from dit_speed import dit_flops, gemm_gflops
+    from dit_speed import dit_flops, gemm_meter
     from zimage_mlx import ZImagePipeline
 
     root = build(Path(args.dir) / f"{args.width}-{args.layers}", args.width, args.layers, args.te_layers)
@@ -102,7 +102,7 @@ def main():
 
     n_img, n_cap = (h // 2) * (w // 2), int(feats[0].shape[0])
     flops = dit_flops(a.dim, int(a.dim / 3 * 8), n_img, n_cap, a.n_layers, a.n_refiner_layers)
-    gemm = gemm_gflops(n_img + n_cap, a.dim, int(a.dim / 3 * 8)) if args.dtype == "float32" else None
+    gemm = gemm_meter(n_img + n_cap, a.dim, int(a.dim / 3 * 8), repeat=3)() if args.dtype == "float32" else None
     print(f"{args.width} width ({args.layers} DiT layers), {args.size}x{args.size}, {args.dtype}"
           f"{f', {args.quantize}-bit' if args.quantize else ''}{', low memory' if args.low_memory else ''}, "
           f"device {mx.default_device()}")
