@@ -273,3 +273,12 @@ def test_release_frees_weights(reference_checkpoint):
     lazy = te.encode(PROMPTS["english"])
     te.release()
     np.testing.assert_array_equal(np.array(lazy[0]), expected)
+
+
+def test_encode_evaluates_layer_by_layer(encoder, monkeypatch):
+    """kernels.cut after every decoder layer: encoding holds one layer's activations at a time."""
+    calls = []
+    real_eval = mx.eval
+    monkeypatch.setattr(mx, "eval", lambda *a: (calls.append(len(a)), real_eval(*a))[1])
+    encoder.encode("a cat")
+    assert len(calls) == len(encoder.model.layers)

@@ -281,3 +281,30 @@ def test_bfloat16_stays_bfloat16_through_every_block(reference_transformer_bf16,
     names = {n for n, _ in seen}
     assert names == {"TransformerBlock", "Attention", "FeedForward", "FinalLayer"}
     assert all(d == mx.bfloat16 for _, d in seen), [s for s in seen if s[1] != mx.bfloat16]
+
+
+def test_each_block_is_evaluated_before_the_next_is_built(mlx_dit, monkeypatch):
+    """kernels.cut after every noise-refiner and main block (a step's graph then holds one block's
+    activations: benchmarks/dit_peak_probe.py), and the cut block is evaluated by then."""
+    from zimage_mlx import kernels
+
+    calls = []
+    real_eval = mx.eval
+    monkeypatch.setattr(kernels.mx, "eval", lambda *a: (calls.append(len(a)), real_eval(*a))[1])
+    x, caps, ts = make_inputs(*CASES[0])
+    run_mlx(mlx_dit, x, caps, ts)
+    a = mlx_dit.args
+    assert len(calls) == a.n_refiner_layers + a.n_layers
+
+    calls.clear()
+    monkeypatch.setattr(kernels, "CUT_GRAPHS", False)
+    run_mlx(mlx_dit, x, caps, ts)
+    assert calls == []
+
+
+def test_compiled_forward_matches_plain(mlx_dit):
+    """Under mx.compile the cuts step aside (nothing may be evaluated while tracing) and the result holds."""
+    x, caps, ts = make_inputs(*CASES[0])
+    xm, tm, cm = mx.array(x.transpose(0, 2, 3, 1)), mx.array(ts), [mx.array(c) for c in caps]
+    compiled = mx.compile(lambda x, t, c: mlx_dit(x, t, [c]))
+    np.testing.assert_allclose(np.array(compiled(xm, tm, cm[0])), np.array(mlx_dit(xm, tm, cm)), rtol=1e-5, atol=1e-5)

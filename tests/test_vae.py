@@ -213,3 +213,14 @@ def test_auto_tile_size():
     assert auto_tile_size(64, 64) is None  # 512x512: whole on any device
     tile = auto_tile_size(256, 256)  # 2048x2048: always tiled
     assert tile is not None and 8 <= tile <= 128
+
+
+def test_decode_evaluates_block_by_block(vae, monkeypatch):
+    """kernels.cut after every ResNet block and upsampler: the decode's graph holds one block at a time."""
+    calls = []
+    real_eval = mx.eval
+    monkeypatch.setattr(mx, "eval", lambda *a: (calls.append(len(a)), real_eval(*a))[1])
+    np.array(vae.decode(mx.zeros((1, 8, 8, vae.args.latent_channels))))
+    dec = vae.decoder
+    n_blocks = len(dec.mid_block.resnets) + sum(len(b.resnets) + ("upsamplers" in b) for b in dec.up_blocks)
+    assert len(calls) == n_blocks

@@ -19,6 +19,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.qwen3 import ModelArgs, TransformerBlock
 from transformers import AutoTokenizer
 
+from . import kernels
 from .weights import (CheckpointError, check_quantization, load_into, load_safetensors, quantize_as_stored,
                       read_config, to_dtype)
 
@@ -56,7 +57,7 @@ class Qwen3Encoder(nn.Module):
         h = self.embed_tokens(tokens)
         mask = create_attention_mask(h)
         for layer in self.layers:
-            h = layer(h, mask)
+            h = kernels.cut(layer(h, mask))  # one graph per layer: see kernels.cut
         return h  # (B, L, hidden)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -196,7 +197,8 @@ class TextEncoder:
         return ids
 
     def encode(self, prompts: str | list[str], max_sequence_length: int = 512) -> list[mx.array]:
-        """Caption features: one lazy (L_i, hidden_size) array per prompt, valid tokens only, in self.dtype.
+        """Caption features: one (L_i, hidden_size) array per prompt, valid tokens only, in self.dtype, already
+        evaluated (layer by layer, see kernels.cut).
 
         Each prompt runs alone at its own length (no padding), so a prompt's features do not depend on
         the other prompts of the call. A prompt longer than max_sequence_length tokens (chat template
@@ -238,8 +240,7 @@ class TextEncoder:
     def release(self) -> None:
         """Free the weights and the tokenizer; encode() raises afterwards.
 
-        Arrays returned by encode() that are not evaluated yet keep the weights alive until they are:
-        evaluate them before releasing.
+        encode() returns evaluated arrays, which hold no reference to the weights.
         """
         self.model = None
         self.tokenizer = None

@@ -351,7 +351,7 @@ class ZImageTransformer(nn.Module):
         n_img = N + n_pad
 
         for layer in self.noise_refiner:
-            img = layer(img, (cos[:, :n_img], sin[:, :n_img]), None, adaln)
+            img = kernels.cut(layer(img, (cos[:, :n_img], sin[:, :n_img]), None, adaln))
 
         # Caption tokens: embed, pad with the learned cap_pad_token, refine (no modulation).
         caps = []
@@ -388,8 +388,8 @@ class ZImageTransformer(nn.Module):
             valid = np.arange(L_max)[None, :] < (n_img + np.array(cap_padded))[:, None]
             mask = mx.array(valid)[:, None, None, :]  # (B, 1, 1, L): True = attend
 
-        for layer in self.layers:
-            unified = layer(unified, (cos, sin), mask, adaln)
+        for layer in self.layers:  # one graph per block: see kernels.cut
+            unified = kernels.cut(layer(unified, (cos, sin), mask, adaln))
 
         out = self.all_final_layer["2-1"](unified[:, :N], adaln)  # (B, N, 4C)
         return unpatchify(out, h, w)

@@ -96,7 +96,7 @@ class ResnetBlock2D(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         h = self.conv1(kernels.silu(self.norm1(x)))
         h = self.conv2(kernels.silu(self.norm2(h)))
-        return (self.conv_shortcut(x) if "conv_shortcut" in self else x) + h
+        return kernels.cut((self.conv_shortcut(x) if "conv_shortcut" in self else x) + h)  # one graph per block
 
 
 class Downsample2D(nn.Module):
@@ -117,7 +117,7 @@ class Upsample2D(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
         x = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)  # nearest x2
-        return self.conv(x)
+        return kernels.cut(self.conv(x))
 
 
 class Attention(nn.Module):
