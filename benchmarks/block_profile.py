@@ -71,6 +71,26 @@ def main():
         s1 = timeit(lambda: mx.eval(x @ w13.T), args.repeat)
         print(f"\nq, k, v: three GEMMs {t3:.3f} s, one fused {t1:.3f} s; w1, w3: two GEMMs {s2:.3f} s, one fused {s1:.3f} s")
 
+        # The same with what consumes the outputs: a fused output is split into strided views.
+        def qkv_separate():
+            q, k, v = (lin(x).reshape(1, L, 30, -1) for lin in (a.to_q, a.to_k, a.to_v))
+            return T.apply_rope(a.norm_q(q), cos, sin), T.apply_rope(a.norm_k(k), cos, sin), v
+
+        def qkv_fused():
+            qkv = (x @ wqkv.T).reshape(1, L, 3, 30, -1)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            return T.apply_rope(a.norm_q(q), cos, sin), T.apply_rope(a.norm_k(k), cos, sin), v
+
+        def ffn_fused():
+            h13 = x @ w13.T
+            return kernels.silu_mul(h13[..., :10240], h13[..., 10240:])
+
+        u3, u1 = (timeit(lambda f=f: mx.eval(f()), args.repeat) for f in (qkv_separate, qkv_fused))
+        v2 = timeit(lambda: mx.eval(kernels.silu_mul(ff.w1(x), ff.w3(x))), args.repeat)
+        v1 = timeit(lambda: mx.eval(ffn_fused()), args.repeat)
+        print(f"with their consumers (norms + RoPE; silu * mul): q, k, v separate {u3:.3f} s, fused {u1:.3f} s; "
+              f"w1, w3 separate {v2:.3f} s, fused {v1:.3f} s")
+
     print("\n| peak memory above inputs and weights | GiB |\n|---|---|")
     for name, fn in (("block", parts["block"]), ("attention (projections to output)", lambda: a(x, (cos, sin), None)),
                      ("feed-forward", lambda: ff(x))):
