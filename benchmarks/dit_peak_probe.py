@@ -13,20 +13,18 @@ import argparse
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from phase_peaks import GB, free, materialise
+from phase_peaks import GB, free, materialise, measure
 
 from zimage_mlx import kernels
 from zimage_mlx import transformer as dit
 
 
 def above(fn) -> float:
+    """GB of fn()'s peak above the memory in use before it."""
     mx.synchronize()
     free()
     base = mx.get_active_memory()
-    mx.reset_peak_memory()
-    mx.eval(fn())
-    mx.synchronize()
-    return (mx.get_peak_memory() - base) / GB
+    return (measure(fn)[0] - base) / GB
 
 
 def main():

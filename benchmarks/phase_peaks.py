@@ -48,13 +48,17 @@ def free():
     mx.clear_cache()
 
 
-def measure(fn) -> tuple[float, float]:
-    """(peak bytes, seconds) of fn() evaluated, peak counted from the memory in use before it."""
+def measure(fn, out: list | None = None) -> tuple[float, float]:
+    """(peak bytes, seconds) of fn() evaluated (appended to `out` if given); the peak includes what was
+    in use before."""
     mx.synchronize()
     mx.reset_peak_memory()
     t = time.perf_counter()
-    mx.eval(fn())
+    result = fn()
+    mx.eval(result)
     mx.synchronize()
+    if out is not None:
+        out.append(result)
     return mx.get_peak_memory(), time.perf_counter() - t
 
 
@@ -71,10 +75,10 @@ def text_phase(precision: str, n_tokens: int, n_layers: int | None):
         nn.quantize(model, class_predicate=te.quant_predicate(bits))
     weights = materialise(model)
     ids = mx.array(np.random.default_rng(0).integers(0, 151000, (1, n_tokens)), dtype=mx.int32)
-    peak, secs = measure(lambda: model(ids))
-    feats = model(ids)[0]
-    mx.eval(feats)
-    del model
+    out = []
+    peak, secs = measure(lambda: model(ids), out)
+    feats = out[0][0]
+    del model, out
     free()
     return weights, peak, secs, feats
 

@@ -284,8 +284,8 @@ def test_bfloat16_stays_bfloat16_through_every_block(reference_transformer_bf16,
 
 
 def test_each_block_is_evaluated_before_the_next_is_built(mlx_dit, monkeypatch):
-    """kernels.cut after every noise-refiner and main block (a step's graph then holds one block's
-    activations: benchmarks/dit_peak_probe.py), and the cut block is evaluated by then."""
+    """kernels.cut (an mx.eval) after every noise-refiner and main block: a step's graph then holds one
+    block's activations (benchmarks/dit_peak_probe.py)."""
     from zimage_mlx import kernels
 
     calls = []

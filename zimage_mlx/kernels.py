@@ -147,11 +147,12 @@ def _streams() -> list:
 def cut(x: mx.array) -> mx.array:
     """Evaluate x now and return it: a boundary in the lazy graph between the blocks of a deep model.
 
-    MLX allocates an op's output when it encodes the op, and frees what the op consumed only once the GPU
-    has run it; a graph encoded far ahead of the GPU holds all of its intermediates. Measured on an H200
-    (benchmarks/dit_peak_probe.py, full-size DiT, bfloat16, 1024x1024): a step evaluated as one graph
-    peaked 11.6 GB above its weights, with `mx.async_eval` after every block (which lets Python encode
-    ahead) 16.7 GB, with `mx.eval` after every block 0.94 GB, one block's worth. So this waits.
+    Measured on an H200 with MLX's CUDA backend (benchmarks/dit_peak_probe.py, full-size DiT, bfloat16,
+    1024x1024): a step evaluated as one graph peaked 11.6 GB above its weights, with `mx.async_eval` after
+    every block (which lets Python encode ahead) 16.7 GB, with `mx.eval` after every block 0.97 GB, one
+    block's worth. So this waits. Our reading: MLX allocates an op's output when it encodes the op and
+    frees what the op consumed once the GPU has run it, so a graph encoded far ahead of the GPU holds its
+    intermediates.
     Inside `mx.compile` or another transformation nothing can be evaluated: x is returned as is and the
     compiled graph stays whole. `CUT_GRAPHS = False` turns the cuts off."""
     if not CUT_GRAPHS:
