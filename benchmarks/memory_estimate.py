@@ -3,11 +3,12 @@
 Builds ZImageTransformer (the release config: 6.15B parameters), the text encoder as we run it (Qwen3-4B
 without its unused last layer) and the VAE at full size *lazily*: no weight is ever materialised, the
 bytes come from the shapes and dtypes after the same quantization policy the converter uses. Given
-activation peaks (GiB above the weights), it also prints the peak of a generation, which holds because
-each model is evaluated block by block (kernels.cut); phase_peaks.py measures the phases themselves: resident weights plus the activation peak of each phase, where a
-single-shot CLI run holds only the text encoder while encoding, only the DiT while denoising and only the
-VAE while decoding (weights load lazily; each is freed before the next phase), and an app holding a
-pipeline keeps all three.
+activation peaks (GiB above the weights), it also prints the peak of a generation: resident weights plus
+the activation peak of each phase, where a single-shot CLI run holds only the text encoder while encoding,
+only the DiT while denoising and only the VAE while decoding (weights load lazily; each is freed before
+the next phase), and an app holding a pipeline keeps all three. Adding one phase's activations to the
+weights holds because each model is evaluated block by block (kernels.cut); phase_peaks.py measures the
+phases themselves.
 
     python benchmarks/memory_estimate.py [--te-act GIB --dit-act GIB --vae-act GIB]
 """

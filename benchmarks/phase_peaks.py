@@ -28,12 +28,12 @@ from memory_estimate import QWEN3_4B
 from mlx.utils import tree_flatten
 
 from zimage_mlx import kernels
+from zimage_mlx.pipeline import LOW_MEMORY_TILE  # the low-memory VAE tile (latent pixels)
 from zimage_mlx import text_encoder as te
 from zimage_mlx import transformer as dit
 from zimage_mlx.vae import VAE, VAEArgs, auto_tile_size
 
 GB = 1e9
-LOW_MEMORY_TILE = 64  # the pipeline's low-memory VAE tile (latent pixels)
 
 
 def materialise(model: nn.Module) -> int:
