@@ -83,6 +83,7 @@ class ZImagePipeline:
         self._lora_originals: dict = {}  # what unload_loras() puts back
         self._latent_rgb = None  # the fast preview's map, fitted on first use
         self._owner = threading.get_ident()
+        self.parallel = None  # a distributed.Parallel when loaded with a group of several ranks
 
     def _check_thread(self) -> None:
         if threading.get_ident() != self._owner:
@@ -92,7 +93,8 @@ class ZImagePipeline:
 
     @classmethod
     def from_pretrained(cls, model=DEFAULT_MODEL, dtype: str = "auto", quantize: int | None = None,
-                        low_memory: bool = False) -> "ZImagePipeline":
+                        low_memory: bool = False, *, group=None, parallel: str = "auto",
+                        timeout: float | None = None) -> "ZImagePipeline":
         """Load a checkpoint folder (diffusers layout, or one written by `zimage-mlx convert`) or a Hub id.
 
         dtype: "auto" (bfloat16 on an Apple GPU, float32 on CPU), "bfloat16", "float16" or "float32".
@@ -100,16 +102,29 @@ class ZImagePipeline:
         encoder to at least 8 (the VAE never is). A folder converted quantized loads as stored without it.
         low_memory: load the text encoder only while encoding and free it before denoising, and decode
         the VAE in tiles; a little slower, a much lower peak.
+        group: an `mx.distributed` group of several ranks (`zimage_mlx.distributed.init()` under mlx.launch) to
+        run as one job: every rank loads with the same arguments and makes the same calls. parallel: "data",
+        "tensor" (each rank loads its shard of the DiT and text encoder), "cfg" or "auto"; timeout: seconds
+        without progress before a rank gives up on the others. See `zimage_mlx.distributed`.
         """
         root = resolve_model(model)
         dtype = default_dtype() if dtype == "auto" else dtype
+        par = None
+        if group is not None and group.size() > 1:
+            from . import distributed
+
+            par = distributed.start(group, parallel, root, dtype=dtype, quantize=quantize, timeout=timeout)
         if mx.default_device() == mx.cpu:
             kernels.keep_freed_memory()  # MLX's CPU backend has no buffer cache (see kernels.py)
-        transformer = ZImageTransformer.from_pretrained(root / "transformer", dtype=dtype, quantize=quantize)
+        if par is not None:
+            transformer = par.load_transformer(root / "transformer", dtype, quantize)
+        else:
+            transformer = ZImageTransformer.from_pretrained(root / "transformer", dtype=dtype, quantize=quantize)
         vae = VAE.from_pretrained(root / "vae")
         scheduler = FlowMatchScheduler.from_pretrained(root / "scheduler")
         pipe = cls(transformer, None, vae, scheduler, root=root, dtype=dtype, low_memory=low_memory,
                    quantize=quantize)
+        pipe.parallel = par
         if not low_memory:
             pipe.text_encoder = pipe._load_text_encoder()
         return pipe
@@ -118,7 +133,8 @@ class ZImagePipeline:
         # Qwen3 overflows float16; the text encoder runs once per prompt, so it gets bfloat16 instead.
         dtype = "bfloat16" if self.dtype == "float16" else self.dtype
         return TextEncoder.from_pretrained(self.root, dtype=dtype, cap_feat_dim=self._cap_feat_dim,
-                                           quantize=text_encoder_bits(self.quantize))
+                                           quantize=text_encoder_bits(self.quantize),
+                                           prepare=self.parallel.prepare_text_encoder if self.parallel else None)
 
     # ------------------------------------------------------------------------------------------
     # Stages
@@ -201,7 +217,10 @@ class ZImagePipeline:
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             g = guidance_for_step(guidance, sigma, cfg_truncation) if negative_embeds is not None else 0.0
             t = mx.full((B,), model_time(sigma), dtype=mx.float32)
-            if g > 0:
+            if g > 0 and self.parallel is not None and self.parallel.mode == "cfg":
+                both = self.parallel.guided(dit, x, t, prompt_embeds, negative_embeds)  # a branch per rank
+                pred = apply_cfg(both[:B], both[B:], g, cfg_normalization)
+            elif g > 0:
                 both = dit(mx.concatenate([x, x]), mx.concatenate([t, t]),
                                         list(prompt_embeds) + list(negative_embeds))
                 pred = apply_cfg(both[:B], both[B:], g, cfg_normalization)
@@ -265,6 +284,8 @@ class ZImagePipeline:
         percent more work per step.
         """
         dit = self._dit()
+        if self.parallel is not None and self.parallel.mode == "tensor":
+            raise NotImplementedError("LoRAs are not supported with tensor parallelism yet: use --parallel data or cfg")
         lora = lora if isinstance(lora, Lora) else read_lora(lora)
         apply_lora(dit, lora, scale, self._lora_originals, fuse=fuse)
         self.loras.append((lora.name, float(scale)))
@@ -322,6 +343,10 @@ class ZImagePipeline:
         prompt cache, LoRAs, freed models) behaves as if the cancelled run never happened.
         """
         self._check_thread()
+        if self.parallel is not None and self.parallel.active:  # a job over several ranks
+            args = dict(locals())
+            del args["self"]
+            return self.parallel.generate(self, args)
         prompts = _check_prompts(prompt, "prompt")
         init = None
         if image is not None or mask is not None or strength is not None or image_latents is not None:

@@ -141,13 +141,15 @@ class TextEncoder:
 
     @classmethod
     def from_pretrained(cls, root, dtype="float32", cap_feat_dim: int | None = None, quantize: int | None = None,
-                        group_size: int = DEFAULT_GROUP_SIZE) -> "TextEncoder":
+                        group_size: int = DEFAULT_GROUP_SIZE, prepare=None) -> "TextEncoder":
         """Load text_encoder/ and tokenizer/ from a Z-Image checkpoint folder.
 
         dtype is the compute dtype ("float32" or "bfloat16"); weights are cast to it. cap_feat_dim is the
         DiT's caption width: a text encoder of another hidden size is refused before any weight is read.
         quantize: bits to quantize a float text encoder to with this model's policy (`quant_predicate`); one
         stored quantized (by `zimage-mlx convert`) loads as stored and refuses other bits.
+        prepare: called with the loaded (and quantized) Qwen3Encoder before its weights are read (tensor
+        parallelism shards it there, so that only the slices are kept).
         """
         root = Path(root)
         dtype = to_dtype(dtype)
@@ -180,6 +182,8 @@ class TextEncoder:
         del weights
         if quantize is not None and stored is None:
             nn.quantize(model, class_predicate=quant_predicate(quantize, group_size))
+        if prepare is not None:
+            prepare(model)
         # Read and cast the kept weights now, one at a time so that at most one file array is alive next to
         # the cast ones (evaluated together, all of them were); the dropped ones are never read.
         for _, p in tree_flatten(model.parameters()):
