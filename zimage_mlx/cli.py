@@ -60,10 +60,11 @@ def expected_errors():
     """Turn what a user can fix (a bad checkpoint folder, a bad value, an unreadable or unwritable file,
     a size too big for the machine) into a one-line error; anything else keeps its traceback."""
     from .weights import CheckpointError
+    from .distributed import DistributedError
 
     try:
         yield
-    except (CheckpointError, ValueError, NotImplementedError) as e:
+    except (CheckpointError, ValueError, NotImplementedError, DistributedError) as e:
         raise UserError(str(e) or type(e).__name__) from None
     except OSError as e:
         raise UserError(describe_os_error(e)) from None
@@ -134,10 +135,14 @@ def main():
 @click.option("--preview", "preview_path", metavar="FILE",
               help="Rewrite FILE (.png, .jpg or .webp) after every step with a cheap preview of the image forming, "
                    "to watch it in an image viewer.")
+@click.option("--parallel", type=click.Choice(["auto", "data", "tensor", "cfg"]),
+              help="Under mlx.launch (several processes, one job): split the images over the ranks (data), shard "
+                   "the model (tensor), or run the two CFG branches on two ranks (cfg). auto: data with at least "
+                   "as many images as ranks, cfg for a CFG run on 2 ranks, else tensor.  [default: auto]")
 @click.pass_context
 def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, quantize, size, width, height, steps,
              guidance, cfg_normalization, cfg_truncation, seed, num_images, output, overwrite, dtype, low_memory,
-             metadata, from_image, quiet, lora_specs, init_image, mask, strength, preview_path):
+             metadata, from_image, quiet, lora_specs, init_image, mask, strength, preview_path, parallel):
     """Generate images from a prompt (or several: --prompt-file), one file per prompt, seed and image.
 
     \b
@@ -209,7 +214,20 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     seeds = list(seed) or [random.randint(0, MAX_SEED)]
     # One image per (prompt, seed, k), prompt-major like the pipeline; image k of a seed uses seed + k.
     jobs = [(p, (s + k) % (MAX_SEED + 1)) for p in range(len(prompts)) for s in seeds for k in range(num_images)]
-    paths = plan_outputs(output, jobs, overwrite)
+    group, mode, rank0 = None, None, True
+    if parallel is not None or distributed_launch():  # one job over the ranks mlx.launch started
+        from . import distributed
+
+        with expected_errors():
+            group = distributed.init()
+            if group.size() > 1:
+                mode = distributed.choose_mode(parallel or "auto", group.size(), len(jobs), guidance)
+            else:
+                group = None
+        rank0 = group is None or group.rank() == 0
+        quiet = quiet or not rank0  # rank 0 alone prints and writes files
+        preview_path = preview_path if rank0 else None
+    paths = plan_outputs(output, jobs, overwrite) if rank0 else [None] * len(jobs)
     preview_file = plan_preview(preview_path, paths) if preview_path is not None else None
     source, image_settings, denoising_steps = {}, {}, steps
     if init is not None:
@@ -241,7 +259,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
         root = resolve_model(model)  # a Hub download shows its own progress bars
         progress.status(f"Loading {model_name} ...")  # on a terminal only, so that a failure stays one line
         try:
-            pipe = ZImagePipeline.from_pretrained(root, dtype=dtype, quantize=quantize, low_memory=low_memory)
+            pipe = ZImagePipeline.from_pretrained(root, dtype=dtype, quantize=quantize, low_memory=low_memory,
+                                                  group=group, parallel=mode or "auto")
         finally:
             progress.status("")
     t_loaded = time.perf_counter()
@@ -253,6 +272,39 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
         for w in caught:
             say(f"Warning: {w.message}")
         say(f"Applied LoRA {lora_file.name} at scale {format_number(scale)}")
+
+    def info_for(p, s):
+        if not metadata:
+            return None
+        return png_info(dict(prompt=prompts[p], negative_prompt=negative_prompt or "", seed=s, steps=steps,
+                             guidance=guidance, cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation,
+                             width=width, height=height, model=model_name, quantization=pipe.quantize,
+                             dtype=pipe.dtype, **image_settings,
+                             loras=[(model_label(name), scale) for name, scale in loras]))
+
+    if mode == "data":
+        from .distributed import generate_files
+
+        def make(p, s, last, callback):
+            if last:  # this rank's final image: free the text encoder before its denoising
+                pipe.encode_prompt([prompts[p]] + ([negative_prompt or ""] if guidance > 0 else []))
+                pipe.release_text_encoder()
+            return pipe.generate(prompts[p], negative_prompt=negative_prompt, width=width, height=height, steps=steps,
+                                 guidance=guidance, cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation,
+                                 seed=s, num_images=1, callback=callback, release_transformer=last, **source)[0]
+
+        with expected_errors():
+            steps_done, step_seconds = generate_files(
+                pipe, jobs, make,
+                lambda i, image: save_png(image, paths[i], info_for(*jobs[i]), overwrite), Progress(enabled=not quiet),
+                lambda i, rank, seconds: click.echo(str(paths[i]) if quiet else (
+                    f"Saved {paths[i]} (seed {jobs[i][1]}, rank {rank}"
+                    + (f", {denoising_steps} steps at {seconds / max(denoising_steps, 1):.2f} s/step)" if seconds else ")"))))
+            steps_done *= denoising_steps
+        say(f"Done: {len(jobs)} images on {group.size()} ranks in {time.perf_counter() - t_start:.1f} s "
+            f"({step_seconds / max(steps_done, 1):.2f} s/step on rank 0, load {t_loaded - t_start:.1f} s), "
+            f"peak memory {mx.get_peak_memory() / 1e9:.2f} GB on rank 0")
+        return
 
     # 3. Prompts are encoded a few at a time (one text-encoder load each in --low-memory mode); the
     # pipeline's prompt cache then serves `generate`, so step times measure denoising only. Once the last
@@ -279,17 +331,13 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
                                   on_step=preview_writer(pipe, preview_file) if preview_file else None)[0]
             progress.finish()
             show_warnings(caught, shown, quiet)
-            info = None
-            if metadata:
-                info = png_info(dict(prompt=prompts[p], negative_prompt=negative_prompt or "", seed=s, steps=steps,
-                                     guidance=guidance, cfg_normalization=cfg_normalization,
-                                     cfg_truncation=cfg_truncation, width=width, height=height, model=model_name,
-                                     quantization=pipe.quantize, dtype=pipe.dtype, **image_settings,
-                                     loras=[(model_label(name), scale) for name, scale in loras]))
-            save_png(image, paths[i], info, overwrite)
+            if rank0:
+                save_png(image, paths[i], info_for(p, s), overwrite)
             steps_done += denoising_steps
             step_seconds += progress.step_seconds
-            if quiet:
+            if not rank0:
+                pass
+            elif quiet:
                 click.echo(str(paths[i]))
             else:
                 click.echo(f"Saved {paths[i]} (seed {s}, {denoising_steps} steps at "
@@ -605,8 +653,17 @@ def save_png(image, path: Path, info, overwrite: bool) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def distributed_launch() -> bool:
+    """Whether mlx.launch (or mpirun) started this process as one rank of a job."""
+    from .distributed import launched
+
+    return launched()
+
+
 def describe_pipeline(pipe) -> str:
     parts = [pipe.dtype]
+    if getattr(pipe, "parallel", None) is not None:
+        parts.append(f"{pipe.parallel.mode}-parallel over {pipe.parallel.size} ranks")
     if pipe.quantize:
         parts.append(f"{pipe.quantize}-bit")
     if pipe.low_memory:

@@ -46,7 +46,6 @@ import os
 import random
 import struct
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,7 +60,6 @@ TIMEOUT_ENV = "ZIMAGE_MLX_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0
 # Variables that the launchers set in every rank (mlx.launch ring/JACCL: MLX_RANK; MPI: the others).
 LAUNCH_ENV = ("MLX_RANK", "MLX_HOSTFILE", "MLX_JACCL_COORDINATOR", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
-WATCHDOG_EXIT = 75  # EX_TEMPFAIL: the job ended because another rank stopped
 
 
 class DistributedError(RuntimeError):
@@ -138,49 +136,83 @@ def choose_mode(mode: str, size: int, n_images: int, guidance: float) -> str:
 # Watchdog
 
 
+# The watchdog's other process: MLX's collectives (and its backends' connection at init) hold Python's GIL
+# while they wait, so no thread of the rank can act; a small process of its own can. It reads lines from
+# its stdin: a label arms it (or beats), "-" disarms it; end of input (the rank exited) ends it.
+_WATCHER = r"""
+import os, select, signal, sys, time
+pid, timeout, rank, env = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
+deadline, what, buf = None, "", b""
+while True:
+    wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+    ready, _, _ = select.select([0], [], [], wait)
+    if ready:
+        data = os.read(0, 65536)
+        if not data:
+            sys.exit(0)
+        *lines, buf = (buf + data).split(b"\n")
+        for line in lines:
+            if line == b"-":
+                deadline = None
+            else:
+                what, deadline = line.decode(errors="replace"), time.monotonic() + timeout
+    elif deadline is not None:
+        sys.stderr.write(f"zimage-mlx: rank {rank}: no progress for {timeout:g} s while {what}: another rank "
+                         f"stopped or cannot be reached; ending the job (set {env} to wait longer)\n")
+        sys.stderr.flush()
+        os.kill(pid, signal.SIGTERM)
+        time.sleep(5)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        sys.exit(0)
+"""
+
+
 class Watchdog:
-    """Ends the process with one line on stderr when, while armed, no `beat()` came for `timeout` seconds.
+    """Ends the process (SIGTERM, then SIGKILL) with one line on stderr when, while armed, no `beat()` came
+    for `timeout` seconds.
 
     MLX's collectives have no timeout of their own: a peer that stops answering without closing its
-    connection (a frozen host, a pulled cable, a peer that never started) blocks them forever."""
+    connection (a frozen host, a pulled cable, a peer that never started) blocks them forever, with the
+    GIL held. The deadline is therefore kept by a small watcher process that the rank feeds through a pipe."""
 
     def __init__(self, timeout: float, rank="?"):
         self.timeout = float(timeout)
         self.rank = rank
-        self._deadline = None
         self._depth = 0
         self._what = ""
-        self._thread = None
+        self._proc = None
+
+    def _send(self, line: str) -> None:
+        if self._proc is None:
+            import subprocess
+
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", _WATCHER, str(os.getpid()), repr(self.timeout), str(self.rank), TIMEOUT_ENV],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        try:
+            self._proc.stdin.write((line.replace("\n", " ") + "\n").encode())
+            self._proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the watcher is gone: nothing to guard with
 
     @contextmanager
     def armed(self, what: str):
         if self._depth == 0:
             self._what = what
             self.beat()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._watch, name="zimage-mlx watchdog", daemon=True)
-                self._thread.start()
         self._depth += 1
         try:
             yield self
         finally:
             self._depth -= 1
             if self._depth == 0:
-                self._deadline = None
+                self._send("-")
 
     def beat(self) -> None:
-        self._deadline = time.monotonic() + self.timeout
-
-    def _watch(self) -> None:
-        while True:
-            time.sleep(min(1.0, self.timeout / 4))
-            deadline = self._deadline
-            if deadline is not None and time.monotonic() > deadline:
-                message = (f"zimage-mlx: rank {self.rank}: no progress for {self.timeout:g} s while {self._what}: "
-                           f"another rank stopped or cannot be reached; ending the job (set {TIMEOUT_ENV} "
-                           f"to wait longer)\n")
-                os.write(2, message.encode())
-                os._exit(WATCHDOG_EXIT)
+        self._send(self._what)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,3 +580,39 @@ def start(group, mode: str, root: Path, *, dtype: str, quantize: int | None, tim
         check_degree(TransformerArgs.from_dict(read_config(Path(root) / "transformer")).n_heads, group.size())
     par.check_start(root, {"parallel": mode, "dtype": dtype, "quantize": quantize})
     return par
+
+
+def generate_files(pipe, jobs: list, make, save, progress, report) -> tuple[int, float]:
+    """The CLI's data-parallel loop: job j of `jobs` ((prompt index, seed) pairs) runs on rank j % size, in rounds
+    of one image per rank; after each round the images are gathered and rank 0 calls `save(j, image)` and
+    `report(j, rank, step_seconds or None)` in job order. `make(prompt_index, seed, last, callback)` makes one
+    image alone (`last`: this rank's final one); `progress` is the CLI's bar. Returns this rank's image count
+    and its seconds in denoising steps."""
+    par = pipe.parallel
+    n = len(jobs)
+    last = max(range(par.rank, n, par.size), default=None)
+    own, seconds = 0, 0.0
+    with par.collective("generating"):
+        for first in range(0, n, par.size):
+            j = first + par.rank
+            image, took = None, None
+            if j < n:
+                p, s = jobs[j]
+                progress.start(f"image {j + 1}/{n} seed {s}")
+
+                def callback(step, total, latents):
+                    par.watchdog.beat()
+                    progress(step, total, latents)
+
+                with par.serial():
+                    image = make(p, s, j == last, callback)
+                progress.finish()
+                own, took = own + 1, progress.step_seconds
+                seconds += took
+            images = par.gather_images(image)
+            if par.rank == 0:
+                for k, im in enumerate(images):
+                    if first + k < n:
+                        save(first + k, im)
+                        report(first + k, k, took if k == 0 else None)
+    return own, seconds

@@ -1,0 +1,94 @@
+"""One rank of the distributed tests (tests/test_distributed.py runs it under `mlx.launch`).
+
+    distributed_worker.py JOB OUT [CHECKPOINT ...]
+
+JOB "pair" (2 ranks): tensor parallelism on CHECKPOINT (DiT output on OUT/inputs.npz, a batch of images),
+the API's auto mode (data: 2 prompts x 2 images; cfg: one CFG image) and the CLI in data mode (3 images).
+JOB "three" (3 ranks): tensor parallelism on CHECKPOINT. JOB "mismatch": the start check with another
+CHECKPOINT on rank 1 (two given). JOB "die": rank 1 exits in the middle of a gather.
+Rank 0 writes OUT/<job>.npz; every rank ends with os._exit so that a test never waits on interpreter teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def dit_output(pipe, inputs: Path) -> np.ndarray:
+    import mlx.core as mx
+
+    d = np.load(inputs)
+    caps = [mx.array(d["cap0"]), mx.array(d["cap1"])]
+    out = pipe.transformer(mx.array(d["x"]), mx.array(d["t"]), caps)
+    return np.array(out.astype(mx.float32))
+
+
+def tensor_job(group, out: Path, checkpoint: str, results: dict) -> None:
+    from zimage_mlx.pipeline import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(checkpoint, dtype="float32", group=group, parallel="tensor")
+    results["dit"] = dit_output(pipe, out / "inputs.npz")
+    results["te_sharded"] = np.array(pipe.parallel.text_encoder_sharded)
+    images = pipe.generate(["a red fox", "a cat on a roof"], width=64, height=64, steps=2, seed=5)
+    for k, im in enumerate(images):
+        results[f"tensor_{k}"] = np.asarray(im)
+
+
+def main() -> None:
+    job, out = sys.argv[1], Path(sys.argv[2])
+    from zimage_mlx import distributed
+
+    group = distributed.init()
+    results = {}
+    if job == "pair":
+        tensor_job(group, out, sys.argv[3], results)
+        from zimage_mlx.pipeline import ZImagePipeline
+
+        pipe = ZImagePipeline.from_pretrained(sys.argv[3], dtype="float32", group=group, parallel="auto")
+        images = pipe.generate(["a red fox", "a cat on a roof"], width=64, height=64, steps=2, seed=11, num_images=2)
+        for k, im in enumerate(images):
+            results[f"data_{k}"] = np.asarray(im)
+            results[f"data_seed_{k}"] = np.array(im.info["seed"])
+        image = pipe.generate("a red fox", negative_prompt="blurry", guidance=3.0, width=64, height=64, steps=2,
+                              seed=5)[0]
+        results["cfg"] = np.asarray(image)
+        from zimage_mlx.cli import main as cli
+
+        cli(["generate", "--prompt-file", str(out / "prompts.txt"), "--seed", "3", "--size", "64", "--steps", "2",
+             "-m", sys.argv[3], "-o", str(out / "cli" / "{index}.png"), "--parallel", "data", "--quiet"],
+            standalone_mode=False)
+    elif job == "three":
+        tensor_job(group, out, sys.argv[3], results)
+    elif job == "mismatch":  # rank 1 gets another folder
+        try:
+            distributed.start(group, "data", sys.argv[3 + group.rank()], dtype="float32", quantize=None, timeout=60)
+        except distributed.DistributedError as e:
+            print(f"DistributedError: {e}", flush=True)
+            os._exit(4)
+    elif job == "die":
+        import mlx.core as mx
+
+        par = distributed.Parallel(group, "data", timeout=60)
+        if group.rank() == 1:
+            time.sleep(0.5)
+            os._exit(3)
+        try:
+            par.gather_images(None)
+        except distributed.DistributedError as e:
+            print(f"DistributedError: {e}", flush=True)
+            os._exit(4)
+        mx.eval(mx.zeros(1))
+    if group.rank() == 0:
+        np.savez(out / f"{job}.npz", **results)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Distributed generation: 2 and 3 CPU processes on loopback under `mlx.launch --backend ring`, against the
+same work done by one process (which test_pipeline checks against diffusers).
+
+The launches start when the module's first test runs and work while the single-process expectations are
+computed here; each is bounded by LAUNCH_TIMEOUT. tests/distributed_worker.py is the rank's side.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from zimage_mlx import ZImagePipeline, distributed
+
+WORKER = Path(__file__).parent / "distributed_worker.py"
+ROOT = Path(__file__).parent.parent
+LAUNCH_TIMEOUT = 150  # s, for one launch (process start, imports and model loads dominate on a busy CPU)
+LAUNCHER = shutil.which("mlx.launch")
+
+pytestmark = pytest.mark.skipif(
+    LAUNCHER is None or not mx.distributed.is_available(),
+    reason="mlx.launch or MLX's distributed backends are not available in this environment")
+
+PROMPTS = ["a red fox", "a cat on a roof"]
+CLI_PROMPTS = ["a lighthouse", "a red fox", "a bowl of soup"]  # 3 images on 2 ranks: the last round is half full
+
+
+def launch(n: int, job: str, out: Path, *args, port: int) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [LAUNCHER, "--backend", "ring", "-n", str(n), "--hosts", "127.0.0.1", "--starting-port", str(port),
+           "--env", f"PYTHONPATH={ROOT}", "--", sys.executable, str(WORKER), job, str(out), *map(str, args)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the launch ran past {timeout} s:\n{out[-2000:]}\n{err[-2000:]}")
+    return proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def six_heads(reference_checkpoint, tmp_path_factory) -> Path:
+    """The reference checkpoint with a 6-head DiT (dim 192): 2 ranks can split it (the reference's 3 heads not)."""
+    import reference
+
+    root = tmp_path_factory.mktemp("six_heads") / "ckpt"
+    shutil.copytree(reference_checkpoint, root, ignore=shutil.ignore_patterns("transformer"))
+    reference.build_transformer(root / "transformer", config=dict(reference.TRANSFORMER_CONFIG, dim=192, n_heads=6,
+                                                                  n_kv_heads=6))
+    return root
+
+
+@pytest.fixture(scope="module")
+def inputs() -> dict:
+    rng = np.random.default_rng(0)
+    return dict(x=rng.standard_normal((2, 8, 8, 16)).astype(np.float32), t=np.array([0.3, 0.7], np.float32),
+                cap0=rng.standard_normal((5, 48)).astype(np.float32), cap1=rng.standard_normal((9, 48)).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def launches(six_heads, reference_checkpoint, inputs, tmp_path_factory):
+    """Start the 2-rank and 3-rank jobs at once; the fixture's value waits for one and returns its results."""
+    port = random.randrange(20000, 60000, 100)
+    procs = {}
+    for name, n, ckpt in (("pair", 2, six_heads), ("three", 3, reference_checkpoint)):
+        out = tmp_path_factory.mktemp(name)
+        np.savez(out / "inputs.npz", **inputs)
+        (out / "prompts.txt").write_text("\n".join(CLI_PROMPTS) + "\n")
+        procs[name] = (launch(n, name, out, ckpt, port=port + 10 * n), out)
+    done = {}
+
+    def wait(name):
+        if name not in done:
+            proc, out = procs[name]
+            rc, stdout, stderr = finish(proc)
+            assert rc == 0, f"{name} launch failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+            done[name] = (dict(np.load(out / f"{name}.npz")), out, stdout)
+        return done[name]
+
+    yield wait
+    for proc, _ in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def single_dit(pipe, inputs) -> np.ndarray:
+    out = pipe.transformer(mx.array(inputs["x"]), mx.array(inputs["t"]), [mx.array(inputs["cap0"]), mx.array(inputs["cap1"])])
+    return np.array(out.astype(mx.float32))
+
+
+def check_tensor(results, pipe, inputs):
+    ref = single_dit(pipe, inputs)
+    got = results["dit"]
+    # The ranks sum partial products in another order than one process: float32 rounding only.
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
+    images = pipe.generate(PROMPTS, width=64, height=64, steps=2, seed=5)
+    for k, im in enumerate(images):
+        a, b = results[f"tensor_{k}"].astype(int), np.asarray(im).astype(int)
+        assert a.shape == b.shape == (64, 64, 3)
+        assert np.abs(a - b).max() <= 1  # rounding can move a pixel across a uint8 boundary
+        assert b.std() > 10  # not a flat image
+
+
+def test_two_rank_tensor_parallel_equals_one_process(launches, six_heads, inputs):
+    pipe = ZImagePipeline.from_pretrained(six_heads, dtype="float32")
+    results, _, _ = launches("pair")
+    assert results["te_sharded"]  # 4 heads and 2 KV heads split over 2 ranks
+    check_tensor(results, pipe, inputs)
+
+
+def test_three_rank_tensor_parallel_on_three_heads(launches, reference_checkpoint, inputs):
+    pipe = ZImagePipeline.from_pretrained(reference_checkpoint, dtype="float32")
+    results, _, _ = launches("three")
+    assert not results["te_sharded"]  # 2 KV heads do not split over 3 ranks: replicated
+    check_tensor(results, pipe, inputs)
+
+
+def test_data_and_cfg_parallel_equal_one_process(launches, six_heads):
+    pipe = ZImagePipeline.from_pretrained(six_heads, dtype="float32")
+    results, _, _ = launches("pair")
+    # data: image j of the call is prompt j // 2 with seed 11 + j, made alone on one rank: bit-identical.
+    for j in range(4):
+        alone = pipe.generate(PROMPTS[j // 2], width=64, height=64, steps=2, seed=11 + j)[0]
+        assert int(results[f"data_seed_{j}"]) == 11 + j
+        np.testing.assert_array_equal(results[f"data_{j}"], np.asarray(alone))
+    # cfg: the branches on two ranks vs one process's batch of both (another batch shape: rounding only).
+    one = np.asarray(pipe.generate("a red fox", negative_prompt="blurry", guidance=3.0, width=64, height=64, steps=2,
+                                   seed=5)[0]).astype(int)
+    assert np.abs(results["cfg"].astype(int) - one).max() <= 1
+    assert one.std() > 10
+
+
+def test_cli_data_parallel_files_equal_a_serial_run(launches, six_heads, tmp_path):
+    from zimage_mlx import cli
+
+    _, out, stdout = launches("pair")
+    serial = tmp_path / "serial"
+    r = CliRunner().invoke(cli.main, ["generate", "--prompt-file", str(out / "prompts.txt"), "--seed", "3", "--size",
+                                      "64", "--steps", "2", "-m", str(six_heads), "-o", str(serial / "{index}.png"),
+                                      "--quiet"])
+    assert r.exit_code == 0, r.output
+    names = sorted(p.name for p in serial.iterdir())
+    assert names == ["0.png", "1.png", "2.png"]
+    assert sorted(p.name for p in (out / "cli").iterdir()) == names
+    for name in names:
+        assert (out / "cli" / name).read_bytes() == (serial / name).read_bytes()
+    # rank 0 alone prints: each path once
+    printed = [line for line in stdout.splitlines() if line.endswith(".png")]
+    assert sorted(Path(p).name for p in printed) == names
+
+
+def test_degrees_that_do_not_divide_the_heads_are_refused():
+    assert distributed.working_degrees(30) == [1, 2, 3, 5, 6, 10, 15, 30]
+    with pytest.raises(ValueError, match=r"4 ranks .* 30 attention heads .*use 1, 2, 3, 5, 6, 10, 15 or 30 ranks"):
+        distributed.check_degree(30, 4)
+    with pytest.raises(ValueError, match="8 ranks"):
+        distributed.check_degree(30, 8)
+    for d in (1, 2, 3, 5, 6):
+        distributed.check_degree(30, d)
+
+
+def test_auto_mode():
+    assert distributed.choose_mode("auto", 2, n_images=4, guidance=0) == "data"
+    assert distributed.choose_mode("auto", 2, n_images=1, guidance=4) == "cfg"
+    assert distributed.choose_mode("auto", 4, n_images=1, guidance=4) == "tensor"
+    assert distributed.choose_mode("auto", 2, n_images=1, guidance=0) == "tensor"
+    assert distributed.choose_mode("tensor", 2, n_images=8, guidance=0) == "tensor"
+    with pytest.raises(ValueError, match="parallel must be one of"):
+        distributed.choose_mode("pipeline", 2, 1, 0)
+
+
+class _FakeGroup:
+    def __init__(self, rank, size):
+        self._rank, self._size = rank, size
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self._size
+
+
+def test_sharded_dit_slices_add_up(reference_checkpoint):
+    """Without a launch: the ranks' slices of every block cover the full weights exactly once."""
+    from zimage_mlx.transformer import ZImageTransformer
+
+    full = ZImageTransformer.from_pretrained(reference_checkpoint / "transformer")
+    shards = []
+    for rank in range(3):
+        m = ZImageTransformer.from_pretrained(reference_checkpoint / "transformer")
+        distributed.shard_transformer(m, _FakeGroup(rank, 3))
+        shards.append(m)
+    layer = lambda m: m.layers[1]  # noqa: E731
+    for name in ("to_q", "to_k", "to_v"):
+        joined = mx.concatenate([layer(m).attention[name].weight for m in shards], axis=0)
+        np.testing.assert_array_equal(np.array(joined), np.array(layer(full).attention[name].weight))
+    out = mx.concatenate([layer(m).attention.to_out[0].linear.weight for m in shards], axis=1)
+    np.testing.assert_array_equal(np.array(out), np.array(layer(full).attention.to_out[0].weight))
+    w2 = mx.concatenate([layer(m).feed_forward.w2.linear.weight for m in shards], axis=1)
+    np.testing.assert_array_equal(np.array(w2), np.array(layer(full).feed_forward.w2.weight))
+    assert [layer(m).attention.n_heads for m in shards] == [1, 1, 1]
+    with pytest.raises(ValueError, match="use 1 or 3 ranks"):
+        distributed.shard_transformer(ZImageTransformer.from_pretrained(reference_checkpoint / "transformer"),
+                                      _FakeGroup(0, 2))
+
+
+def test_different_model_folders_are_told_apart(checkpoint_copy, reference_checkpoint):
+    assert distributed.fingerprint(checkpoint_copy) == distributed.fingerprint(reference_checkpoint)
+    config = checkpoint_copy / "transformer" / "config.json"
+    config.write_text(config.read_text().replace('"n_layers": 2', '"n_layers": 1'))
+    assert distributed.fingerprint(checkpoint_copy) != distributed.fingerprint(reference_checkpoint)
+
+
+def test_ranks_with_different_model_folders_refuse_to_start(checkpoint_copy, reference_checkpoint, tmp_path):
+    config = checkpoint_copy / "transformer" / "config.json"
+    config.write_text(config.read_text().replace('"n_layers": 2', '"n_layers": 1'))
+    rc, out, err = finish(launch(2, "mismatch", tmp_path, reference_checkpoint, checkpoint_copy,
+                                 port=random.randrange(20000, 60000, 100)), timeout=60)
+    # every rank refuses with the same line (mlx.launch itself exits 0 whatever its ranks did: see their codes)
+    assert out.count("DistributedError: rank 1 has another model folder (configs and weight files) than rank 0") == 2
+    assert "rank 0 exited with code 4" in err and "rank 1 exited with code 4" in err
+
+
+def test_a_rank_that_dies_ends_the_job_with_one_message(tmp_path):
+    t0 = time.monotonic()
+    rc, out, err = finish(launch(2, "die", tmp_path, port=random.randrange(20000, 60000, 100)), timeout=60)
+    assert "DistributedError: rank 0 lost its connection to another rank" in out
+    assert "rank 1 exited with code 3" in err
+    assert time.monotonic() - t0 < 60
+
+
+def test_an_unreachable_rank_ends_the_job_after_the_timeout(tmp_path):
+    """Rank 0 of a 2-rank ring whose rank 1 never starts: MLX would wait forever; the watchdog ends it."""
+    port = random.randrange(20000, 60000, 100)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(f'[["127.0.0.1:{port}"], ["127.0.0.1:{port + 1}"]]')
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MLX_HOSTFILE=str(hostfile), MLX_RANK="0",
+               **{distributed.TIMEOUT_ENV: "2"})
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", "from zimage_mlx import distributed; distributed.init()"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == -signal.SIGTERM
+    assert "rank 0: no progress for 2 s while connecting to the other ranks" in p.stderr
+    assert time.monotonic() - t0 < 40
