@@ -11,10 +11,12 @@ projection for 2 and 4 Macs.
    padded). Ring collectives: an all-reduce of S bytes sends 2(N-1)/N x S per rank, an all-gather of S per
    rank sends (N-1) x S.
 2. Loopback (measured): `mlx.launch --backend ring -n 2 --hosts 127.0.0.1` on this CPU, a reduced DiT of the
-   real head size (dim 1024 = 8 heads x 128, 2 blocks + 1 + 1 refiners, cap_feat_dim 2560) at 512x512,
+   real head size (dim 256 = 2 heads x 128, 1 block + 1 + 1 refiners, cap_feat_dim 2560) at 256x256,
    float32: the sharded forward's time with the real all-reduces and with them replaced by the identity
-   (compute alone); communication is the difference. And all-reduces of one block's payload alone.
-3. Projection (not measured): communication per step = sum over collectives of (bytes sent per rank /
+   (compute alone); communication is the difference. And all-reduces of one real 512² block's output
+   (1152 x 3840 float32, 17.7 MB) alone.
+3. Projection (not measured) for 2 Macs, for 3 and 5 (tensor parallelism cannot use 4: 30 heads) and for
+   4 (data parallelism): communication per step = sum over collectives of (bytes sent per rank /
    bandwidth + steps of the ring x latency), for Thunderbolt 5 with JACCL (about 8 GB/s and 25 us, measured
    by hotwa/mlx-jaccl-cluster between M4 Pro Mac minis, as cited in /work/shared/docs/landscape.md) and
    10 GbE (1.25 GB/s line rate and 50 us: nominal figures, assumed).
@@ -63,7 +65,8 @@ class FakeGroup:
 
 @contextmanager
 def recording(size: int):
-    """Replace the collectives by recorders: (kind, elements) for each call; shapes stay right."""
+    """Replace the collectives by recorders: (kind, elements of this rank's input) for each call; the outputs
+    have the right shapes (values do not matter: nothing is evaluated)."""
     calls = []
     sum_, gather = mx.distributed.all_sum, mx.distributed.all_gather
 
@@ -124,26 +127,28 @@ def data_calls(px: int, n: int) -> list:
 def table(n_steps: int = 8) -> list[dict]:
     rows = []
     for px in SIZES:
-        for n in (2, 4):
+        for n in (2, 3, 5):  # 4 ranks cannot split 30 heads: 4 Macs run data parallel
             t = tensor_calls(px, n)
             rows.append(dict(mode="tensor", px=px, ranks=n, collectives=len(t),
                              payload=sum(e for _, e in t) * BF16,
                              sent=sum(sent_per_rank(k, e, n, BF16) for k, e in t),
                              hops=sum(hops(k, n) for k, _ in t)))
         c = cfg_calls(px)
-        rows.append(dict(mode="cfg", px=px, ranks=2, collectives=len(c), payload=sum(e for _, e in c) * BF16 // 2,
-                         sent=sum(sent_per_rank(k, e // 2, 2, BF16) for k, e in c), hops=sum(hops(k, 2) for k, _ in c)))
+        rows.append(dict(mode="cfg", px=px, ranks=2, collectives=len(c), payload=sum(e for _, e in c) * BF16,
+                         sent=sum(sent_per_rank(k, e, 2, BF16) for k, e in c), hops=sum(hops(k, 2) for k, _ in c)))
         for n in (2, 4):
             d = data_calls(px, n)  # once per image (uint8 pixels); per step: divided by the steps
             rows.append(dict(mode=f"data (per image / {n_steps} steps)", px=px, ranks=n, collectives=len(d),
-                             payload=sum(e for _, e in d) / n / n_steps,
-                             sent=sum(sent_per_rank(k, e // n, n, 1) for k, e in d) / n_steps,
+                             payload=sum(e for _, e in d) / n_steps,
+                             sent=sum(sent_per_rank(k, e, n, 1) for k, e in d) / n_steps,
                              hops=sum(hops(k, n) for k, _ in d) / n_steps))
     return rows
 
 
 def show_table(rows):
     print("\n## Bytes per DiT step (real model dims, bfloat16, caption 128 tokens; counted from our collectives)\n")
+    print("payload: what one rank puts into the step's collectives; sent per rank: what a ring algorithm makes")
+    print("each rank send for them (all-reduce 2(N-1)/N x payload, all-gather (N-1) x payload)\n")
     print("| mode | size | ranks | collectives | payload | sent per rank |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -160,7 +165,7 @@ def show_projection(rows):
         if r["mode"].startswith("data"):
             continue
         times = [r["sent"] / bw + r["hops"] * lat for bw, lat, _ in LINKS.values()]
-        print(f"| {r['mode']} | {r['px']}² | {r['ranks']} | " + " | ".join(f"{t * 1e3:.0f} ms" for t in times) + " |")
+        print(f"| {r['mode']} | {r['px']}² | {r['ranks']} | " + " | ".join(f"{t * 1e3:.1f} ms" for t in times) + " |")
     print()
     for name, (bw, lat, src) in LINKS.items():
         print(f"- {name}: {bw / 1e9:g} GB/s, {lat * 1e6:g} us ({src})")
@@ -169,7 +174,11 @@ def show_projection(rows):
 # ----------------------------------------------------------------------------------------------
 # Loopback (one rank of `mlx.launch -n 2`)
 
-REDUCED = dict(dim=1024, n_heads=8, n_layers=2, n_refiner_layers=1)
+# Small enough for a shared 2-core CPU: the real head size (128) and caption width, 2 heads, 1 + 1 + 1 blocks.
+REDUCED = dict(dim=256, n_heads=2, n_layers=1, n_refiner_layers=1)
+LOOPBACK_PX = 256
+# One all-reduce of a real 512² block's output in float32: (1024 + 128 tokens, 3840).
+BLOCK_PAYLOAD = (1, 1024 + CAPTION_TOKENS, 3840)
 
 
 def timeit(fn, reps=3):
@@ -188,7 +197,7 @@ def loopback_rank():
     model = ZImageTransformer(TransformerArgs(**REDUCED))
     distributed.shard_transformer(model, group)
     mx.eval(model.parameters())
-    x, t = mx.random.normal((1, 64, 64, 16), key=mx.random.key(0)), mx.array([0.5])
+    x, t = mx.random.normal((1, LOOPBACK_PX // 8, LOOPBACK_PX // 8, 16), key=mx.random.key(0)), mx.array([0.5])
     cap = [mx.random.normal((CAPTION_TOKENS, 2560), key=mx.random.key(1))]
     step = lambda: mx.eval(model(x, t, cap))  # noqa: E731
     with_comm = timeit(step)
@@ -198,13 +207,37 @@ def loopback_rank():
         compute = timeit(step)
     finally:
         mx.distributed.all_sum = real
+    # Communication timed directly: each all-reduce's input is evaluated first, then the all-reduce alone
+    # (transfer, plus waiting for the other rank).
+    inside = []
+
+    def timed(a, **kw):
+        mx.eval(a)
+        t0 = time.perf_counter()
+        out = real(a, **kw)
+        mx.eval(out)
+        inside.append(time.perf_counter() - t0)
+        return out
+
+    mx.distributed.all_sum = timed
+    try:
+        timed_total = []
+        for _ in range(3):
+            inside.clear()
+            t0 = time.perf_counter()
+            step()
+            timed_total.append((time.perf_counter() - t0, sum(inside)))
+    finally:
+        mx.distributed.all_sum = real
+    timed_total.sort()
     with recording(2) as calls:
         model(x, t, cap)
-    payload = mx.random.normal((1, 32 * 32 + CAPTION_TOKENS, REDUCED["dim"]))
+    payload = mx.random.normal(BLOCK_PAYLOAD)
     mx.eval(payload)
     one = timeit(lambda: mx.eval(mx.distributed.all_sum(payload, group=group)), reps=10)
     if group.rank() == 0:
         print(json.dumps(dict(with_comm=with_comm, compute=compute, collectives=len(calls),
+                              timed_step=timed_total[1][0], timed_comm=timed_total[1][1],
                               payload_bytes=sum(e for _, e in calls) * 4, one_allreduce=one,
                               one_bytes=payload.nbytes)), flush=True)
     sys.stdout.flush()
@@ -221,14 +254,16 @@ def loopback():
         raise SystemExit(f"loopback run failed:\n{p.stdout}\n{p.stderr}")
     r = json.loads(line[0])
     print("\n## Loopback, measured on this CPU (Linux x86, 2 cores), 2 ranks, float32\n")
-    print(f"Reduced DiT {REDUCED} at 512², caption {CAPTION_TOKENS} tokens, median of 3 forwards:\n")
+    print(f"Reduced DiT {REDUCED} at {LOOPBACK_PX}², caption {CAPTION_TOKENS} tokens, median of 3 forwards:\n")
     print("| | time |")
     print("|---|---|")
     comm = r["with_comm"] - r["compute"]
     print(f"| forward with {r['collectives']} all-reduces ({r['payload_bytes'] / 1e6:.1f} MB payload) | "
           f"{r['with_comm'] * 1e3:.0f} ms |")
     print(f"| same, all-reduces replaced by the identity (compute) | {r['compute'] * 1e3:.0f} ms |")
-    print(f"| communication (difference) | {comm * 1e3:.0f} ms ({100 * comm / r['with_comm']:.0f}%) |")
+    print(f"| communication (difference of the two) | {comm * 1e3:.0f} ms ({100 * comm / r['with_comm']:.0f}%) |")
+    print(f"| forward with each all-reduce timed alone (its input evaluated first) | {r['timed_step'] * 1e3:.0f} ms, "
+          f"of which {r['timed_comm'] * 1e3:.0f} ms ({100 * r['timed_comm'] / r['timed_step']:.0f}%) in the all-reduces |")
     print(f"| one all-reduce of {r['one_bytes'] / 1e6:.1f} MB alone (median of 10) | {r['one_allreduce'] * 1e3:.1f} ms "
           f"({r['one_bytes'] / r['one_allreduce'] / 1e9:.2f} GB/s payload) |")
 
