@@ -4,7 +4,7 @@
 
 JOB "pair" (2 ranks): tensor parallelism on CHECKPOINT (DiT output on OUT/inputs.npz, a batch of images),
 the API's auto mode (data: 2 prompts x 2 images; cfg: one CFG image) and the CLI in data mode (3 images).
-JOB "three" (3 ranks): tensor parallelism on CHECKPOINT. JOB "mismatch": the start check with another
+JOB "three" (3 ranks): the tensor-parallel DiT of CHECKPOINT on OUT/inputs.npz. JOB "mismatch": the start check with another
 CHECKPOINT on rank 1 (two given). JOB "die": rank 1 exits in the middle of a gather.
 Rank 0 writes OUT/<job>.npz; every rank ends with os._exit so that a test never waits on interpreter teardown.
 """
@@ -62,8 +62,13 @@ def main() -> None:
         cli(["generate", "--prompt-file", str(out / "prompts.txt"), "--seed", "3", "--size", "64", "--steps", "2",
              "-m", sys.argv[3], "-o", str(out / "cli" / "{index}.png"), "--parallel", "data", "--quiet"],
             standalone_mode=False)
-    elif job == "three":
-        tensor_job(group, out, sys.argv[3], results)
+    elif job == "three":  # the DiT alone: no text encoder, so no transformers import in 3 more processes
+        from zimage_mlx.distributed import load_sharded_transformer
+
+        class Holder:
+            transformer = load_sharded_transformer(Path(sys.argv[3]) / "transformer", group, "float32", None)
+
+        results["dit"] = dit_output(Holder, out / "inputs.npz")
     elif job == "mismatch":  # rank 1 gets another folder
         try:
             distributed.start(group, "data", sys.argv[3 + group.rank()], dtype="float32", quantize=None, timeout=60)

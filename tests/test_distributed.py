@@ -99,17 +99,21 @@ def launches(six_heads, reference_checkpoint, inputs, tmp_path_factory):
             proc.communicate()
 
 
-def single_dit(pipe, inputs) -> np.ndarray:
-    out = pipe.transformer(mx.array(inputs["x"]), mx.array(inputs["t"]), [mx.array(inputs["cap0"]), mx.array(inputs["cap1"])])
+def single_dit(transformer, inputs) -> np.ndarray:
+    out = transformer(mx.array(inputs["x"]), mx.array(inputs["t"]), [mx.array(inputs["cap0"]), mx.array(inputs["cap1"])])
     return np.array(out.astype(mx.float32))
 
 
-def check_tensor(results, pipe, inputs):
-    ref = single_dit(pipe, inputs)
+def check_dit(results, transformer, inputs):
+    ref = single_dit(transformer, inputs)
     got = results["dit"]
     # The ranks sum partial products in another order than one process: float32 rounding only.
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
+
+
+def check_tensor(results, pipe, inputs):
+    check_dit(results, pipe.transformer, inputs)
     images = pipe.generate(PROMPTS, width=64, height=64, steps=2, seed=5)
     for k, im in enumerate(images):
         a, b = results[f"tensor_{k}"].astype(int), np.asarray(im).astype(int)
@@ -126,10 +130,14 @@ def test_two_rank_tensor_parallel_equals_one_process(launches, six_heads, inputs
 
 
 def test_three_rank_tensor_parallel_on_three_heads(launches, reference_checkpoint, inputs):
-    pipe = ZImagePipeline.from_pretrained(reference_checkpoint, dtype="float32")
+    from zimage_mlx.text_encoder import model_args
+    from zimage_mlx.transformer import ZImageTransformer
+    from zimage_mlx.weights import read_config
+
     results, _, _ = launches("three")
-    assert not results["te_sharded"]  # 2 KV heads do not split over 3 ranks: replicated
-    check_tensor(results, pipe, inputs)
+    check_dit(results, ZImageTransformer.from_pretrained(reference_checkpoint / "transformer"), inputs)
+    # 3 ranks would replicate the reference text encoder: its 2 KV heads do not split in 3
+    assert not distributed.text_encoder_shardable(model_args(read_config(reference_checkpoint / "text_encoder")), 3)
 
 
 def test_data_and_cfg_parallel_equal_one_process(launches, six_heads):
@@ -259,3 +267,34 @@ def test_an_unreachable_rank_ends_the_job_after_the_timeout(tmp_path):
     assert p.returncode == -signal.SIGTERM
     assert "rank 0: no progress for 2 s while connecting to the other ranks" in p.stderr
     assert time.monotonic() - t0 < 40
+
+
+def test_quantized_layers_shard_exactly():
+    """Without a launch: a 4-bit layer cut by input features (each rank's partial output, summed as the
+    all-reduce would) or by output features (concatenated) gives the whole layer's output."""
+    import copy
+
+    import mlx.nn as nn
+
+    layer = nn.Linear(256, 96, bias=True)
+    full = nn.QuantizedLinear.from_linear(layer, group_size=64, bits=4)
+    x = mx.random.normal((3, 256), key=mx.random.key(0))
+    want = np.array(full(x))
+    parts = []
+    real = mx.distributed.all_sum
+    mx.distributed.all_sum = lambda a, **kw: a  # this rank's partial sum
+    try:
+        for rank in range(2):
+            start, stop = distributed._bounds(256, 2, rank, 64)
+            parts.append(np.array(distributed.ShardedToAll(copy.deepcopy(full), start, stop, _FakeGroup(rank, 2),
+                                                           input_slice=True)(x)))
+    finally:
+        mx.distributed.all_sum = real
+    bias = np.array(full.bias)
+    np.testing.assert_allclose(parts[0] + parts[1] - bias, want, rtol=1e-5, atol=1e-5)  # the bias once, not twice
+    rows = []
+    for rank in range(3):
+        part = copy.deepcopy(full)
+        distributed._take_rows(part, *distributed._bounds(96, 3, rank))
+        rows.append(np.array(part(x)))
+    np.testing.assert_array_equal(np.concatenate(rows, axis=-1), want)

@@ -241,8 +241,8 @@ def fingerprint(root: Path) -> bytes:
     h = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
-        if rel.startswith(".") or "/." in rel:
-            continue  # hidden files (caches, the preview map) may differ
+        if rel.startswith(".") or "/." in rel or path.name == "latent_rgb.json":
+            continue  # hidden files and the fast preview's cached map (preview.CACHE_NAME) may differ
         if path.suffix == ".safetensors":
             with open(path, "rb") as f:
                 head = f.read(8)
