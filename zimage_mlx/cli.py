@@ -16,7 +16,7 @@ import secrets
 import sys
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import click
@@ -260,7 +260,7 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
         progress.status(f"Loading {model_name} ...")  # on a terminal only, so that a failure stays one line
         try:
             pipe = ZImagePipeline.from_pretrained(root, dtype=dtype, quantize=quantize, low_memory=low_memory,
-                                                  group=group, parallel=mode or "auto")
+                                                  **(dict(group=group, parallel=mode) if group is not None else {}))
         finally:
             progress.status("")
     t_loaded = time.perf_counter()
@@ -318,7 +318,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
         for i, (p, s) in enumerate(jobs):
             if i == 0 or (p != jobs[i - 1][0] and p % chunk == 0):
                 progress.status("Encoding prompts ...")
-                pipe.encode_prompt(prompts[p: p + chunk] + ([negative_prompt or ""] if guidance > 0 else []))
+                with pipe.parallel.collective("encoding prompts") if pipe.parallel else nullcontext():
+                    pipe.encode_prompt(prompts[p: p + chunk] + ([negative_prompt or ""] if guidance > 0 else []))
                 if p + chunk >= len(prompts):  # every prompt left is cached: free the encoder before denoising
                     pipe.release_text_encoder()
                 progress.status("")
