@@ -104,6 +104,135 @@ def single_dit(transformer, inputs) -> np.ndarray:
     return np.array(out.astype(mx.float32))
 
 
+def test_degrees_that_do_not_divide_the_heads_are_refused():
+    assert distributed.working_degrees(30) == [1, 2, 3, 5, 6, 10, 15, 30]
+    with pytest.raises(ValueError, match=r"4 ranks .* 30 attention heads .*use 1, 2, 3, 5, 6, 10, 15 or 30 ranks"):
+        distributed.check_degree(30, 4)
+    with pytest.raises(ValueError, match="8 ranks"):
+        distributed.check_degree(30, 8)
+    for d in (1, 2, 3, 5, 6):
+        distributed.check_degree(30, d)
+
+
+def test_auto_mode():
+    assert distributed.choose_mode("auto", 2, n_images=4, guidance=0) == "data"
+    assert distributed.choose_mode("auto", 2, n_images=1, guidance=4) == "cfg"
+    assert distributed.choose_mode("auto", 4, n_images=1, guidance=4) == "tensor"
+    assert distributed.choose_mode("auto", 2, n_images=1, guidance=0) == "tensor"
+    assert distributed.choose_mode("tensor", 2, n_images=8, guidance=0) == "tensor"
+    with pytest.raises(ValueError, match="parallel must be one of"):
+        distributed.choose_mode("pipeline", 2, 1, 0)
+
+
+class _FakeGroup:
+    def __init__(self, rank, size):
+        self._rank, self._size = rank, size
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self._size
+
+
+def test_sharded_dit_slices_add_up(reference_checkpoint):
+    """Without a launch: the ranks' slices of every block cover the full weights exactly once."""
+    from zimage_mlx.transformer import ZImageTransformer
+
+    full = ZImageTransformer.from_pretrained(reference_checkpoint / "transformer")
+    shards = []
+    for rank in range(3):
+        m = ZImageTransformer.from_pretrained(reference_checkpoint / "transformer")
+        distributed.shard_transformer(m, _FakeGroup(rank, 3))
+        shards.append(m)
+    layer = lambda m: m.layers[1]  # noqa: E731
+    for name in ("to_q", "to_k", "to_v"):
+        joined = mx.concatenate([layer(m).attention[name].weight for m in shards], axis=0)
+        np.testing.assert_array_equal(np.array(joined), np.array(layer(full).attention[name].weight))
+    out = mx.concatenate([layer(m).attention.to_out[0].linear.weight for m in shards], axis=1)
+    np.testing.assert_array_equal(np.array(out), np.array(layer(full).attention.to_out[0].weight))
+    w2 = mx.concatenate([layer(m).feed_forward.w2.linear.weight for m in shards], axis=1)
+    np.testing.assert_array_equal(np.array(w2), np.array(layer(full).feed_forward.w2.weight))
+    assert [layer(m).attention.n_heads for m in shards] == [1, 1, 1]
+    with pytest.raises(ValueError, match="use 1 or 3 ranks"):
+        distributed.shard_transformer(ZImageTransformer.from_pretrained(reference_checkpoint / "transformer"),
+                                      _FakeGroup(0, 2))
+
+
+def test_different_model_folders_are_told_apart(checkpoint_copy, reference_checkpoint):
+    assert distributed.fingerprint(checkpoint_copy) == distributed.fingerprint(reference_checkpoint)
+    config = checkpoint_copy / "transformer" / "config.json"
+    config.write_text(config.read_text().replace('"n_layers": 2', '"n_layers": 1'))
+    assert distributed.fingerprint(checkpoint_copy) != distributed.fingerprint(reference_checkpoint)
+
+
+# The tests from here on take `launches` only to start the long jobs first: they run while these work.
+
+
+def test_ranks_with_different_model_folders_refuse_to_start(launches, checkpoint_copy, reference_checkpoint, tmp_path):
+    config = checkpoint_copy / "transformer" / "config.json"
+    config.write_text(config.read_text().replace('"n_layers": 2', '"n_layers": 1'))
+    rc, out, err = finish(launch(2, "mismatch", tmp_path, reference_checkpoint, checkpoint_copy,
+                                 port=random.randrange(20000, 60000, 100)), timeout=60)
+    # every rank refuses with the same line (mlx.launch itself exits 0 whatever its ranks did: see their codes)
+    assert out.count("DistributedError: rank 1 has another model folder (configs and weight files) than rank 0") == 2
+    assert "rank 0 exited with code 4" in err and "rank 1 exited with code 4" in err
+
+
+def test_a_rank_that_dies_ends_the_job_with_one_message(launches, tmp_path):
+    t0 = time.monotonic()
+    rc, out, err = finish(launch(2, "die", tmp_path, port=random.randrange(20000, 60000, 100)), timeout=60)
+    assert "DistributedError: rank 0 lost its connection to another rank" in out
+    assert "rank 1 exited with code 3" in err
+    assert time.monotonic() - t0 < 60
+
+
+def test_an_unreachable_rank_ends_the_job_after_the_timeout(launches, tmp_path):
+    """Rank 0 of a 2-rank ring whose rank 1 never starts: MLX would wait forever; the watchdog ends it."""
+    port = random.randrange(20000, 60000, 100)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(f'[["127.0.0.1:{port}"], ["127.0.0.1:{port + 1}"]]')
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MLX_HOSTFILE=str(hostfile), MLX_RANK="0",
+               **{distributed.TIMEOUT_ENV: "1"})
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", "from zimage_mlx import distributed; distributed.init()"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == -signal.SIGTERM
+    assert "rank 0: no progress for 1 s while connecting to the other ranks" in p.stderr
+    assert time.monotonic() - t0 < 40
+
+
+def test_quantized_layers_shard_exactly():
+    """Without a launch: a 4-bit layer cut by input features (each rank's partial output, summed as the
+    all-reduce would) or by output features (concatenated) gives the whole layer's output."""
+    import copy
+
+    import mlx.nn as nn
+
+    layer = nn.Linear(256, 96, bias=True)
+    full = nn.QuantizedLinear.from_linear(layer, group_size=64, bits=4)
+    x = mx.random.normal((3, 256), key=mx.random.key(0))
+    want = np.array(full(x))
+    parts = []
+    real = mx.distributed.all_sum
+    mx.distributed.all_sum = lambda a, **kw: a  # this rank's partial sum
+    try:
+        for rank in range(2):
+            start, stop = distributed._bounds(256, 2, rank, 64)
+            parts.append(np.array(distributed.ShardedToAll(copy.deepcopy(full), start, stop, _FakeGroup(rank, 2),
+                                                           input_slice=True)(x)))
+    finally:
+        mx.distributed.all_sum = real
+    bias = np.array(full.bias)
+    np.testing.assert_allclose(parts[0] + parts[1] - bias, want, rtol=1e-5, atol=1e-5)  # the bias once, not twice
+    rows = []
+    for rank in range(3):
+        part = copy.deepcopy(full)
+        distributed._take_rows(part, *distributed._bounds(96, 3, rank))
+        rows.append(np.array(part(x)))
+    np.testing.assert_array_equal(np.concatenate(rows, axis=-1), want)
+
+
 def check_dit(results, transformer, inputs):
     ref = single_dit(transformer, inputs)
     got = results["dit"]
@@ -172,129 +301,3 @@ def test_cli_data_parallel_files_equal_a_serial_run(launches, six_heads, tmp_pat
     # rank 0 alone prints: each path once
     printed = [line for line in stdout.splitlines() if line.endswith(".png")]
     assert sorted(Path(p).name for p in printed) == names
-
-
-def test_degrees_that_do_not_divide_the_heads_are_refused():
-    assert distributed.working_degrees(30) == [1, 2, 3, 5, 6, 10, 15, 30]
-    with pytest.raises(ValueError, match=r"4 ranks .* 30 attention heads .*use 1, 2, 3, 5, 6, 10, 15 or 30 ranks"):
-        distributed.check_degree(30, 4)
-    with pytest.raises(ValueError, match="8 ranks"):
-        distributed.check_degree(30, 8)
-    for d in (1, 2, 3, 5, 6):
-        distributed.check_degree(30, d)
-
-
-def test_auto_mode():
-    assert distributed.choose_mode("auto", 2, n_images=4, guidance=0) == "data"
-    assert distributed.choose_mode("auto", 2, n_images=1, guidance=4) == "cfg"
-    assert distributed.choose_mode("auto", 4, n_images=1, guidance=4) == "tensor"
-    assert distributed.choose_mode("auto", 2, n_images=1, guidance=0) == "tensor"
-    assert distributed.choose_mode("tensor", 2, n_images=8, guidance=0) == "tensor"
-    with pytest.raises(ValueError, match="parallel must be one of"):
-        distributed.choose_mode("pipeline", 2, 1, 0)
-
-
-class _FakeGroup:
-    def __init__(self, rank, size):
-        self._rank, self._size = rank, size
-
-    def rank(self):
-        return self._rank
-
-    def size(self):
-        return self._size
-
-
-def test_sharded_dit_slices_add_up(reference_checkpoint):
-    """Without a launch: the ranks' slices of every block cover the full weights exactly once."""
-    from zimage_mlx.transformer import ZImageTransformer
-
-    full = ZImageTransformer.from_pretrained(reference_checkpoint / "transformer")
-    shards = []
-    for rank in range(3):
-        m = ZImageTransformer.from_pretrained(reference_checkpoint / "transformer")
-        distributed.shard_transformer(m, _FakeGroup(rank, 3))
-        shards.append(m)
-    layer = lambda m: m.layers[1]  # noqa: E731
-    for name in ("to_q", "to_k", "to_v"):
-        joined = mx.concatenate([layer(m).attention[name].weight for m in shards], axis=0)
-        np.testing.assert_array_equal(np.array(joined), np.array(layer(full).attention[name].weight))
-    out = mx.concatenate([layer(m).attention.to_out[0].linear.weight for m in shards], axis=1)
-    np.testing.assert_array_equal(np.array(out), np.array(layer(full).attention.to_out[0].weight))
-    w2 = mx.concatenate([layer(m).feed_forward.w2.linear.weight for m in shards], axis=1)
-    np.testing.assert_array_equal(np.array(w2), np.array(layer(full).feed_forward.w2.weight))
-    assert [layer(m).attention.n_heads for m in shards] == [1, 1, 1]
-    with pytest.raises(ValueError, match="use 1 or 3 ranks"):
-        distributed.shard_transformer(ZImageTransformer.from_pretrained(reference_checkpoint / "transformer"),
-                                      _FakeGroup(0, 2))
-
-
-def test_different_model_folders_are_told_apart(checkpoint_copy, reference_checkpoint):
-    assert distributed.fingerprint(checkpoint_copy) == distributed.fingerprint(reference_checkpoint)
-    config = checkpoint_copy / "transformer" / "config.json"
-    config.write_text(config.read_text().replace('"n_layers": 2', '"n_layers": 1'))
-    assert distributed.fingerprint(checkpoint_copy) != distributed.fingerprint(reference_checkpoint)
-
-
-def test_ranks_with_different_model_folders_refuse_to_start(checkpoint_copy, reference_checkpoint, tmp_path):
-    config = checkpoint_copy / "transformer" / "config.json"
-    config.write_text(config.read_text().replace('"n_layers": 2', '"n_layers": 1'))
-    rc, out, err = finish(launch(2, "mismatch", tmp_path, reference_checkpoint, checkpoint_copy,
-                                 port=random.randrange(20000, 60000, 100)), timeout=60)
-    # every rank refuses with the same line (mlx.launch itself exits 0 whatever its ranks did: see their codes)
-    assert out.count("DistributedError: rank 1 has another model folder (configs and weight files) than rank 0") == 2
-    assert "rank 0 exited with code 4" in err and "rank 1 exited with code 4" in err
-
-
-def test_a_rank_that_dies_ends_the_job_with_one_message(tmp_path):
-    t0 = time.monotonic()
-    rc, out, err = finish(launch(2, "die", tmp_path, port=random.randrange(20000, 60000, 100)), timeout=60)
-    assert "DistributedError: rank 0 lost its connection to another rank" in out
-    assert "rank 1 exited with code 3" in err
-    assert time.monotonic() - t0 < 60
-
-
-def test_an_unreachable_rank_ends_the_job_after_the_timeout(tmp_path):
-    """Rank 0 of a 2-rank ring whose rank 1 never starts: MLX would wait forever; the watchdog ends it."""
-    port = random.randrange(20000, 60000, 100)
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(f'[["127.0.0.1:{port}"], ["127.0.0.1:{port + 1}"]]')
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MLX_HOSTFILE=str(hostfile), MLX_RANK="0",
-               **{distributed.TIMEOUT_ENV: "2"})
-    t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-c", "from zimage_mlx import distributed; distributed.init()"], env=env,
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == -signal.SIGTERM
-    assert "rank 0: no progress for 2 s while connecting to the other ranks" in p.stderr
-    assert time.monotonic() - t0 < 40
-
-
-def test_quantized_layers_shard_exactly():
-    """Without a launch: a 4-bit layer cut by input features (each rank's partial output, summed as the
-    all-reduce would) or by output features (concatenated) gives the whole layer's output."""
-    import copy
-
-    import mlx.nn as nn
-
-    layer = nn.Linear(256, 96, bias=True)
-    full = nn.QuantizedLinear.from_linear(layer, group_size=64, bits=4)
-    x = mx.random.normal((3, 256), key=mx.random.key(0))
-    want = np.array(full(x))
-    parts = []
-    real = mx.distributed.all_sum
-    mx.distributed.all_sum = lambda a, **kw: a  # this rank's partial sum
-    try:
-        for rank in range(2):
-            start, stop = distributed._bounds(256, 2, rank, 64)
-            parts.append(np.array(distributed.ShardedToAll(copy.deepcopy(full), start, stop, _FakeGroup(rank, 2),
-                                                           input_slice=True)(x)))
-    finally:
-        mx.distributed.all_sum = real
-    bias = np.array(full.bias)
-    np.testing.assert_allclose(parts[0] + parts[1] - bias, want, rtol=1e-5, atol=1e-5)  # the bias once, not twice
-    rows = []
-    for rank in range(3):
-        part = copy.deepcopy(full)
-        distributed._take_rows(part, *distributed._bounds(96, 3, rank))
-        rows.append(np.array(part(x)))
-    np.testing.assert_array_equal(np.concatenate(rows, axis=-1), want)
