@@ -2,7 +2,8 @@
 
     distributed_worker.py JOB OUT [CHECKPOINT ...]
 
-JOB "pair" (2 ranks): tensor parallelism on CHECKPOINT (DiT output on OUT/inputs.npz, a batch of images),
+JOB "pair" (2 ranks): tensor parallelism on CHECKPOINT (DiT output on OUT/inputs.npz, a batch of images, an
+8-bit image),
 the API's auto mode (data: 2 prompts x 2 images; cfg: one CFG image) and the CLI in data mode (3 images).
 JOB "three" (3 ranks): the tensor-parallel DiT of CHECKPOINT on OUT/inputs.npz. JOB "mismatch": the start check with another
 CHECKPOINT on rank 1 (two given). JOB "die": rank 1 exits in the middle of a gather.
@@ -49,6 +50,8 @@ def main() -> None:
         tensor_job(group, out, sys.argv[3], results)
         from zimage_mlx.pipeline import ZImagePipeline
 
+        pipe = ZImagePipeline.from_pretrained(sys.argv[3], dtype="float32", quantize=8, group=group, parallel="tensor")
+        results["tensor_q8"] = np.asarray(pipe.generate("a red fox", width=64, height=64, steps=2, seed=5)[0])
         pipe = ZImagePipeline.from_pretrained(sys.argv[3], dtype="float32", group=group, parallel="auto")
         images = pipe.generate(["a red fox", "a cat on a roof"], width=64, height=64, steps=2, seed=11, num_images=2)
         for k, im in enumerate(images):
@@ -79,9 +82,9 @@ def main() -> None:
         import mlx.core as mx
 
         par = distributed.Parallel(group, "data", timeout=60)
-        if group.rank() == 1:
+        if group.rank() == 1:  # vanishes without a word; status 0, else mlx.launch would end rank 0 itself
             time.sleep(0.5)
-            os._exit(3)
+            os._exit(0)
         try:
             par.gather_images(None)
         except distributed.DistributedError as e:

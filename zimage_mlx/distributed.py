@@ -368,10 +368,16 @@ def text_encoder_shardable(args, size: int) -> bool:
 
 def shard_text_encoder(model, group) -> bool:
     """Shard the Qwen3 encoder's attention and MLP in place with mlx's shard_linear (as mlx-lm's Qwen3 does);
-    returns False, leaving it whole, when the degree does not divide its heads."""
+    returns False, leaving it whole, when the degree does not divide its heads (or, quantized, cuts groups)."""
     size = group.size()
     if not text_encoder_shardable(model.args, size):
         return False
+    a = model.args
+    head_dim = getattr(a, "head_dim", None) or a.hidden_size // a.num_attention_heads
+    q = model.layers[0].self_attn.o_proj
+    if isinstance(q, nn.QuantizedLinear) and any(
+            (n // size) % q.group_size for n in (a.num_attention_heads * head_dim, a.intermediate_size)):
+        return False  # the row-split layers' slices must hold whole quantization groups
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         for name in ("q_proj", "k_proj", "v_proj"):
