@@ -3,6 +3,7 @@ projection for 2 and 4 Macs.
 
     python benchmarks/distributed_bytes.py              # the byte table and the projection (instant)
     python benchmarks/distributed_bytes.py --loopback   # also the measured 2-rank loopback split (~2 min)
+    python benchmarks/distributed_bytes.py --shard-memory  # also what a rank holds after loading its shard
 
 1. Bytes: the real model's DiT (dim 3840, 30 heads, 30 + 2 + 2 blocks) is built with lazy random weights
    (never evaluated), sharded as `zimage_mlx.distributed` shards it, and run as a lazy graph with
@@ -268,18 +269,73 @@ def loopback():
           f"({r['one_bytes'] / r['one_allreduce'] / 1e9:.2f} GB/s payload) |")
 
 
+# ----------------------------------------------------------------------------------------------
+# What a rank holds after loading its shard (one rank of `mlx.launch -n 2`, or the single process)
+
+MEMORY_DIT = dict(dim=1536, n_heads=12, n_layers=4, n_refiner_layers=2)  # about 1 GB in float32
+
+
+def memory_rank(folder: str, single: bool):
+    from mlx.utils import tree_flatten
+
+    kernels.keep_freed_memory()
+    if single:
+        model, rank = ZImageTransformer.from_pretrained(folder), 0
+        for _, p in tree_flatten(model.parameters()):
+            mx.eval(p)
+    else:
+        group = distributed.init()
+        model, rank = distributed.load_sharded_transformer(Path(folder), group, "float32", None), group.rank()
+    held = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+    print(f"| {'one process' if single else f'rank {rank} of 2'} | {held / 1e9:.3f} GB | "
+          f"{mx.get_peak_memory() / 1e9:.3f} GB |", flush=True)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def shard_memory():
+    import tempfile
+
+    from mlx.utils import tree_flatten
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "transformer"
+        folder.mkdir()
+        model = ZImageTransformer(TransformerArgs(**MEMORY_DIT))
+        weights = dict(tree_flatten(model.parameters()))
+        mx.save_safetensors(str(folder / "model.safetensors"), weights)
+        (folder / "config.json").write_text(json.dumps(MEMORY_DIT))
+        del model, weights
+        print(f"\n## Loading a shard, measured on this CPU: a random DiT {MEMORY_DIT}, float32\n")
+        print("| | weights held | peak memory while loading |")
+        print("|---|---|---|")
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        me = [sys.executable, __file__, "--memory-rank", str(folder)]
+        print(subprocess.run(me + ["--single"], capture_output=True, text=True, timeout=300, env=env).stdout.strip())
+        p = subprocess.run([shutil.which("mlx.launch"), "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1", "--env",
+                            f"PYTHONPATH={env['PYTHONPATH']}", "--", *me], capture_output=True, text=True, timeout=300)
+        print("\n".join(sorted(ln for ln in p.stdout.splitlines() if ln.startswith("|"))))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--loopback", action="store_true", help="also run the measured 2-rank loopback split")
+    ap.add_argument("--shard-memory", action="store_true", help="also measure what a rank holds after loading")
     ap.add_argument("--rank", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-rank", help=argparse.SUPPRESS)
+    ap.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rank:
         return loopback_rank()
+    if args.memory_rank:
+        return memory_rank(args.memory_rank, args.single)
     rows = table()
     show_table(rows)
     show_projection(rows)
     if args.loopback:
         loopback()
+    if args.shard_memory:
+        shard_memory()
 
 
 if __name__ == "__main__":
