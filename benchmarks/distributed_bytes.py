@@ -37,7 +37,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

@@ -18,8 +18,9 @@ should write files and print. Three ways to split the work (`parallel=`):
   and one after the FFN of every block (refiners included); the caption embedder's linear and the time MLP's
   second linear are split by input features the same way (one small all-reduce each). The patch embedding,
   final layer and adaLN modulations are replicated (2% of the weights). The text encoder is sharded the
-  same way with mlx's `shard_linear` when the degree divides its KV heads, else replicated. Each rank reads
-  only its slices: the weights load lazily and are sliced before they are evaluated, one tensor at a time.
+  same way with mlx's `shard_linear` when the degree divides its heads, KV heads and MLP (and, quantized,
+  keeps whole groups), else replicated. Each rank keeps only its slices: the weights load lazily and are
+  sliced before they are evaluated, one tensor at a time (read whole from the file, then freed).
   The degree must divide the DiT's heads (30 for Z-Image: 1, 2, 3, 5, 6, 10, 15 or 30 ranks).
 - "cfg": with guidance > 0, exactly two ranks: rank 0 runs the positive branch, rank 1 the negative one, and
   one all_gather per step hands each the other's prediction.
@@ -41,12 +42,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import struct
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
