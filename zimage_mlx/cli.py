@@ -57,20 +57,33 @@ class Group(click.Group):
 
 @contextmanager
 def expected_errors():
-    """Turn what a user can fix (a bad checkpoint folder, a bad value, an unreadable or unwritable file,
-    a size too big for the machine) into a one-line error; anything else keeps its traceback."""
-    from .weights import CheckpointError
+    """Turn what a user can fix (zimage_mlx.errors: a bad value, a bad checkpoint or LoRA; an unreadable or
+    unwritable file; a size too big for the machine) into a one-line error. Anything else is a bug of ours:
+    it keeps its traceback, followed by a line that says so."""
+    from .errors import ZImageError
 
     try:
         yield
-    except (CheckpointError, ValueError, NotImplementedError) as e:
+    except ZImageError as e:
         raise UserError(str(e) or type(e).__name__) from None
     except OSError as e:
         raise UserError(describe_os_error(e)) from None
     except RuntimeError as e:  # MLX reports failed allocations as RuntimeError
         if "malloc" not in str(e) and "memory" not in str(e).lower():
+            report_bug()
             raise
         raise UserError(f"out of memory ({e}); try --low-memory, a smaller size or --quantize 8") from None
+    except (click.ClickException, KeyboardInterrupt):
+        raise
+    except Exception:
+        report_bug()
+        raise
+
+
+def report_bug() -> None:
+    click.echo(f"zimage-mlx {__version__} failed on an internal error, not on a mistake in your command: please "
+               "report it to the zimage-mlx issue tracker with the traceback below and the command you ran.",
+               err=True)
 
 
 def describe_os_error(e: OSError) -> str:

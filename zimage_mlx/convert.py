@@ -451,16 +451,17 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
     Qwen3 overflows float16); the VAE keeps its own. quantize: bits for the DiT, and at least 8 for the text
     encoder (transformer_bits and text_encoder_bits set each alone); group_size for both.
     progress(component, done, total) is called after each tensor written.
-    Everything is checked before anything is written; errors raise CheckpointError or ValueError.
+    Everything is checked before anything is written; errors raise CheckpointError or InputError.
     """
     import mlx.core as mx
 
     from . import text_encoder as te_module
     from . import transformer as dit_module
+    from .errors import InputError
     from .weights import CheckpointError, check_quantization, to_dtype
 
     if dtype not in DTYPE_NAMES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+        raise InputError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     for bits in (quantize, transformer_bits, text_encoder_bits):
         if bits is not None:
             check_quantization(bits, group_size)
@@ -472,17 +473,17 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
 
     dst = Path(dst).expanduser()
     if dst.exists() and not force:
-        raise ValueError(f"{dst} already exists; pass --force to replace it")
+        raise InputError(f"{dst} already exists; pass --force to replace it")
     src_path = Path(src).expanduser()
     if src_path.exists():
         a, b = src_path.resolve(), dst.resolve()
         if a == b or b in a.parents or a in b.parents:
-            raise ValueError(f"{dst} must be outside the source {src} (and not contain it)")
+            raise InputError(f"{dst} must be outside the source {src} (and not contain it)")
     ancestor = dst.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {dst}: {ancestor} is not a writable folder")
+        raise InputError(f"cannot write {dst}: {ancestor} is not a writable folder")
 
     # 1. Check everything: sources, keys, shapes, quantization, disk space (headers only).
     root, components = find_sources(src, transformer=transformer, text_encoder=text_encoder, vae=vae, base=base)
@@ -499,7 +500,7 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
         modules = dict(model.named_modules())
         c.out_bytes = sum(w.nbytes for _, w in _converted(iter(sanitized.items()), modules, predicate, out_dtype))
         if predicate and not any(predicate(p, m) for p, m in modules.items()):
-            raise ValueError(f"no layer of the {LABELS[name]} can be quantized with group size {group_size} "
+            raise InputError(f"no layer of the {LABELS[name]} can be quantized with group size {group_size} "
                              f"(its widths are not multiples of it): choose another --group-size")
         models[name] = (model, sanitize, modules, predicate, out_dtype)
         del tensors, sanitized

@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import kernels
+from .errors import InputError
 from .lora import Lora, apply_lora, read_lora, restore
 from .sampler import (FlowMatchScheduler, apply_cfg, euler_step, guidance_for_step, model_time, scale_noise,
                       strength_start)
@@ -103,7 +104,7 @@ class ZImagePipeline:
         """
         root = resolve_model(model)
         dtype = default_dtype() if dtype == "auto" else dtype
-        if mx.default_device() == mx.cpu:
+        if mx.default_device() == mx.cpu and os.environ.get("ZIMAGE_MLX_KEEP_FREED_MEMORY", "1") != "0":
             kernels.keep_freed_memory()  # MLX's CPU backend has no buffer cache (see kernels.py)
         transformer = ZImageTransformer.from_pretrained(root / "transformer", dtype=dtype, quantize=quantize)
         vae = VAE.from_pretrained(root / "vae")
@@ -172,7 +173,19 @@ class ZImagePipeline:
             raise RuntimeError("this pipeline's DiT was freed by release_transformer(); load the pipeline again")
         return self.transformer
 
-    def sigmas(self, steps: int, height: int, width: int) -> list[float]:
+    def sigmas(self, steps: int, *legacy, width: int | None = None, height: int | None = None) -> list[float]:
+        """The sigmas of a `steps`-step run at this size (steps + 1 values, the last 0): sigmas(8, width=1024,
+        height=768). The old positional form sigmas(steps, height, width) still works, with a warning."""
+        if legacy:
+            import warnings
+
+            if len(legacy) != 2 or width is not None or height is not None:
+                raise TypeError("sigmas() takes the size as keywords: sigmas(steps, width=W, height=H)")
+            warnings.warn("sigmas(steps, height, width) is deprecated: use sigmas(steps, width=W, height=H), the "
+                          "order of generate()", DeprecationWarning, stacklevel=2)
+            height, width = legacy
+        if width is None or height is None:
+            raise TypeError("sigmas() needs width= and height=")
         seq_len = (height // 16) * (width // 16)
         return [float(s) for s in self.scheduler.sigmas(steps, seq_len)]
 
@@ -278,17 +291,19 @@ class ZImagePipeline:
     # ------------------------------------------------------------------------------------------
     # The one call
 
-    def generate(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+    def generate(self, prompt: str | list[str], *legacy, negative_prompt: str | list[str] | None = None,
                  width: int | None = None, height: int | None = None, steps: int = 8, guidance: float = 0.0,
                  cfg_normalization: float | bool = False, cfg_truncation: float = 1.0, seed: int | None = None,
                  num_images: int = 1, latents: mx.array | None = None,
-                 callback: Callable[[int, int, mx.array], None] | None = None, max_sequence_length: int = 512, *,
+                 callback: Callable[[int, int, mx.array], None] | None = None, max_sequence_length: int = 512,
                  image=None, mask=None, strength: float | None = None, image_latents: mx.array | None = None,
                  release_transformer: bool = False, on_step: Callable[[Step], None] | None = None, cancel=None):
         """Generate images; returns a list of PIL images, prompt-major (all images of prompt 0 first).
+        Every argument after the prompt is a keyword (positional ones still work, with a DeprecationWarning).
 
-        Image k uses the noise of seed + k, so any image of a batch can be made again alone. With
-        seed=None a seed is drawn; each image's seed is in `image.info["seed"]`. `latents` (B, h, w, 16)
+        The seed rule: image k of every prompt uses the noise of seed + k, so several prompts are compared at
+        the same seeds (as the CLI does) and any image can be made again alone. With seed=None a seed is
+        drawn; each image's seed is in `image.info["seed"]`. `latents` (B, h, w, 16)
         float32 replaces the noise (B = prompts x num_images). `callback(step, total, latents)` runs
         after every step (step counts from 1). width and height default to 1024, or to the image's size.
 
@@ -321,6 +336,14 @@ class ZImagePipeline:
         decoding, and a set token raises `Cancelled` there. Nothing is left half-done: the next call (and the
         prompt cache, LoRAs, freed models) behaves as if the cancelled run never happened.
         """
+        if legacy:
+            given = dict(negative_prompt=negative_prompt, width=width, height=height, steps=steps, guidance=guidance,
+                         cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation, seed=seed,
+                         num_images=num_images, latents=latents, callback=callback,
+                         max_sequence_length=max_sequence_length, image=image, mask=mask, strength=strength,
+                         image_latents=image_latents, release_transformer=release_transformer, on_step=on_step,
+                         cancel=cancel)
+            return self.generate(prompt, **_from_positional(legacy, given))
         self._check_thread()
         prompts = _check_prompts(prompt, "prompt")
         init = None
@@ -335,22 +358,22 @@ class ZImagePipeline:
             if len(negatives) == 1:
                 negatives = negatives * len(prompts)
             if len(negatives) != len(prompts):
-                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+                raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         elif negative_prompt:
-            raise ValueError("negative_prompt needs guidance > 0 (Turbo runs without CFG; try --guidance 4 with the Base model)")
+            raise InputError("negative_prompt needs guidance > 0 (Turbo runs without CFG; try --guidance 4 with the Base model)")
         h, w = height // 8, width // 8
         B = len(prompts) * num_images
         self._dit().check_sizes(h, w, [1])
         seed = random.randint(0, MAX_SEED) if seed is None else seed
-        seeds = [(seed + k) % (MAX_SEED + 1) for k in range(B)]
+        seeds = [(seed + k) % (MAX_SEED + 1) for _ in prompts for k in range(num_images)]
         seeded = latents is None  # then the seed alone gives the image back
         if latents is not None:
             if tuple(latents.shape) != (B, h, w, LATENT_CHANNELS):
-                raise ValueError(f"latents must have shape {(B, h, w, LATENT_CHANNELS)}, got {tuple(latents.shape)}")
+                raise InputError(f"latents must have shape {(B, h, w, LATENT_CHANNELS)}, got {tuple(latents.shape)}")
         else:
             latents = mx.concatenate([noise(s, h, w) for s in seeds])
 
-        sigmas = self.sigmas(steps, height, width)
+        sigmas = self.sigmas(steps, width=width, height=height)
         inpaint = {}
         if init is not None:
             _check_cancel(cancel)
@@ -388,7 +411,7 @@ class ZImagePipeline:
             return sigmas, noise, {}  # pure noise: the image latents would be multiplied by 1 - 1 = 0
         z = init.latents if init.latents is not None else self._encode(init.image, init.width, init.height, seeds)
         if z.shape[0] not in (1, noise.shape[0]):
-            raise ValueError(f"image_latents hold {z.shape[0]} images for a batch of {noise.shape[0]}: give 1 or {noise.shape[0]}")
+            raise InputError(f"image_latents hold {z.shape[0]} images for a batch of {noise.shape[0]}: give 1 or {noise.shape[0]}")
         latents = scale_noise(z, noise, sigmas[0])
         inpaint = {}
         if init.mask is not None:
@@ -451,7 +474,7 @@ def image_input(image, mask=None, strength: float | None = None, width: int | No
     one-line reason: no image, an unreadable file, a mask of another size, a strength outside [0, 1].
     """
     if image is None and image_latents is None:
-        raise ValueError(f"{'mask' if mask is not None else 'strength'} needs an image to start from (image=...)")
+        raise InputError(f"{'mask' if mask is not None else 'strength'} needs an image to start from (image=...)")
     validate(width=width, height=height, strength=strength)
     image = open_image(image, "image") if image is not None else None
     mask = open_image(mask, "mask") if mask is not None else None
@@ -462,11 +485,11 @@ def image_input(image, mask=None, strength: float | None = None, width: int | No
     else:
         size = (image_latents.shape[2] * 8, image_latents.shape[1] * 8)
     if mask is not None and mask.size != size:
-        raise ValueError(f"the mask is {mask.width}x{mask.height} but the image is {size[0]}x{size[1]}: "
+        raise InputError(f"the mask is {mask.width}x{mask.height} but the image is {size[0]}x{size[1]}: "
                          "they must have the same size")
     width, height = output_size(size, width, height)
     if image_latents is not None and tuple(image_latents.shape[1:]) != (height // 8, width // 8, LATENT_CHANNELS):
-        raise ValueError(f"image_latents must have shape (1 or B, {height // 8}, {width // 8}, {LATENT_CHANNELS}) "
+        raise InputError(f"image_latents must have shape (1 or B, {height // 8}, {width // 8}, {LATENT_CHANNELS}) "
                          f"for a {width}x{height} image, got {tuple(image_latents.shape)}")
     if strength is None:
         strength = 1.0 if mask is not None else 0.6  # diffusers' defaults
@@ -480,9 +503,9 @@ def output_size(size: tuple[int, int], width: int | None = None, height: int | N
     if width is None and height is None:
         width, height = W // 16 * 16, H // 16 * 16
         if not width or not height:
-            raise ValueError(f"the image is {W}x{H} pixels; it must be at least 16x16")
+            raise InputError(f"the image is {W}x{H} pixels; it must be at least 16x16")
         if max(width, height) > 8192:
-            raise ValueError(f"the image is {W}x{H} pixels, above the model's limit of 8192 a side: give a smaller width and height")
+            raise InputError(f"the image is {W}x{H} pixels, above the model's limit of 8192 a side: give a smaller width and height")
     elif height is None:
         height = max(16, round(width * H / W / 16) * 16)
     elif width is None:
@@ -506,11 +529,11 @@ def open_image(value, what: str = "image"):
             im.load()
             return ImageOps.exif_transpose(im)
     except FileNotFoundError:
-        raise ValueError(f"{what} {path}: no such file") from None
+        raise InputError(f"{what} {path}: no such file") from None
     except UnidentifiedImageError:
-        raise ValueError(f"{what} {path} is not an image Pillow can read") from None
+        raise InputError(f"{what} {path} is not an image Pillow can read") from None
     except (OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+        raise InputError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def mask_latents(mask, width: int, height: int, scale: int = 8) -> mx.array:
@@ -527,27 +550,53 @@ def mask_latents(mask, width: int, height: int, scale: int = 8) -> mx.array:
 
 def _check_prompts(prompt, what: str) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"{what} must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"{what} must be a string or a list of strings, got {type(prompt).__name__}")
+    if not prompts:
+        raise InputError(f"{what} is an empty list: pass at least one prompt (use \"\" for an empty prompt)")
     return list(prompts)
 
 
+# generate's arguments in their order before they became keyword-only (0.1.0), for old positional calls.
+_POSITIONAL = ("negative_prompt", "width", "height", "steps", "guidance", "cfg_normalization", "cfg_truncation",
+               "seed", "num_images", "latents", "callback", "max_sequence_length")
+_DEFAULTS = dict(negative_prompt=None, width=None, height=None, steps=8, guidance=0.0, cfg_normalization=False,
+                 cfg_truncation=1.0, seed=None, num_images=1, latents=None, callback=None, max_sequence_length=512)
+
+
+def _from_positional(values: tuple, given: dict) -> dict:
+    """generate's keyword arguments from an old positional call (with a DeprecationWarning)."""
+    import warnings
+
+    if len(values) > len(_POSITIONAL):
+        raise TypeError(f"generate() takes at most {len(_POSITIONAL) + 1} positional arguments, got {len(values) + 1}")
+    warnings.warn("pass generate()'s arguments after the prompt by keyword (e.g. width=1024); positional "
+                  "arguments are deprecated", DeprecationWarning, stacklevel=3)
+    out = dict(given)
+    for name, value in zip(_POSITIONAL, values):
+        default, passed = _DEFAULTS[name], given[name]
+        if not (passed is default or (type(passed) in (int, float, bool) and passed == default)):
+            raise TypeError(f"generate() got {name} both by position and by keyword")
+        out[name] = value
+    return out
+
+
 def validate(*, width=None, height=None, steps=None, guidance=None, num_images=None, seed=None, strength=None) -> None:
-    """Check user-facing generation arguments; raise ValueError with a one-line reason."""
+    """Check user-facing generation arguments; raise InputError with a one-line reason."""
     for name, v in (("width", width), ("height", height)):
         if v is None:
             continue
         if not isinstance(v, int) or isinstance(v, bool) or v < 16 or v % 16:
-            raise ValueError(f"{name} must be a positive multiple of 16, got {v!r}")
+            raise InputError(f"{name} must be a positive multiple of 16, got {v!r}")
         if v > 8192:
-            raise ValueError(f"{name} {v} is above the model's limit of 8192 pixels")
+            raise InputError(f"{name} {v} is above the model's limit of 8192 pixels")
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        raise InputError(f"steps must be an integer >= 1, got {steps!r}")
     if guidance is not None and not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
-        raise ValueError(f"guidance must be a number >= 0, got {guidance!r}")
+        raise InputError(f"guidance must be a number >= 0, got {guidance!r}")
     if num_images is not None and (not isinstance(num_images, int) or num_images < 1):
-        raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
+        raise InputError(f"num_images must be an integer >= 1, got {num_images!r}")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED):
-        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+        raise InputError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
     if strength is not None and (isinstance(strength, bool) or not (isinstance(strength, (int, float)) and 0 <= strength <= 1)):
-        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+        raise InputError(f"strength must be a number in [0, 1], got {strength!r}")

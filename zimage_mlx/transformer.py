@@ -22,6 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import kernels
+from .errors import InputError
 from .weights import (CheckpointError, check_quantization, load_into, load_safetensors, quantize_as_stored, quantize_model,
                       read_config, to_dtype)
 
@@ -289,20 +290,20 @@ class ZImageTransformer(nn.Module):
         return self.x_pad_token.dtype
 
     def check_sizes(self, h: int, w: int, cap_lens: list[int]) -> None:
-        """Raise ValueError if the latent size or a caption length falls outside the RoPE tables."""
+        """Raise InputError if the latent size or a caption length falls outside the RoPE tables."""
         lens = self.args.axes_lens
         if h % 2 or w % 2 or h < 2 or w < 2:
-            raise ValueError(f"latent size {h}x{w} must be even and positive (image sides multiples of 16)")
+            raise InputError(f"latent size {h}x{w} must be even and positive (image sides multiples of 16)")
         if h // 2 > lens[1] or w // 2 > lens[2]:
-            raise ValueError(
+            raise InputError(
                 f"latent {h}x{w} is too large: at most {2 * lens[1]}x{2 * lens[2]} latent pixels "
                 f"({16 * lens[1]}x{16 * lens[2]} image pixels)"
             )
         longest = max(padded(n) for n in cap_lens)
         if longest + 1 >= lens[0]:
-            raise ValueError(f"caption of {max(cap_lens)} tokens is too long for the RoPE table ({lens[0]})")
+            raise InputError(f"caption of {max(cap_lens)} tokens is too long for the RoPE table ({lens[0]})")
         if min(cap_lens) < 1:
-            raise ValueError("every caption needs at least one token")
+            raise InputError("every caption needs at least one token")
 
     @staticmethod
     def positions(h: int, w: int, cap_len: int) -> np.ndarray:
