@@ -178,6 +178,30 @@ def test_quantized_8bit(wide_checkpoint):
     assert isinstance(q.enhance(PROMPTS["english"], temperature=0, max_tokens=8, system_prompt=SYSTEM), str)
 
 
+def test_stored_quantized_tail(wide_checkpoint, tmp_path):
+    """A folder that stores the tail quantized (as `convert` would if it kept it) loads it as stored: the same
+    arrays as quantizing on the fly."""
+    import json
+
+    q_enc = TextEncoder.from_pretrained(wide_checkpoint, quantize=8)
+    q = PromptEnhancer.from_text_encoder(q_enc, wide_checkpoint)
+    n = q_enc.model.args.num_hidden_layers
+    weights = dict(tree_flatten(q_enc.model.parameters()))
+    weights |= {k.replace("layer.", f"layers.{n - 1}.", 1): v for k, v in tree_flatten(q.tail.parameters())}
+    root = tmp_path / "stored"
+    shutil.copytree(wide_checkpoint / "tokenizer", root / "tokenizer")
+    (root / "text_encoder").mkdir()
+    mx.save_safetensors(str(root / "text_encoder" / "model.safetensors"), weights)
+    config = json.loads((wide_checkpoint / "text_encoder" / "config.json").read_text())
+    config["quantization"] = {"group_size": 64, "bits": 8}
+    (root / "text_encoder" / "config.json").write_text(json.dumps(config))
+    s_enc = TextEncoder.from_pretrained(root)
+    stored = PromptEnhancer.from_text_encoder(s_enc, root)
+    assert isinstance(stored.tail.layer.mlp.up_proj, nn.QuantizedLinear)
+    ids = mx.array([q.token_ids("a red fox")])
+    assert mx.array_equal(CausalLM(s_enc.model, stored.tail)(ids), CausalLM(q_enc.model, q.tail)(ids))
+
+
 def test_folder_without_the_last_layer_is_refused(reference_checkpoint, tmp_path, encoder):
     """A converted folder keeps only what encoding needs; enhancing from it fails in one line."""
     root = tmp_path / "ckpt"

@@ -25,7 +25,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.qwen3 import TransformerBlock
-from mlx_lm.sample_utils import apply_top_k, apply_top_p
+from mlx_lm.sample_utils import apply_top_k, apply_top_p, greedy_sampler
 
 from .text_encoder import Qwen3Encoder, TextEncoder, quant_predicate
 from .weights import CheckpointError, load_into, quantize_as_stored, read_config, safetensors_files
@@ -141,7 +141,7 @@ def _sampler(temperature: float, key: mx.array | None):
     """Greedy at temperature 0; else top-k, top-p and temperature sampling drawing from `key`, split once per
     token (no global random state)."""
     if temperature == 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+        return greedy_sampler
     state = [key]
 
     def sample(logprobs: mx.array) -> mx.array:
@@ -177,6 +177,7 @@ class PromptEnhancer:
         return 0 if self.tail is None else sum(p.nbytes for _, p in tree_flatten(self.tail.parameters()))
 
     def release(self) -> None:
+        """Free the tail's weights (the text encoder is the caller's); generating raises afterwards."""
         self.tail = None
         mx.clear_cache()
 
