@@ -147,6 +147,27 @@ def test_pipeline_seeds_per_prompt(reference_checkpoint, enhancer):
         pipe.enhance_prompt("x", max_tokens=0)
 
 
+def test_enhancing_on_the_pipelines_own_thread(reference_checkpoint, enhancer):
+    """A server's worker thread loads the pipeline and enhances there (mlx-lm decodes on a thread-local stream)."""
+    import threading
+
+    got, errors = [], []
+
+    def worker():
+        try:
+            pipe = ZImagePipeline.from_pretrained(reference_checkpoint, dtype="float32", low_memory=True)
+            got.append(pipe.enhance_prompt(PROMPTS["english"], system_prompt=SYSTEM, temperature=2.0, seed=4,
+                                           max_tokens=12))
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert not errors, errors
+    assert got == [enhancer.enhance(PROMPTS["english"], system_prompt=SYSTEM, temperature=2.0, seed=4, max_tokens=12)]
+
+
 @pytest.fixture(scope="module")
 def wide_checkpoint(reference_checkpoint, tmp_path_factory):
     """The reference tokenizer with a Qwen3 of hidden size 64, so that 8-bit (group size 64) applies."""
