@@ -250,7 +250,7 @@ def test_cli_generate_enhance_and_replay(reference_checkpoint, tmp_path, monkeyp
 
     def counting(self, prompt, **kw):
         calls.append(prompt)
-        return real(self, prompt, **kw)
+        return real(self, prompt, **{**kw, "max_tokens": 24})  # the random model would run to 512 tokens
 
     monkeypatch.setattr(PromptEnhancer, "enhance", counting)
     common = ["-m", reference_checkpoint, "--size", "32", "--steps", "1"]
