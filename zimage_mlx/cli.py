@@ -147,10 +147,13 @@ def main():
 @click.option("--preview", "preview_path", metavar="FILE",
               help="Rewrite FILE (.png, .jpg or .webp) after every step with a cheap preview of the image forming, "
                    "to watch it in an image viewer.")
+@click.option("--enhance", is_flag=True,
+              help="First rewrite each prompt into a detailed one with the text encoder's own Qwen3 (seeded by the "
+                   "image seed); printed, and stored in the PNG next to the original.")
 @click.pass_context
 def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, quantize, size, width, height, steps,
              guidance, cfg_normalization, cfg_truncation, seed, num_images, output, overwrite, dtype, low_memory,
-             metadata, from_image, quiet, lora_specs, init_image, mask, strength, preview_path):
+             metadata, from_image, quiet, lora_specs, init_image, mask, strength, preview_path, enhance):
     """Generate images from a prompt (or several: --prompt-file), one file per prompt, seed and image.
 
     \b
@@ -160,6 +163,7 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
       zimage-mlx generate "the same street at night" --image street.jpg --strength 0.7
       zimage-mlx generate "a red vintage car" --image street.jpg --mask car-mask.png
       zimage-mlx generate "a portrait, watercolor" --lora watercolor.safetensors:0.8
+      zimage-mlx generate "a cat on a windowsill" --enhance --seed 7
     """
     from .pipeline import MAX_SEED, image_input, open_image, validate  # MLX and transformers load here, not for --help
     from .sampler import strength_start
@@ -172,6 +176,7 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     width, height = parse_size(size, width, height)
     quantize = int(quantize) if quantize else None
     loras = [parse_lora(spec) for spec in lora_specs]
+    replayed_original = None
     if from_image is not None:
         saved = read_image_settings(from_image)
         if given("init_image"):  # a new image brings its own size; the stored one would resize it
@@ -180,6 +185,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
             init_image = saved.get("image")
             mask = mask if given("mask") else saved.get("mask")
         strength = strength if given("strength") else saved.get("strength")
+        if not prompts and "original_prompt" in saved:  # an enhanced image: replay its rewrite, no LLM run
+            replayed_original = saved["original_prompt"]
         prompts = prompts or [saved["prompt"]]
         seed = seed or ((saved["seed"],) if "seed" in saved else ())
         steps = steps if given("steps") else saved.get("steps", steps)
@@ -267,6 +274,14 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
             say(f"Warning: {w.message}")
         say(f"Applied LoRA {lora_file.name} at scale {format_number(scale)}")
 
+    # The rewrites, one per image (a seeded rewrite is its image seed's), become the prompts of the jobs.
+    originals = [replayed_original] * len(jobs) if replayed_original is not None else [None] * len(jobs)
+    if enhance and replayed_original is None:
+        originals = [prompts[p] for p, _ in jobs]
+        with expected_errors():
+            prompts = enhance_jobs(pipe, prompts, jobs, say, progress)
+        jobs = [(i, s) for i, (_, s) in enumerate(jobs)]
+
     # 3. Prompts are encoded a few at a time (one text-encoder load each in --low-memory mode); the
     # pipeline's prompt cache then serves `generate`, so step times measure denoising only. Once the last
     # prompts are encoded the text encoder is freed (Qwen3-4B: 7.8 GB in bfloat16) before their denoising,
@@ -298,6 +313,7 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
                                      guidance=guidance, cfg_normalization=cfg_normalization,
                                      cfg_truncation=cfg_truncation, width=width, height=height, model=model_name,
                                      quantization=pipe.quantize, dtype=pipe.dtype, **image_settings,
+                                     original_prompt=originals[i],
                                      loras=[(model_label(name), scale) for name, scale in loras]))
             save_png(image, paths[i], info, overwrite)
             steps_done += denoising_steps
@@ -312,6 +328,66 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     n = len(jobs)
     say(f"Done: {n} image{'s' * (n > 1)} in {total:.1f} s ({step_seconds / max(steps_done, 1):.2f} s/step, "
         f"load {t_loaded - t_start:.1f} s), peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
+
+
+def enhance_jobs(pipe, prompts: list[str], jobs: list[tuple[int, int]], say, progress) -> list[str]:
+    """The rewritten prompt of each (prompt, seed) job, seeded by the job's image seed (in one call, so that
+    --low-memory loads the text encoder once); each is printed once."""
+    todo = list(dict.fromkeys(jobs))
+    progress.status(f"Enhancing {len(todo)} prompt{'s' * (len(todo) > 1)} ...")
+    try:
+        texts = pipe.enhance_prompt([prompts[p] for p, _ in todo], seed=[s for _, s in todo])
+    finally:
+        progress.status("")
+    rewrites = dict(zip(todo, texts))
+    for (p, s), text in rewrites.items():
+        say(f"Enhanced prompt {p + 1} (seed {s}): {text}" if len(prompts) > 1 else f"Enhanced prompt (seed {s}): {text}")
+    return [rewrites[job] for job in jobs]
+
+
+# ------------------------------------------------------------------------------------------------
+# enhance
+
+
+@main.command("enhance")
+@click.argument("prompt")
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
+              help="A Hugging Face repo id or a checkpoint folder.")
+@click.option("--seed", type=int, help="Sampling seed (default: a random one).")
+@click.option("--temperature", type=float, default=0.7, show_default=True, help="Sampling temperature; 0 is greedy.")
+@click.option("--max-tokens", type=int, default=512, show_default=True, help="Longest rewrite, in tokens.")
+@click.option("--system-prompt", metavar="TEXT", help="Replace the built-in instructions given to the model.")
+@click.option("--quantize", type=click.Choice(["4", "8"]), help="Quantize the text encoder on the fly (to 8 bits either way).")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+              show_default=True, help="Compute dtype; auto is bfloat16 on an Apple GPU, float32 on CPU.")
+def enhance_command(prompt, model, seed, temperature, max_tokens, system_prompt, quantize, dtype):
+    """Print a detailed rewrite of PROMPT, written by the checkpoint's own Qwen3 text encoder.
+
+    \b
+      zimage-mlx enhance "a cat on a windowsill" --seed 7
+      zimage-mlx generate "$(zimage-mlx enhance 'a lighthouse in a storm')" --seed 7
+    """
+    from .enhance import PromptEnhancer
+    from .pipeline import default_dtype, validate
+    from .text_encoder import TextEncoder
+    from .text_encoder import default_bits as text_encoder_bits
+    from .weights import resolve_model
+
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if not (math.isfinite(temperature) and 0 <= temperature <= 5):
+        raise UserError(f"--temperature must be a number in [0, 5] (0 is greedy), got {temperature}")
+    with expected_errors():
+        validate(seed=seed)
+        root = resolve_model(model)
+        dtype = default_dtype() if dtype == "auto" else dtype
+        encoder = TextEncoder.from_pretrained(root, dtype="bfloat16" if dtype == "float16" else dtype,
+                                              quantize=text_encoder_bits(int(quantize) if quantize else None))
+        enhancer = PromptEnhancer.from_text_encoder(encoder, root)
+        live = sys.stdout.isatty()  # on a terminal the rewrite appears as it is written
+        text = enhancer.enhance(prompt, system_prompt=system_prompt, max_tokens=max_tokens, temperature=temperature,
+                                seed=seed, callback=(lambda piece: click.echo(piece, nl=False)) if live else None)
+    click.echo("" if live else text)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -470,6 +546,7 @@ def png_info(settings: dict):
         "dtype": settings["dtype"],
         **({"image": settings["image"], "strength": format_number(settings["strength"])} if settings.get("image") else {}),
         **({"mask": settings["mask"]} if settings.get("mask") else {}),
+        **({"original_prompt": settings["original_prompt"]} if settings.get("original_prompt") is not None else {}),
         **({"loras": json.dumps([{"name": n, "scale": s} for n, s in settings["loras"]], ensure_ascii=False)}
            if settings.get("loras") else {}),
         "version": __version__,
@@ -549,7 +626,7 @@ def read_image_settings(path: str) -> dict:
     if "prompt" in text and "seed" in text:
         raw = {k: text[k] for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "cfg_normalization",
                                     "cfg_truncation", "width", "height", "model", "quantization", "dtype",
-                                    "loras", "image", "mask", "strength") if k in text}
+                                    "loras", "image", "mask", "strength", "original_prompt") if k in text}
     elif "parameters" in text:
         a = parse_a1111_parameters(text["parameters"])
         raw = {"prompt": a["prompt"], "negative_prompt": a["negative_prompt"], "seed": a.get("Seed")}

@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import kernels
+from .enhance import PromptEnhancer, check_options
 from .errors import InputError
 from .lora import Lora, apply_lora, read_lora, restore
 from .sampler import (FlowMatchScheduler, apply_cfg, euler_step, guidance_for_step, model_time, scale_noise,
@@ -82,6 +83,7 @@ class ZImagePipeline:
         self._prompt_cache: OrderedDict[tuple[str, int], mx.array] = OrderedDict()
         self.loras: list[tuple[str, float]] = []  # (name, scale) of the LoRAs applied, in order
         self._lora_originals: dict = {}  # what unload_loras() puts back
+        self._enhancer: PromptEnhancer | None = None  # the LM tail, kept with a resident text encoder
         self._latent_rgb = None  # the fast preview's map, fitted on first use
         self._owner = threading.get_ident()
 
@@ -150,12 +152,54 @@ class ZImagePipeline:
             self._prompt_cache.popitem(last=False)
         return out
 
+    def enhance_prompt(self, prompt: str | list[str], *, system_prompt: str | None = None, max_tokens: int = 512,
+                       temperature: float = 0.7, seed: int | list[int] | None = None,
+                       callback: Callable[[str], None] | None = None) -> str | list[str]:
+        """Rewrite a short prompt into a detailed one with the text encoder's own Qwen3 run as a chat model
+        (see enhance.py); a list of prompts gives a list.
+
+        system_prompt replaces ours (`enhance.SYSTEM_PROMPT`). temperature 0 decodes greedily; above 0 the
+        sampling draws from mx.random.key(seed) (every prompt of a list: seed, as generate's seed rule; or
+        seed[i] for a list of seeds; a random seed when None). callback(text) receives the decoded text as it is
+        generated, prompt after prompt. The last layer, final norm and LM head are read from the checkpoint for this call
+        (and kept with a resident text encoder until `release_text_encoder`; freed at once in low-memory mode).
+        """
+        self._check_thread()
+        prompts = _check_prompts(prompt, "prompt")
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
+        if len(seeds) != len(prompts):
+            raise InputError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
+        for s in seeds:
+            check_options(max_tokens, temperature, s, MAX_SEED)
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise TypeError(f"system_prompt must be a string, got {type(system_prompt).__name__}")
+        encoder = self.text_encoder or self._load_text_encoder()
+        enhancer = self._enhancer
+        if enhancer is None or enhancer.encoder is not encoder:
+            enhancer = PromptEnhancer.from_text_encoder(encoder, self.root)
+        try:
+            out = [enhancer.enhance(p, system_prompt=system_prompt, max_tokens=max_tokens, temperature=temperature,
+                                    seed=s, callback=callback) for p, s in zip(prompts, seeds)]
+        finally:
+            if self.low_memory or self.text_encoder is None:
+                enhancer.release()
+                self._enhancer = None
+                if self.text_encoder is None:
+                    encoder.release()
+            else:
+                self._enhancer = enhancer
+        return out[0] if isinstance(prompt, str) else out
+
     def release_text_encoder(self) -> None:
-        """Free the text encoder's weights; later prompts load it again for the time they are encoded."""
+        """Free the text encoder's weights (and the prompt enhancer's); later prompts load it again for the time
+        they are encoded."""
         self._check_thread()
         if self.text_encoder is not None:
             self.text_encoder.release()
             self.text_encoder = None
+        if self._enhancer is not None:
+            self._enhancer.release()
+            self._enhancer = None
         mx.clear_cache()
 
     def release_transformer(self) -> None:
