@@ -445,3 +445,81 @@ def test_bad_control_input(pipe, files, tmp_path):
             pipe.generate("a cat", control_image=picture(32, 32), steps=1, **kw)
     with pytest.raises(ValueError, match="no such file"):
         pipe.generate("a cat", control_image=tmp_path / "missing.png", steps=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def run_cli(*args):
+    from click.testing import CliRunner
+
+    from zimage_mlx import cli
+
+    return CliRunner().invoke(cli.main, ["generate", *map(str, args)])
+
+
+def test_cli_generates_records_and_replays(pipe, base, files, tmp_path):
+    folder, _ = files
+    control = tmp_path / "edges.png"
+    picture(48, 32, seed=5).save(control)
+    out = tmp_path / "out.png"
+    r = run_cli("a bridge", "-m", base, "--controlnet", folder / "2.1.safetensors", "--control", f"{control}:0.7",
+                "--control-end", "0.5", "--steps", 2, "--seed", 3, "--dtype", "float32", "-o", out)
+    assert r.exit_code == 0, r.output
+    pipe.load_controlnet(folder / "2.1.safetensors")
+    want = pipe.generate("a bridge", steps=2, seed=3, control_image=control, control_scale=0.7, control_end=0.5)[0]
+    got = Image.open(out)
+    assert got.size == (48, 32)  # the size of the control image
+    assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(want))
+    text = got.text
+    assert text["controlnet"] == str((folder / "2.1.safetensors").resolve()) and text["controlnet_graph"] == "authors"
+    assert json.loads(text["controls"]) == [{"image": str(control.resolve()), "scale": 0.7}]
+    assert (text["control_start"], text["control_end"]) == ("0", "0.5")
+    again = tmp_path / "again.png"
+    r = run_cli("--from-image", out, "-o", again)
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), np.asarray(want))
+    # the default scale is the version's recommended one (2.1: 0.9), and it is recorded
+    r = run_cli("a bridge", "-m", base, "--controlnet", folder / "2.1.safetensors", "--control", control,
+                "--steps", 1, "--seed", 3, "-o", tmp_path / "default.png")
+    assert r.exit_code == 0, r.output
+    assert json.loads(Image.open(tmp_path / "default.png").text["controls"])[0]["scale"] == 0.9
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--control", "IMG"], "--control needs --controlnet"),
+    (["--controlnet", "CN"], "--controlnet needs at least one --control"),
+    (["--controlnet", "CN", "--control", "IMG:x"], "is not a number"),
+    (["--controlnet", "CN", "--control", "missing.png"], "no such file"),
+    (["--controlnet", "TMP/none.safetensors", "--control", "IMG"], "does not exist"),
+    (["--controlnet", "CN", "--control", "IMG", "--control-start", "0.9", "--control-end", "0.2"], "below"),
+])
+def test_cli_bad_control_input_fails_before_loading(base, files, tmp_path, monkeypatch, args, message):
+    folder, _ = files
+    picture(32, 32).save(tmp_path / "c.png")
+    loaded = []
+    monkeypatch.setattr(ZImagePipeline, "from_pretrained", classmethod(lambda *a, **k: loaded.append(1)))
+    subs = {"IMG": str(tmp_path / "c.png"), "CN": str(folder / "lite.safetensors"), "TMP": str(tmp_path)}
+    args = [subs.get(a, a) for a in args]
+    args = [a.replace("IMG", subs["IMG"]).replace("TMP", str(tmp_path)) for a in args]
+    r = run_cli("a cat", "-m", base, "-o", tmp_path / "x.png", *args)
+    assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not loaded
+
+
+def test_control_maps(monkeypatch):
+    from zimage_mlx.controlnet import control_map
+
+    photo = picture(80, 60)
+    assert control_map(photo, "none", 32, 32) is photo
+    cv2 = pytest.importorskip("cv2")
+    edges = np.asarray(control_map(photo, "canny", 48, 32))
+    assert edges.shape == (32, 48, 3) and set(np.unique(edges)) == {0, 255}
+    grey = np.asarray(photo.resize((48, 32), Image.Resampling.LANCZOS).convert("L"))
+    assert np.array_equal(edges[..., 0], cv2.Canny(grey, 100, 200))
+    lines = np.asarray(control_map(photo, "lines", 48, 32))
+    assert lines.shape == (32, 48, 3) and lines.max() == 255
+    monkeypatch.setitem(__import__("sys").modules, "cv2", None)
+    with pytest.raises(ValueError, match=r"zimage-mlx\[control\]"):
+        control_map(photo, "canny", 48, 32)
