@@ -523,3 +523,46 @@ def test_control_maps(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "cv2", None)
     with pytest.raises(ValueError, match=r"zimage-mlx\[control\]"):
         control_map(photo, "canny", 48, 32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion and quantization
+
+
+def test_convert_and_quantize(pipe, base, files, tmp_path):
+    import mlx.nn as nn
+    from click.testing import CliRunner
+
+    from zimage_mlx import cli
+    from zimage_mlx.convert import convert_controlnet
+
+    folder, _ = files
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((1, 16, 4, 4)).astype(np.float32)
+    caps, t = [rng.standard_normal((6, 48)).astype(np.float32)], np.array([0.5], np.float32)
+    residuals = {}
+    for layout in ("2.0", "lite"):
+        ctx = [rng.standard_normal((33, 4, 4)).astype(np.float32)]
+        want = our_residuals(pipe, pipe.load_controlnet(folder / f"{layout}.safetensors"), x, t, caps, ctx, [1.0])
+        convert_controlnet(folder / f"{layout}.safetensors", tmp_path / layout, dtype="float32", base=base)
+        net = pipe.load_controlnet(tmp_path / layout)
+        assert net.args.version == ("2.0" if layout == "2.0" else "2.1") and "control_noise_refiner" not in (
+            net if layout == "2.0" else {})
+        got = our_residuals(pipe, net, x, t, caps, ctx, [1.0])
+        assert all(np.array_equal(got[k], want[k]) for k in want)  # a float32 conversion changes nothing
+        residuals[layout] = (ctx, want)
+    r = CliRunner().invoke(cli.main, ["convert", "--controlnet", str(folder / "lite.safetensors"), str(tmp_path / "q4"),
+                                      "--quantize", "4", "--group-size", "32", "--dtype", "float32", "--base", str(base)])
+    assert r.exit_code == 0, r.output
+    net = pipe.load_controlnet(tmp_path / "q4")
+    assert isinstance(net.control_all_x_embedder["2-1"], nn.Linear)  # 132 (here 4 x 33) inputs: kept
+    block = net.control_layers[0]
+    assert (block.attention.to_q.bits, block.feed_forward.w2.bits) == (4, 4)
+    assert block.adaLN_modulation[0].bits == block.after_proj.bits == block.before_proj.bits == 8
+    ctx, want = residuals["lite"]
+    got = our_residuals(pipe, net, x, t, caps, ctx, [1.0])
+    for k in want:  # 4-bit weights: close, not equal
+        err = np.linalg.norm(got[k] - want[k]) / np.linalg.norm(want[k])
+        assert 0 < err < 0.3
+    with pytest.raises(ValueError, match="already exists"):
+        convert_controlnet(folder / "lite.safetensors", tmp_path / "q4", base=base)

@@ -195,37 +195,53 @@ class ControlNet(nn.Module):
         return tokens
 
     @classmethod
-    def from_pretrained(cls, source, dit: ZImageTransformer, *, graph: str | None = None, dtype=None,
+    def from_pretrained(cls, source, dit: ZImageTransformer | TransformerArgs, *, graph: str | None = None, dtype=None,
                         quantize: int | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> "ControlNet":
         """Load a ControlNet for `dit`: a .safetensors file (the released single files), a folder (diffusers'
         save_pretrained, or `zimage-mlx convert --controlnet`, quantized or not), a Hub repo id holding one
         .safetensors file, or `owner/repo/file.safetensors` (the alibaba-pai repos hold several variants: name
-        one). The layout is read from the weights (`detect`); a file for another model is refused.
+        one). The layout is read from the weights (`detect`); a file for another model is refused. `dit` is the
+        DiT it runs with (or just its TransformerArgs, to check or inspect a file).
 
         graph: "authors" (default: the graph the weights were trained with) or "diffusers" (parity with
         diffusers); see the module docstring. dtype: the compute dtype (default: the DiT's). quantize: bits to
         quantize a float file to on the fly with `quant_predicate`.
         """
-        files, config = resolve_controlnet(source)
+        dit_args = dit if isinstance(dit, TransformerArgs) else dit.args
+        dtype = dtype if dtype is not None else "float32" if isinstance(dit, TransformerArgs) else dit.dtype
         what = f"ControlNet {source}"
-        weights: dict[str, mx.array] = {}
-        for f in files:
-            try:
-                weights.update(mx.load(str(f)))
-            except Exception as e:  # mx.load raises RuntimeError/ValueError on damaged files
-                raise CheckpointError(f"cannot read {f}: {e}") from None
-        args = detect(weights, dit.args, what)
-        if args.refiner == "control_layers":  # 2.0's untrained control_noise_refiner (diffusers drops it too)
-            weights = {k: w for k, w in weights.items() if not k.startswith("control_noise_refiner.")}
-        model = cls(args, dit.args, graph)
+        weights, config = read_controlnet(source)
+        model, weights = cls.build(weights, dit_args, what, graph)
         if quantize is not None:
             check_quantization(quantize, group_size)
         stored = quantize_as_stored(model, weights, config or {}, what, quantize)
-        load_into(model, weights, what, to_dtype(dtype if dtype is not None else dit.dtype))
+        load_into(model, weights, what, to_dtype(dtype))
         del weights
         if quantize is not None and stored is None:
             quantize_model(model, quant_predicate(quantize, group_size))
         return model
+
+
+    @classmethod
+    def build(cls, weights: dict, dit: TransformerArgs, what: str = "ControlNet", graph: str | None = None):
+        """The module for a state dict's layout (not loaded), and the weights it takes (2.0's untrained
+        control_noise_refiner dropped, as diffusers drops it)."""
+        args = detect(weights, dit, what)
+        if args.refiner == "control_layers":
+            weights = {k: w for k, w in weights.items() if not k.startswith("control_noise_refiner.")}
+        return cls(args, dit, graph), weights
+
+
+def read_controlnet(source) -> tuple[dict[str, mx.array], dict | None]:
+    """A ControlNet's tensors (lazily) and config.json (if it has one); see `resolve_controlnet`."""
+    files, config = resolve_controlnet(source)
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:  # mx.load raises RuntimeError/ValueError on damaged files
+            raise CheckpointError(f"cannot read {f}: {e}") from None
+    return weights, config
 
 
 def _check_graph(graph: str | None) -> str:
