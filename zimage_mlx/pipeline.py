@@ -164,6 +164,7 @@ class ZImagePipeline:
         This pipeline cannot denoise afterwards: load another to generate again."""
         self._check_thread()
         self.transformer = None
+        self.controlnet = None  # it runs only beside the DiT
         self._lora_originals = {}
         mx.clear_cache()
 
