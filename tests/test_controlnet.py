@@ -165,6 +165,16 @@ def test_detects_every_released_layout():
         assert (args.version, list(args.places)) == (version, places)
     assert "lite" in detect(fake_weights(3, 33, True), turbo).name
     assert "lite" not in detect(fake_weights(15, 33, True), turbo).name
+    # diffusers' single-file loader agrees on 1.0, 2.0 and 2.1 but takes lite for 1.0 (then fails on the
+    # embedder's shape); we do not
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    def theirs(w):
+        return infer_diffusers_model_type({k: torch.from_numpy(np.array(v.astype(mx.float32))) for k, v in w.items()})
+
+    assert theirs(fake_weights(15, 33, True)) == "z-image-turbo-controlnet-2.1"
+    assert theirs(fake_weights(15, 33, True, zero_refiner=True)) == "z-image-turbo-controlnet-2.0"
+    assert theirs(fake_weights(6, 16, False)) == theirs(fake_weights(3, 33, True)) == "z-image-turbo-controlnet"
     # diffusers without control_noise_refiner (its 2.0 conversion drops it) is still 2.0
     w = {k: v for k, v in fake_weights(15, 33, True).items() if not k.startswith("control_noise_refiner")}
     assert detect(w, turbo).version == "2.0"
