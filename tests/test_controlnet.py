@@ -441,6 +441,22 @@ def test_window_and_zero_scale(pipe, files, dit_forwards):
     assert np.array_equal(np.asarray(plain), np.asarray(zero))
 
 
+def test_image_to_image_under_control(pipe, files, monkeypatch):
+    from zimage_mlx import controlnet as cn
+
+    folder, _ = files
+    pipe.load_controlnet(folder / "2.1.safetensors")
+    seen = []
+    orig = cn.ControlPlan.at
+    monkeypatch.setattr(cn.ControlPlan, "at", lambda self, i, total: seen.append((i, total)) or orig(self, i, total))
+    photo, control = picture(32, 48, seed=6), picture(32, 48, seed=7)
+    got = pipe.generate("a house", image=photo, strength=0.5, steps=4, seed=2, control_image=control)[0]
+    assert seen == [(0, 2), (1, 2)]  # the 2 steps the strength keeps, each controlled
+    plain = pipe.generate("a house", image=photo, strength=0.5, steps=4, seed=2)[0]
+    assert got.size == plain.size == (32, 48)
+    assert np.abs(np.asarray(got, np.int16) - np.asarray(plain, np.int16)).max() > 8
+
+
 def test_bad_control_input(pipe, files, tmp_path):
     folder, _ = files
     pipe.unload_controlnet()
