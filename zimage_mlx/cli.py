@@ -122,6 +122,22 @@ def main():
 @click.option("--strength", type=float, metavar="0..1",
               help="How much of --image to repaint: 0 keeps it, 1 starts from pure noise; ceil(strength x steps) "
                    "of the steps run.  [default: 0.6, with --mask 1]")
+@click.option("--controlnet", metavar="PATH|ID",
+              help="A Z-Image Turbo Fun ControlNet Union (1.0, 2.0, 2.1, 2.1 lite, Tile): .safetensors file, folder, "
+                   "Hub repo/FILE.safetensors. The authors run 2.1 (-8steps files) at 8 steps, 1.0 at 9, 2.0 at 25.")
+@click.option("--control", "control_specs", metavar="IMAGE[:SCALE]", multiple=True,
+              help="A control map (edges, depth with near = white, pose, lines, tile) and its strength; repeat for "
+                   "several (one ControlNet pass). SCALE defaults to the authors': 0.9 for Union 2.1 (lite, "
+                   "8-step), 0.75 for 1.0 and 2.0; 0.65-1 is the useful range.")
+@click.option("--control-type", type=click.Choice(["none", "canny", "lines"]), default="none", show_default=True,
+              help="Compute the map from a photo: canny edges, or lines (LSD, a stand-in for MLSD); needs "
+                   "pip install 'zimage-mlx[control]'.")
+@click.option("--control-start", type=float, default=0.0, show_default=True, metavar="0..1",
+              help="First part of the steps without control.")
+@click.option("--control-end", type=float, default=1.0, show_default=True, metavar="0..1",
+              help="Control only the steps up to this fraction.")
+@click.option("--controlnet-graph", type=click.Choice(["authors", "diffusers"]), default="authors", show_default=True,
+              help="Union 2.x refiner residuals into the DiT's stream (authors, as trained) or not (diffusers).")
 @click.option("--steps", type=int, default=8, show_default=True, help="Denoising steps.")
 @click.option("--guidance", type=float, default=0.0, show_default=True,
               help="CFG scale; Turbo is distilled to run without it (0).")
@@ -153,7 +169,8 @@ def main():
 @click.pass_context
 def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, quantize, size, width, height, steps,
              guidance, cfg_normalization, cfg_truncation, seed, num_images, output, overwrite, dtype, low_memory,
-             metadata, from_image, quiet, lora_specs, init_image, mask, strength, preview_path, enhance):
+             metadata, from_image, quiet, lora_specs, init_image, mask, strength, preview_path, enhance, controlnet,
+             control_specs, control_type, control_start, control_end, controlnet_graph):
     """Generate images from a prompt (or several: --prompt-file), one file per prompt, seed and image.
 
     \b
@@ -164,6 +181,7 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
       zimage-mlx generate "a red vintage car" --image street.jpg --mask car-mask.png
       zimage-mlx generate "a portrait, watercolor" --lora watercolor.safetensors:0.8
       zimage-mlx generate "a cat on a windowsill" --enhance --seed 7
+      zimage-mlx generate "a glass house" --controlnet union-2.1-lite-8steps.safetensors --control photo.jpg --control-type canny
     """
     from .pipeline import MAX_SEED, image_input, open_image, validate  # MLX and transformers load here, not for --help
     from .sampler import strength_start
@@ -177,6 +195,7 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     quantize = int(quantize) if quantize else None
     loras = [parse_lora(spec) for spec in lora_specs]
     replayed_original = None
+    controls = [parse_control(spec) for spec in control_specs]
     if from_image is not None:
         saved = read_image_settings(from_image)
         if given("init_image"):  # a new image brings its own size; the stored one would resize it
@@ -199,6 +218,13 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
         quantize = quantize if given("quantize") else saved.get("quantization", quantize)
         dtype = dtype if given("dtype") else saved.get("dtype", dtype)
         loras = loras if given("lora_specs") else saved.get("loras", loras)
+        if not given("control_specs") and not given("controlnet"):
+            controlnet, controls = saved.get("controlnet", controlnet), saved.get("controls", controls)
+            control_type = control_type if given("control_type") else saved.get("control_type", control_type)
+            control_start = control_start if given("control_start") else saved.get("control_start", control_start)
+            control_end = control_end if given("control_end") else saved.get("control_end", control_end)
+            controlnet_graph = controlnet_graph if given("controlnet_graph") else saved.get("controlnet_graph",
+                                                                                             controlnet_graph)
         if not given("negative_prompt") and guidance > 0:  # a stored negative prompt only matters with CFG
             negative_prompt = saved.get("negative_prompt")
     if not prompts:
@@ -211,6 +237,10 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
             init = image_input(open_image(init_image, "--image"), open_image(mask, "--mask") if mask else None,
                                strength, width, height)
         width, height = init.width, init.height
+    control = control_settings(controlnet, controls, control_type, control_start, control_end, width, height,
+                               init is not None)
+    if control:
+        width, height = control["width"], control["height"]
     width, height = width or 1024, height or 1024
     negative_prompt = negative_prompt or None
     with expected_errors():
@@ -273,6 +303,17 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
         for w in caught:
             say(f"Warning: {w.message}")
         say(f"Applied LoRA {lora_file.name} at scale {format_number(scale)}")
+    control_kw, control_info = {}, {}
+    if control:
+        with expected_errors():
+            net = pipe.load_controlnet(control["files"], graph=controlnet_graph)
+        scales = [net.args.scale if s is None else s for s in control["scales"]]
+        say(f"Loaded ControlNet {net.args.name}, graph {net.graph}, scale {', '.join(map(format_number, scales))}")
+        control_kw = dict(control_image=control["maps"], control_scale=scales, control_start=control_start,
+                          control_end=control_end)
+        control_info = dict(controlnet=model_label(controlnet), controls=list(zip(control["paths"], scales)),
+                            control_type=control_type, control_start=control_start, control_end=control_end,
+                            controlnet_graph=net.graph)
 
     # The rewrites, one per image (a seeded rewrite is its image seed's), become the prompts of the jobs.
     originals = [replayed_original] * len(jobs) if replayed_original is not None else [None] * len(jobs)
@@ -303,7 +344,7 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
             image = pipe.generate(prompts[p], negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                                   guidance=guidance, cfg_normalization=cfg_normalization,
                                   cfg_truncation=cfg_truncation, seed=s, num_images=1, callback=progress,
-                                  release_transformer=i == len(jobs) - 1, **source,
+                                  release_transformer=i == len(jobs) - 1, **source, **control_kw,
                                   on_step=preview_writer(pipe, preview_file) if preview_file else None)[0]
             progress.finish()
             show_warnings(caught, shown, quiet)
@@ -314,7 +355,7 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
                                      cfg_truncation=cfg_truncation, width=width, height=height, model=model_name,
                                      quantization=pipe.quantize, dtype=pipe.dtype, **image_settings,
                                      original_prompt=originals[i],
-                                     loras=[(model_label(name), scale) for name, scale in loras]))
+                                     loras=[(model_label(name), scale) for name, scale in loras], **control_info))
             save_png(image, paths[i], info, overwrite)
             steps_done += denoising_steps
             step_seconds += progress.step_seconds
@@ -443,6 +484,52 @@ def parse_lora(spec: str) -> tuple[str, float]:
     return name, value
 
 
+def parse_control(spec) -> tuple[str, float | None]:
+    """--control IMAGE[:SCALE] into (path, scale or None for the ControlNet's default); a stored pair passes."""
+    if isinstance(spec, (tuple, list)):
+        return spec[0], spec[1]
+    name, sep, scale = spec.rpartition(":")
+    if not sep or Path(spec).expanduser().exists():
+        return spec, None
+    try:
+        value = float(scale)
+    except ValueError:
+        raise UserError(f"--control {spec}: the scale {scale!r} after the last ':' is not a number") from None
+    if not name or not math.isfinite(value):
+        raise UserError(f"--control {spec}: give IMAGE[:SCALE] with a finite number as SCALE, e.g. edges.png:0.8")
+    return name, value
+
+
+def control_settings(controlnet, controls, control_type, start, end, width, height, has_image) -> dict:
+    """Check the ControlNet options before the model loads; returns {} without controls, else the ControlNet's
+    files, the control maps (computed from photos with --control-type, at the output size), their paths and
+    scales, and the output size (the first control image's when neither --image nor a size says otherwise)."""
+    if not controls:
+        if controlnet:
+            raise UserError("--controlnet needs at least one --control IMAGE")
+        return {}
+    if not controlnet:
+        raise UserError("--control needs --controlnet (a ControlNet Union file, folder or Hub id)")
+    from .controlnet import control_inputs, control_map, resolve_controlnet
+    from .pipeline import output_size
+
+    with expected_errors():
+        files = resolve_controlnet(controlnet)[0]
+        inputs = control_inputs([open_control(path) for path, _ in controls], [s for _, s in controls], start, end)
+        if not has_image:
+            width, height = output_size(inputs.images[0].size, width, height)
+        maps = [control_map(im, control_type, width, height) for im in inputs.images]
+    files = controlnet if Path(controlnet).expanduser().exists() else files[0]  # a Hub id: the file downloaded
+    return dict(files=files, maps=maps, scales=inputs.scales, width=width, height=height,
+                paths=[str(Path(p).expanduser().resolve()) for p, _ in controls])
+
+
+def open_control(path):
+    from .pipeline import open_image
+
+    return open_image(path, f"--control {path}")
+
+
 def model_label(model: str) -> str:
     """How the model is named in metadata: a folder as an absolute path (so --from-image works from anywhere),
     a Hub id as given."""
@@ -549,6 +636,11 @@ def png_info(settings: dict):
         **({"original_prompt": settings["original_prompt"]} if settings.get("original_prompt") is not None else {}),
         **({"loras": json.dumps([{"name": n, "scale": s} for n, s in settings["loras"]], ensure_ascii=False)}
            if settings.get("loras") else {}),
+        **({"controlnet": settings["controlnet"],
+            "controls": json.dumps([{"image": n, "scale": s} for n, s in settings["controls"]], ensure_ascii=False),
+            "control_type": settings["control_type"], "control_start": format_number(settings["control_start"]),
+            "control_end": format_number(settings["control_end"]), "controlnet_graph": settings["controlnet_graph"]}
+           if settings.get("controlnet") else {}),
         "version": __version__,
         "Software": f"zimage-mlx {__version__}",
         "parameters": a1111_parameters(settings),
@@ -573,6 +665,9 @@ def a1111_parameters(s: dict) -> str:
         fields["LoRA"] = ", ".join(f"{n}:{format_number(v)}" for n, v in s["loras"])
     if s.get("image"):
         fields["Denoising strength"] = format_number(s["strength"])
+    if s.get("controlnet"):
+        fields["ControlNet"] = s["controlnet"]
+        fields["Control"] = ", ".join(f"{Path(n).name}:{format_number(v)}" for n, v in s["controls"])
     fields["Dtype"] = s["dtype"]
     fields["Version"] = f"zimage-mlx {__version__}"
     lines = [s["prompt"]]
@@ -626,7 +721,8 @@ def read_image_settings(path: str) -> dict:
     if "prompt" in text and "seed" in text:
         raw = {k: text[k] for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "cfg_normalization",
                                     "cfg_truncation", "width", "height", "model", "quantization", "dtype",
-                                    "loras", "image", "mask", "strength", "original_prompt") if k in text}
+                                    "loras", "image", "mask", "strength", "original_prompt", "controlnet", "controls",
+                                    "control_type", "control_start", "control_end", "controlnet_graph") if k in text}
     elif "parameters" in text:
         a = parse_a1111_parameters(text["parameters"])
         raw = {"prompt": a["prompt"], "negative_prompt": a["negative_prompt"], "seed": a.get("Seed")}
@@ -645,12 +741,14 @@ def read_image_settings(path: str) -> dict:
         try:
             if key in ("seed", "steps", "width", "height"):
                 settings[key] = int(value)
-            elif key in ("guidance", "cfg_normalization", "cfg_truncation", "strength"):
+            elif key in ("guidance", "cfg_normalization", "cfg_truncation", "strength", "control_start", "control_end"):
                 settings[key] = float(value)
             elif key == "quantization":
                 settings[key] = None if value in ("", "none") else int(value)
             elif key == "loras":
                 settings[key] = saved_loras(path, value)
+            elif key == "controls":
+                settings[key] = saved_controls(path, value)
             else:
                 settings[key] = value
         except ValueError:
@@ -666,6 +764,14 @@ def saved_loras(path: str, value: str) -> list[tuple[str, float]]:
         return [(str(x["name"]), float(x["scale"])) for x in json.loads(value)]
     except (ValueError, TypeError, KeyError):
         raise UserError(f"--from-image {path}: the metadata's loras {value!r} is not a list of names and scales") from None
+
+
+def saved_controls(path: str, value: str) -> list[tuple[str, float]]:
+    """The `controls` chunk: a JSON list of {"image", "scale"}."""
+    try:
+        return [(str(x["image"]), float(x["scale"])) for x in json.loads(value)]
+    except (ValueError, TypeError, KeyError):
+        raise UserError(f"--from-image {path}: the metadata's controls {value!r} is not a list of images and scales") from None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -85,6 +85,7 @@ class ZImagePipeline:
         self._lora_originals: dict = {}  # what unload_loras() puts back
         self._enhancer: PromptEnhancer | None = None  # the LM tail, kept with a resident text encoder
         self._latent_rgb = None  # the fast preview's map, fitted on first use
+        self.controlnet = None  # set by load_controlnet
         self._owner = threading.get_ident()
 
     def _check_thread(self) -> None:
@@ -208,6 +209,7 @@ class ZImagePipeline:
         This pipeline cannot denoise afterwards: load another to generate again."""
         self._check_thread()
         self.transformer = None
+        self.controlnet = None  # it runs only beside the DiT
         self._lora_originals = {}
         mx.clear_cache()
 
@@ -236,7 +238,8 @@ class ZImagePipeline:
     def denoise(self, prompt_embeds: list[mx.array], latents: mx.array, sigmas: list[float], *,
                 negative_embeds: list[mx.array] | None = None, guidance: float = 0.0,
                 cfg_normalization: float | bool = False, cfg_truncation: float = 1.0, mask: mx.array | None = None,
-                image_latents: mx.array | None = None, noise: mx.array | None = None) -> Iterator[Step]:
+                image_latents: mx.array | None = None, noise: mx.array | None = None,
+                control=None) -> Iterator[Step]:
         """Run the sampler, yielding a `Step` after each DiT step (len(sigmas) - 1 of them).
 
         prompt_embeds: one caption per latent; latents: (B, h, w, 16) float32 latents at sigmas[0] (pure
@@ -247,6 +250,8 @@ class ZImagePipeline:
         `image_latents` (B or 1, h, w, 16) and the `noise` the start was made with, every step ends with
         x = (1 - mask) * scale_noise(image_latents, noise, sigma_next) + mask * x: the kept region follows the
         image, noised to the next sigma, and is the clean image latents after the last step (sigma 0).
+
+        control: a `controlnet.ControlPlan` (made by generate from control images) whose residuals each step adds.
         """
         B = latents.shape[0]
         if len(prompt_embeds) != B or (negative_embeds is not None and len(negative_embeds) != B):
@@ -258,12 +263,14 @@ class ZImagePipeline:
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             g = guidance_for_step(guidance, sigma, cfg_truncation) if negative_embeds is not None else 0.0
             t = mx.full((B,), model_time(sigma), dtype=mx.float32)
+            hook = control.at(i, total) if control is not None else None
+            kw = {} if hook is None else {"control": hook}
             if g > 0:
                 both = dit(mx.concatenate([x, x]), mx.concatenate([t, t]),
-                                        list(prompt_embeds) + list(negative_embeds))
+                                        list(prompt_embeds) + list(negative_embeds), **kw)
                 pred = apply_cfg(both[:B], both[B:], g, cfg_normalization)
             else:
-                pred = dit(x, t, prompt_embeds).astype(mx.float32)
+                pred = dit(x, t, prompt_embeds, **kw).astype(mx.float32)
             denoised = x + sigma * pred
             x = euler_step(x, pred, sigma, sigma_next)
             if mask is not None:
@@ -333,6 +340,33 @@ class ZImagePipeline:
         self.loras.clear()
 
     # ------------------------------------------------------------------------------------------
+    # ControlNet
+
+    def load_controlnet(self, controlnet, graph: str | None = None, *, quantize: int | None = None):
+        """Load a Z-Image Turbo Fun ControlNet Union (1.0, 2.0, 2.1, 2.1 lite, Tile 2.1; the layout is read from
+        the weights): a .safetensors file, a folder, a Hub repo id holding one file, or
+        `owner/repo/file.safetensors` (e.g. alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1/
+        Z-Image-Turbo-Fun-Controlnet-Union-2.1-lite-2602-8steps.safetensors). It replaces any loaded one and
+        shares the DiT's modules (no copy). graph: "authors" (default, what the weights were trained with) or
+        "diffusers"; see zimage_mlx.controlnet. quantize: bits (default: the pipeline's on-the-fly bits)."""
+        from .controlnet import ControlNet
+
+        if isinstance(controlnet, ControlNet):
+            net = controlnet
+        else:
+            self.controlnet = None  # free the previous one before reading the next
+            net = ControlNet.from_pretrained(controlnet, self._dit(), graph=graph, dtype=self.dtype,
+                                             quantize=self.quantize if quantize is None else quantize)
+        self.controlnet = net
+        return net
+
+    def unload_controlnet(self) -> None:
+        """Free the ControlNet's weights."""
+        self._check_thread()
+        self.controlnet = None
+        mx.clear_cache()
+
+    # ------------------------------------------------------------------------------------------
     # The one call
 
     def generate(self, prompt: str | list[str], *legacy, negative_prompt: str | list[str] | None = None,
@@ -341,7 +375,9 @@ class ZImagePipeline:
                  num_images: int = 1, latents: mx.array | None = None,
                  callback: Callable[[int, int, mx.array], None] | None = None, max_sequence_length: int = 512,
                  image=None, mask=None, strength: float | None = None, image_latents: mx.array | None = None,
-                 release_transformer: bool = False, on_step: Callable[[Step], None] | None = None, cancel=None):
+                 release_transformer: bool = False, on_step: Callable[[Step], None] | None = None, cancel=None,
+                 control_image=None, control_scale: float | list[float] | None = None, control_start: float = 0.0,
+                 control_end: float = 1.0):
         """Generate images; returns a list of PIL images, prompt-major (all images of prompt 0 first).
         Every argument after the prompt is a keyword (positional ones still work, with a DeprecationWarning).
 
@@ -379,21 +415,34 @@ class ZImagePipeline:
         `threading.Event` another thread sets: it is checked before encoding, after every step and before
         decoding, and a set token raises `Cancelled` there. Nothing is left half-done: the next call (and the
         prompt cache, LoRAs, freed models) behaves as if the cancelled run never happened.
+
+        ControlNet (after `load_controlnet`): `control_image`, a path or PIL image (an edge, depth, pose, line
+        or tile map; the Union model takes any), or a list for several controls, batched into one ControlNet
+        pass per step. `control_scale`: one number or one per image (default: the version's recommended
+        scale, 0.75 for Union 1.0 and 2.0, 0.9 for 2.1). `control_start`/`control_end`: the part of the steps
+        controlled, step i of N when start <= i/N and (i+1)/N <= end. Control images are stretched to the
+        output size (Lanczos, aspect ratio not kept); without an image, width and height follow the first
+        control image like an input image. Works with text-to-image, image-to-image and inpainting; a 2.x
+        ControlNet also gets the mask and the masked image (diffusers' ZImageControlNetInpaintPipeline layout),
+        while the kept region is still reset after every step, as in plain inpainting.
         """
-        if legacy:
-            given = dict(negative_prompt=negative_prompt, width=width, height=height, steps=steps, guidance=guidance,
-                         cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation, seed=seed,
-                         num_images=num_images, latents=latents, callback=callback,
-                         max_sequence_length=max_sequence_length, image=image, mask=mask, strength=strength,
-                         image_latents=image_latents, release_transformer=release_transformer, on_step=on_step,
-                         cancel=cancel)
+        if legacy:  # every keyword argument as passed (locals() holds only the arguments at this point)
+            given = {k: v for k, v in locals().items() if k not in ("self", "prompt", "legacy")}
             return self.generate(prompt, **_from_positional(legacy, given))
         self._check_thread()
         prompts = _check_prompts(prompt, "prompt")
-        init = None
+        init = controls = None
+        if control_image is not None or control_scale is not None:
+            from .controlnet import control_inputs
+
+            if self.controlnet is None:
+                raise InputError("control_image needs a ControlNet: call load_controlnet(...) first")
+            controls = control_inputs(control_image, control_scale, control_start, control_end)
         if image is not None or mask is not None or strength is not None or image_latents is not None:
             init = image_input(image, mask, strength, width, height, image_latents)
             width, height = init.width, init.height
+        elif controls is not None:
+            width, height = output_size(controls.images[0].size, width, height)
         width, height = 1024 if width is None else width, 1024 if height is None else height
         validate(width=width, height=height, steps=steps, guidance=guidance, num_images=num_images, seed=seed)
         negatives = None
@@ -423,6 +472,12 @@ class ZImagePipeline:
             _check_cancel(cancel)
             sigmas, latents, inpaint = self._start_from_image(init, sigmas, latents, seeds)
 
+        control = None
+        if controls is not None and len(sigmas) > 1:
+            from .controlnet import plan
+
+            _check_cancel(cancel)
+            control = plan(self, controls, width, height, init)
         _check_cancel(cancel)
         if len(sigmas) > 1:  # a strength that leaves no step needs no prompt either
             feats = self.encode_prompt(prompts + (negatives or []), max_sequence_length)
@@ -431,7 +486,8 @@ class ZImagePipeline:
             if self.low_memory:
                 self.release_text_encoder()
             for step in self.denoise(pos, latents, sigmas, negative_embeds=neg, guidance=guidance,
-                                     cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation, **inpaint):
+                                     cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation,
+                                     control=control, **inpaint):
                 latents = step.latents
                 if callback is not None:
                     callback(step.index + 1, step.total, latents)
@@ -514,7 +570,7 @@ def image_input(image, mask=None, strength: float | None = None, width: int | No
                 height: int | None = None, image_latents: mx.array | None = None) -> ImageInput:
     """Check an image-to-image / inpainting request and settle the output size by generate's resize policy.
 
-    Opens paths (no model needed: the CLI calls it before loading one); raises ValueError or TypeError with a
+    Opens paths (no model needed: the CLI calls it before loading one); raises InputError or TypeError with a
     one-line reason: no image, an unreadable file, a mask of another size, a strength outside [0, 1].
     """
     if image is None and image_latents is None:
@@ -559,7 +615,7 @@ def output_size(size: tuple[int, int], width: int | None = None, height: int | N
 
 
 def open_image(value, what: str = "image"):
-    """A PIL image as is, or a path opened like diffusers' load_image (EXIF orientation applied); ValueError
+    """A PIL image as is, or a path opened like diffusers' load_image (EXIF orientation applied); InputError
     for a missing or unreadable file, TypeError for anything else. `what` names it in messages."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 

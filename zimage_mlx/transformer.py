@@ -239,6 +239,20 @@ class FinalLayer(nn.Module):
         return self.linear(mx.fast.layer_norm(x, None, None, 1e-6) * scale)
 
 
+def _blocks(blocks, x, rope, mask, adaln, residuals=None):
+    """Run blocks in order, one graph per block (see kernels.cut). residuals: None, or an iterator of
+    (block index, array) with increasing indices, each array added to that block's output; it is advanced
+    only when its next residual is due, so a side network can compute one residual at a time."""
+    due = next(residuals, None) if residuals is not None else None
+    for i, block in enumerate(blocks):
+        x = block(x, rope, mask, adaln)
+        if due is not None and due[0] == i:
+            x = x + due[1]
+            due = next(residuals, None)
+        x = kernels.cut(x)
+    return x
+
+
 # ----------------------------------------------------------------------------------------------
 # Quantization policy: the one predicate used by the converter and by on-the-fly quantization
 
@@ -320,12 +334,18 @@ class ZImageTransformer(nn.Module):
         cap = np.stack([1 + np.arange(cap_len_padded), np.zeros(cap_len_padded), np.zeros(cap_len_padded)], -1)
         return np.concatenate([img, pads, cap.astype(np.int64)], axis=0)
 
-    def __call__(self, x: mx.array, t: mx.array, cap_feats: list[mx.array]) -> mx.array:
+    def __call__(self, x: mx.array, t: mx.array, cap_feats: list[mx.array], control=None) -> mx.array:
         """One DiT forward.
 
         x: (B, h, w, C) latents (any float dtype); t: (B,) model time 1 - sigma in [0, 1];
         cap_feats: B caption features (L_i, cap_feat_dim), valid tokens only. Returns (B, h, w, C) in
         the compute dtype: the prediction x0 - noise.
+
+        control: optional residuals from a side network (a ControlNet's per-step `controlnet.Control`).
+        `control.refiner(self, img, rope, adaln)` is called with the embedded image tokens before the noise
+        refiner, `control.main(self, unified, rope, mask, adaln)` with the unified sequence before the main
+        layers; each returns None or an iterator of (block index, residual), indices increasing, and each
+        residual is added to that block's output.
         """
         B, h, w, _ = x.shape
         if len(cap_feats) != B:
@@ -351,8 +371,9 @@ class ZImageTransformer(nn.Module):
         cos, sin = rope_angles(pos, self.args.axes_dims, self.args.rope_theta)  # (B, L_max, head_dim/2)
         n_img = N + n_pad
 
-        for layer in self.noise_refiner:
-            img = kernels.cut(layer(img, (cos[:, :n_img], sin[:, :n_img]), None, adaln))
+        img_rope = (cos[:, :n_img], sin[:, :n_img])
+        extra = control.refiner(self, img, img_rope, adaln) if control is not None else None
+        img = _blocks(self.noise_refiner, img, img_rope, None, adaln, extra)
 
         # Caption tokens: embed, pad with the learned cap_pad_token, refine (no modulation).
         caps = []
@@ -389,8 +410,8 @@ class ZImageTransformer(nn.Module):
             valid = np.arange(L_max)[None, :] < (n_img + np.array(cap_padded))[:, None]
             mask = mx.array(valid)[:, None, None, :]  # (B, 1, 1, L): True = attend
 
-        for layer in self.layers:  # one graph per block: see kernels.cut
-            unified = kernels.cut(layer(unified, (cos, sin), mask, adaln))
+        extra = control.main(self, unified, (cos, sin), mask, adaln) if control is not None else None
+        unified = _blocks(self.layers, unified, (cos, sin), mask, adaln, extra)
 
         out = self.all_final_layer["2-1"](unified[:, :N], adaln)  # (B, N, 4C)
         return unpatchify(out, h, w)
