@@ -131,10 +131,11 @@ def main():
 @click.option("--from-image", metavar="PNG",
               help="Take prompt, seed, steps, guidance, size and model from a PNG's metadata; flags override.")
 @click.option("--quiet", is_flag=True, help="Print only the output paths.")
+@click.option("--verbose", is_flag=True, help="Also print why the compute dtype was chosen.")
 @click.pass_context
 def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, quantize, size, width, height, steps,
              guidance, cfg_normalization, cfg_truncation, seed, num_images, output, overwrite, dtype, low_memory,
-             metadata, from_image, quiet, lora_specs, init_image, mask, strength):
+             metadata, from_image, quiet, lora_specs, init_image, mask, strength, verbose=False):
     """Generate images from a prompt (or several: --prompt-file), one file per prompt, seed and image.
 
     \b
@@ -242,6 +243,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
             progress.status("")
     t_loaded = time.perf_counter()
     say(f"Loaded {model_name} in {t_loaded - t_start:.1f} s ({describe_pipeline(pipe)})")
+    if verbose:
+        say(f"Dtype: {pipe.reason}")
     for lora_file, scale in lora_files:
         with expected_errors(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", LoraWarning)
