@@ -193,8 +193,9 @@ def overflow_checkpoint(reference_checkpoint, tmp_path_factory):
 def test_overflowing_step_is_redone_in_bfloat16_with_one_warning(overflow_checkpoint, monkeypatch):
     from zimage_mlx.pipeline import ZImagePipeline
 
-    pipe = ZImagePipeline.from_pretrained(overflow_checkpoint, dtype="float16", low_memory=True)
-    assert pipe.transformer.scaled and pipe.reason == "float16 (requested)"
+    with pytest.warns(Float16OverflowWarning, match="std of layers.0.ffn_norm1 is .* >= 0.42"):
+        pipe = ZImagePipeline.from_pretrained(overflow_checkpoint, dtype="float16", low_memory=True)
+    assert pipe.transformer.scaled and pipe.reason.startswith("float16 (requested); the checkpoint fails")
     calls, orig = [], ZImageTransformer.__call__
 
     def recording(self, x, t, caps, activations=None):
@@ -221,7 +222,8 @@ def test_stressed_checkpoint_needs_no_redo(reference_checkpoint, tmp_path, dit_f
     root = tmp_path / "ckpt"
     shutil.copytree(reference_checkpoint, root, ignore=shutil.ignore_patterns("transformer"))
     reference.build_stress_transformer(root / "transformer", **STRESS)
-    pipe = ZImagePipeline.from_pretrained(root, dtype="float16", low_memory=True)
+    with pytest.warns(Float16OverflowWarning, match="requested"):  # x100 norm weights fail ComfyUI's std gate
+        pipe = ZImagePipeline.from_pretrained(root, dtype="float16", low_memory=True)
     calls = dit_forwards()
     with warnings.catch_warnings():
         warnings.simplefilter("error", Float16OverflowWarning)
@@ -292,11 +294,20 @@ def test_gate_and_auto_dtype():
     assert fp16.gpu_name() is None  # the CPU is never float16
 
 
-def test_auto_on_cpu_is_float32_and_says_why(reference_checkpoint):
+def test_auto_on_cpu_is_float32_and_says_why(reference_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from zimage_mlx import cli
     from zimage_mlx.pipeline import ZImagePipeline
 
     pipe = ZImagePipeline.from_pretrained(reference_checkpoint, low_memory=True)
     assert pipe.dtype == "float32" and "CPU" in pipe.reason
+    args = ["generate", "a cat", "-m", str(reference_checkpoint), "--size", "32", "--steps", "1", "--seed", "1"]
+    r = CliRunner().invoke(cli.main, args + ["--verbose", "-o", str(tmp_path / "a.png")])
+    assert r.exit_code == 0, r.output
+    assert f"Dtype: {pipe.reason}" in r.stderr
+    r = CliRunner().invoke(cli.main, args + ["-o", str(tmp_path / "b.png")])
+    assert r.exit_code == 0 and "Dtype:" not in r.stderr
 
 
 def test_convert_stores_the_statistics(reference_checkpoint, tmp_path):
@@ -339,3 +350,17 @@ def test_lora_on_float16_weights_is_rechecked(reference_checkpoint):
     assert after is not stats and after["max_abs_weight"] > stats["max_abs_weight"]
     merged = float(mx.abs(pipe.transformer.layers[0].feed_forward.w2.weight.astype(mx.float32)).max().item())
     assert after["max_abs_weight"] == pytest.approx(max(merged, stats["max_abs_weight"]), rel=1e-3)
+
+
+def test_auto_on_an_m1_judges_the_checkpoint_at_load(reference_checkpoint, overflow_checkpoint, monkeypatch):
+    """On an M1 (faked: this is a CPU) auto loads float16 and keeps it when the statistics computed at load
+    pass; a checkpoint that fails them (std of the ffn_norm1 weights far above 0.42) is loaded in bfloat16."""
+    from zimage_mlx.pipeline import ZImagePipeline
+
+    monkeypatch.setattr(fp16, "gpu_name", lambda: ("Apple M1", "applegpu_g13g"))
+    pipe = ZImagePipeline.from_pretrained(reference_checkpoint, low_memory=True)
+    assert pipe.dtype == "float16" and pipe.transformer.dtype == mx.float16 and pipe.transformer.scaled
+    assert pipe.reason.startswith("float16: Apple M1 has no native bfloat16 and the checkpoint passes")
+    pipe = ZImagePipeline.from_pretrained(overflow_checkpoint, low_memory=True)
+    assert pipe.dtype == "bfloat16" and pipe.transformer.dtype == mx.bfloat16 and not pipe.transformer.scaled
+    assert "would run float16 faster, but std of layers.0.ffn_norm1" in pipe.reason

@@ -124,7 +124,8 @@ def main():
                    f"[default: {DEFAULT_OUTPUT}]")
 @click.option("--overwrite", is_flag=True, help="Replace existing files (by default nothing is overwritten).")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
-              show_default=True, help="Compute dtype; auto is bfloat16 on an Apple GPU, float32 on CPU.")
+              show_default=True, help="Compute dtype; auto is float32 on CPU, float16 on M1/M2 for checkpoints "
+                   "that pass the float16 checks, else bfloat16 (--verbose says why).")
 @click.option("--low-memory", is_flag=True, help="Load the text encoder only while encoding; decode in tiles.")
 @click.option("--metadata/--no-metadata", default=True, show_default=True,
               help="Store the settings in the PNG (A1111 `parameters` chunk included).")

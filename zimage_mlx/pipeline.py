@@ -98,6 +98,12 @@ class ZImagePipeline:
                 transformer = ZImageTransformer.from_pretrained(root / "transformer", dtype=choice.dtype,
                                                                 quantize=quantize)
         dtype = choice.dtype
+        if dtype == "float16" and transformer.fp16_stats is not None:
+            ok, why = fp16.verdict(transformer.fp16_stats)
+            if not ok:  # asked for explicitly: honoured, with the guard to catch what overflows
+                choice.reason += f"; the checkpoint fails the float16 checks: {why}"
+                warnings.warn(Float16OverflowWarning(f"float16 was requested but {why}: expect steps redone in "
+                                                     "bfloat16 (dtype='bfloat16' avoids the retries)"), stacklevel=2)
         # The VAE decodes in float32 whatever the dtype: its config says force_upcast (the FLUX VAE is a known
         # float16 risk), and on Apple GPUs float32 convolutions cost memory traffic, not ALU rate.
         vae = VAE.from_pretrained(root / "vae")
