@@ -41,7 +41,8 @@ T_MLP_DIM = 1024
 # and, as a precaution, the attention value path and its output. Both paths end in an RMSNorm (attention_norm2,
 # ffn_norm2), and RMSNorm(c y; c^2 eps) = RMSNorm(y; eps) for any c > 0, so dividing them by a constant and
 # multiplying that norm's epsilon by c^2 changes nothing in real arithmetic. Powers of two also make the
-# scaling exact in floating point (only the exponent changes; values below 2^-24 * 1/c would underflow).
+# scaling exact in floating point (only the exponent changes, except for values pushed into float16's
+# subnormal range: below 2^-14 / c in magnitude, negligible next to an RMSNorm over thousands of channels).
 # The constants are Draw Things' defaults for Turbo (fp16.md 2.6, 4.3): 284,507 / 32 = 8,891 leaves 7.4x
 # headroom, and the pipeline redoes a step in bfloat16 if it ever overflows anyway.
 V_SCALE = 2.0**-2  # the value projection's input: v, the attention output and to_out's output are 1/4
@@ -240,8 +241,9 @@ class Attention(nn.Module):
 
     def scaled(self, x: mx.array, rope: tuple[mx.array, mx.array], mask: mx.array | None) -> mx.array:
         """The scaled graph's attention: every GEMM in x's dtype, and the value path divided by 4 (the input of
-        to_v; the output is then V_SCALE times the true one). q and k are not scaled: their qk-norm bounds
-        them, and the logits (computed in float32 by SDPA) by sqrt(head_dim) max|w_q| max|w_k|."""
+        to_v; the output is then V_SCALE times the true one). q and k are not scaled: Turbo's are not at risk
+        (fp16.md 1.3), and after the qk-norm they and the logits (accumulated in float32 by SDPA) are bounded,
+        |logit| <= sqrt(head_dim) max|w_norm_q| max|w_norm_k|."""
         B, L, _ = x.shape
         q = _linear(self.to_q, x).reshape(B, L, self.n_heads, -1)  # (B, L, H, D)
         k = _linear(self.to_k, x).reshape(B, L, self.n_heads, -1)
