@@ -51,6 +51,7 @@ def main():
     ap.add_argument("--layers", type=int, default=1, help="main blocks")
     ap.add_argument("--refiners", type=int, default=1, help="noise and context refiner blocks each")
     ap.add_argument("--size", type=int, default=128, help="image side in pixels (128: 64 image tokens)")
+    ap.add_argument("--caption", type=int, default=20, help="caption tokens")
     ap.add_argument("--checkpoints", nargs="+", default=["normal", "stress"], choices=list(STRESS))
     ap.add_argument("--dir", default=None, help="where to write the checkpoints (default: a temporary folder)")
     a = ap.parse_args()
@@ -62,9 +63,9 @@ def main():
     lat = a.size // 8
     x = mx.array(rng.standard_normal((1, lat, lat, 16)).astype(np.float32))
     t = mx.array([0.5], dtype=mx.float32)
-    caps = [mx.array(rng.standard_normal((20, config["cap_feat_dim"])).astype(np.float32))]
+    caps = [mx.array(rng.standard_normal((a.caption, config["cap_feat_dim"])).astype(np.float32))]
     print(f"device {mx.default_device()}, MLX {mx.__version__}; DiT dim {a.dim}, {a.refiners}+{a.refiners} refiners, "
-          f"{a.layers} main blocks; {a.size}x{a.size} image, 20-token caption")
+          f"{a.layers} main blocks; {a.size}x{a.size} image, {a.caption}-token caption")
     print("| checkpoint | max SwiGLU product (float32) | float16 scaled | float16 redo (bf16 GEMMs) | bfloat16 | float16 naive |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:

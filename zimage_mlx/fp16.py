@@ -93,7 +93,7 @@ def statistics(weight: Callable[[str], mx.array], args) -> dict:
 
     weight(key) gives a parameter as a float32 array, e.g. model_weights(model), or lazily read tensors:
     each Linear weight is asked for once and can be dropped after, so the peak is one weight."""
-    from .transformer import ADALN_EMBED_DIM, timestep_embedding
+    from .transformer import timestep_embedding
 
     row_norms, max_w, max_layer, small, total = {}, 0.0, "", 0, 0
     for name in linear_names(args):
@@ -115,7 +115,6 @@ def statistics(weight: Callable[[str], mx.array], args) -> dict:
     t = mx.linspace(0, 1, T_GRID) * args.t_scale
     h = timestep_embedding(t) @ weight("t_embedder.mlp.0.weight").T + weight("t_embedder.mlp.0.bias")
     adaln = nn.silu(h) @ weight("t_embedder.mlp.2.weight").T + weight("t_embedder.mlp.2.bias")  # (T, adaln_dim)
-    assert adaln.shape[-1] == min(args.dim, ADALN_EMBED_DIM)
     sqrt_d, layers = math.sqrt(args.dim), {}
     for prefix, blocks in _blocks(args):
         for b in blocks:
