@@ -364,3 +364,12 @@ def test_auto_on_an_m1_judges_the_checkpoint_at_load(reference_checkpoint, overf
     pipe = ZImagePipeline.from_pretrained(overflow_checkpoint, low_memory=True)
     assert pipe.dtype == "bfloat16" and pipe.transformer.dtype == mx.bfloat16 and not pipe.transformer.scaled
     assert "would run float16 faster, but std of layers.0.ffn_norm1" in pipe.reason
+    # Beside the layers (what the CLI does): the same effective weights are checked, and the step runs in float16.
+    pipe.unload_loras()
+    pipe.load_lora(lora, scale=10.0, fuse=False)
+    beside = pipe.transformer.fp16_stats["max_abs_weight"]
+    assert beside == pytest.approx(after["max_abs_weight"], rel=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Float16OverflowWarning)
+        image = pipe.generate("a cat", width=32, height=32, steps=1, seed=0)[0]
+    assert np.asarray(image).std() > 1
