@@ -619,12 +619,14 @@ def describe_pipeline(pipe) -> str:
 
 
 def show_warnings(caught: list, shown: set, quiet: bool) -> None:
-    """Prompt truncation as one `Warning:` line (once per message); other warnings as Python shows them."""
+    """Prompt truncation and float16 overflow as one `Warning:` line (once per message); other warnings as
+    Python shows them."""
+    from .fp16 import Float16OverflowWarning
     from .text_encoder import PromptTruncatedWarning
 
     while caught:
         w = caught.pop(0)
-        if not issubclass(w.category, PromptTruncatedWarning):
+        if not issubclass(w.category, (PromptTruncatedWarning, Float16OverflowWarning)):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         elif str(w.message) not in shown and not quiet:
             shown.add(str(w.message))
