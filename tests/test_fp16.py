@@ -9,6 +9,7 @@ test_transformer.py, and here the float16 graph must equal it in real arithmetic
 
 from __future__ import annotations
 
+import re
 import shutil
 import warnings
 
@@ -373,3 +374,23 @@ def test_auto_on_an_m1_judges_the_checkpoint_at_load(reference_checkpoint, overf
         warnings.simplefilter("error", Float16OverflowWarning)
         image = pipe.generate("a cat", width=32, height=32, steps=1, seed=0)[0]
     assert np.asarray(image).std() > 1
+
+
+def test_cli_shows_the_overflow_as_one_warning_line(overflow_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from zimage_mlx import cli
+
+    out = tmp_path / "fox.png"
+    r = CliRunner().invoke(cli.main, ["generate", "a fox", "-m", str(overflow_checkpoint), "--size", "32", "--steps",
+                                      "2", "--seed", "3", "--dtype", "float16", "--verbose", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.stderr.splitlines() if "overflowed float16" in line]
+    assert lines == ["Warning: step 1 of 2 overflowed float16; it and the remaining steps run in bfloat16 "
+                     "(dtype='bfloat16' avoids the retry)"]
+    assert "Dtype: float16 (requested); the checkpoint fails the float16 checks" in r.stderr
+    requested = [line for line in r.stderr.splitlines() if "float16 was requested" in line]
+    assert len(requested) == 1
+    assert re.fullmatch(r"Warning: float16 was requested but std of layers\.0\.ffn_norm1 is [\d.]+ >= 0\.42 .*"
+                        r"expect steps redone in bfloat16 \(dtype='bfloat16' avoids the retries\)", requested[0])
+    assert np.asarray(__import__("PIL.Image").Image.open(out)).std() > 1

@@ -243,9 +243,11 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
         root = resolve_model(model)  # a Hub download shows its own progress bars
         progress.status(f"Loading {model_name} ...")  # on a terminal only, so that a failure stays one line
         try:
-            pipe = ZImagePipeline.from_pretrained(root, dtype=dtype, quantize=quantize, low_memory=low_memory)
+            with warnings.catch_warnings(record=True) as load_warnings:  # float16 forced on a failing checkpoint
+                pipe = ZImagePipeline.from_pretrained(root, dtype=dtype, quantize=quantize, low_memory=low_memory)
         finally:
             progress.status("")
+    show_warnings(load_warnings, set(), quiet)
     t_loaded = time.perf_counter()
     say(f"Loaded {model_name} in {t_loaded - t_start:.1f} s ({describe_pipeline(pipe)})")
     if verbose:
