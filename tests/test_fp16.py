@@ -351,6 +351,15 @@ def test_lora_on_float16_weights_is_rechecked(reference_checkpoint):
     assert after is not stats and after["max_abs_weight"] > stats["max_abs_weight"]
     merged = float(mx.abs(pipe.transformer.layers[0].feed_forward.w2.weight.astype(mx.float32)).max().item())
     assert after["max_abs_weight"] == pytest.approx(max(merged, stats["max_abs_weight"]), rel=1e-3)
+    # Beside the layers (what the CLI does): the same effective weights are checked, and the step runs in float16.
+    pipe.unload_loras()
+    pipe.load_lora(lora, scale=10.0, fuse=False)
+    beside = pipe.transformer.fp16_stats["max_abs_weight"]
+    assert beside == pytest.approx(after["max_abs_weight"], rel=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Float16OverflowWarning)
+        image = pipe.generate("a cat", width=32, height=32, steps=1, seed=0)[0]
+    assert np.asarray(image).std() > 1
 
 
 def test_auto_on_an_m1_judges_the_checkpoint_at_load(reference_checkpoint, overflow_checkpoint, monkeypatch):
@@ -365,15 +374,6 @@ def test_auto_on_an_m1_judges_the_checkpoint_at_load(reference_checkpoint, overf
     pipe = ZImagePipeline.from_pretrained(overflow_checkpoint, low_memory=True)
     assert pipe.dtype == "bfloat16" and pipe.transformer.dtype == mx.bfloat16 and not pipe.transformer.scaled
     assert "would run float16 faster, but std of layers.0.ffn_norm1" in pipe.reason
-    # Beside the layers (what the CLI does): the same effective weights are checked, and the step runs in float16.
-    pipe.unload_loras()
-    pipe.load_lora(lora, scale=10.0, fuse=False)
-    beside = pipe.transformer.fp16_stats["max_abs_weight"]
-    assert beside == pytest.approx(after["max_abs_weight"], rel=1e-2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Float16OverflowWarning)
-        image = pipe.generate("a cat", width=32, height=32, steps=1, seed=0)[0]
-    assert np.asarray(image).std() > 1
 
 
 def test_cli_shows_the_overflow_as_one_warning_line(overflow_checkpoint, tmp_path):
