@@ -28,7 +28,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 
 
 # ---- A throwaway server that follows notes/server-contract.md with a fake engine (until server.py exists).
-def mock_app(step_delay: float):
+def mock_app(step_delay: float, api_key: str | None = None):
     from PIL import Image
     from starlette.applications import Starlette
     from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -158,7 +158,14 @@ def mock_app(step_delay: float):
     async def page(request):
         return FileResponse(STATIC)
 
-    return Starlette(routes=[Route("/", page), Route("/v1/jobs", create, methods=["POST"]),
+    async def auth(request, call_next):
+        if api_key and request.url.path != "/" and request.headers.get("authorization") != f"Bearer {api_key}":
+            return err(401, "missing or invalid API key")
+        return await call_next(request)
+
+    from starlette.middleware import Middleware
+    from starlette.middleware.base import BaseHTTPMiddleware
+    return Starlette(middleware=[Middleware(BaseHTTPMiddleware, dispatch=auth)], routes=[Route("/", page), Route("/v1/jobs", create, methods=["POST"]),
                              Route("/v1/jobs/{id}", job, methods=["GET", "DELETE"]),
                              Route("/v1/jobs/{id}/events", events), Route("/v1/jobs/{id}/images/{k}", image),
                              Route("/v1/status", status)], lifespan=lifespan)
@@ -179,9 +186,9 @@ class Served:
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
 
-    def get(self, path):
+    def get(self, path, key=None):
         import httpx
-        return httpx.get(self.url + path, timeout=10).json()
+        return httpx.get(self.url + path, timeout=10, headers={"Authorization": f"Bearer {key}"} if key else {}).json()
 
     def close(self):
         self.server.should_exit = True
@@ -306,3 +313,38 @@ def test_live_mode_keeps_only_the_last_text(page, slow_server, tmp_path):
     assert all(b["width"] == 64 and b["steps"] == 2 for b in drafts)
     assert slow_server.get("/v1/status")["running"] is None
     screenshot(page, tmp_path, "page-live.png")
+
+
+def test_api_key_and_cancel(page, tmp_path):
+    """With a key configured the page reads it from its field (kept in localStorage) and sends it on every call,
+    event stream and image included; Cancel stops the running job."""
+    s = Served(mock_app(step_delay=0.25, api_key="sesame"))
+    try:
+        jobs = posted_jobs(page)
+        page.goto(s.url + "/")
+        sync_api.expect(page.locator("#error")).to_contain_text("API key")  # the envelope's message, no alert
+        page.click("header summary")
+        page.fill("#apikey", "sesame")
+        page.click("#prompt")  # leaving the field commits it (a change event)
+        sync_api.expect(page.locator("#error")).to_have_text("")
+        assert page.evaluate("localStorage.getItem('zimage-mlx.apiKey')") == "sesame"
+        page.select_option("#width", "64")
+        page.select_option("#height", "64")
+        page.fill("#steps", "20")
+        page.fill("#prompt", "a paper boat")
+        page.click("#generate")
+        sync_api.expect(page.locator("#progress")).to_contain_text("step 1/20")
+        page.click("#cancel")
+        sync_api.expect(page.locator("#progress")).to_contain_text("cancelled")
+        ((_, created),) = jobs
+        record = s.get(f"/v1/jobs/{created['id']}", key="sesame")
+        assert record["status"] == "cancelled" and record["step"] < 20
+        # A short job with the key: the gallery image is fetched with the header too.
+        page.fill("#steps", "2")
+        page.click("#generate")
+        sync_api.expect(page.locator("#gallery .card")).to_have_count(1)
+        assert page.evaluate("document.querySelector('#gallery .card img').naturalWidth") == 64
+        assert page.locator("#gallery .card a[download]").get_attribute("href").startswith("blob:")
+        screenshot(page, tmp_path, "page-api-key.png")
+    finally:
+        s.close()
