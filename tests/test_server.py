@@ -692,3 +692,21 @@ def test_openapi_document_lists_every_route(client):
     for path in ("/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/jobs", "/v1/jobs/{job_id}",
                  "/v1/jobs/{job_id}/events", "/v1/status", "/health", "/sdapi/v1/txt2img", "/sdapi/v1/progress"):
         assert path in doc["paths"], path
+
+
+# schemathesis against the hand-written OpenAPI document, on the fake engine (bounded examples).
+import schemathesis  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,  # noqa: E402
+                                               status_code_conformance)
+
+_runner, _cfg, _ = make(FakeEngine(), queue_size=64, allowed_hosts=None, max_side=256, max_body=2**20)
+schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(_runner, _cfg))
+
+
+@schema.parametrize()
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_openapi_schemathesis(case):
+    case.call_and_validate(checks=[not_a_server_error, status_code_conformance, content_type_conformance,
+                                   response_schema_conformance])
