@@ -131,10 +131,13 @@ def main():
 @click.option("--from-image", metavar="PNG",
               help="Take prompt, seed, steps, guidance, size and model from a PNG's metadata; flags override.")
 @click.option("--quiet", is_flag=True, help="Print only the output paths.")
+@click.option("--preview", "preview_path", metavar="FILE",
+              help="Rewrite FILE (.png, .jpg or .webp) after every step with a cheap preview of the image forming, "
+                   "to watch it in an image viewer.")
 @click.pass_context
 def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, quantize, size, width, height, steps,
              guidance, cfg_normalization, cfg_truncation, seed, num_images, output, overwrite, dtype, low_memory,
-             metadata, from_image, quiet, lora_specs, init_image, mask, strength):
+             metadata, from_image, quiet, lora_specs, init_image, mask, strength, preview_path):
     """Generate images from a prompt (or several: --prompt-file), one file per prompt, seed and image.
 
     \b
@@ -207,6 +210,7 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     # One image per (prompt, seed, k), prompt-major like the pipeline; image k of a seed uses seed + k.
     jobs = [(p, (s + k) % (MAX_SEED + 1)) for p in range(len(prompts)) for s in seeds for k in range(num_images)]
     paths = plan_outputs(output, jobs, overwrite)
+    preview_file = plan_preview(preview_path, paths) if preview_path is not None else None
     source, image_settings, denoising_steps = {}, {}, steps
     if init is not None:
         source = dict(image=init.image, mask=init.mask, strength=init.strength)
@@ -271,7 +275,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
             image = pipe.generate(prompts[p], negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                                   guidance=guidance, cfg_normalization=cfg_normalization,
                                   cfg_truncation=cfg_truncation, seed=s, num_images=1, callback=progress,
-                                  release_transformer=i == len(jobs) - 1, **source)[0]
+                                  release_transformer=i == len(jobs) - 1, **source,
+                                  on_step=preview_writer(pipe, preview_file) if preview_file else None)[0]
             progress.finish()
             show_warnings(caught, shown, quiet)
             info = None
@@ -389,6 +394,32 @@ def plan_outputs(template: str | None, jobs: list[tuple[int, int]], overwrite: b
         if not os.access(ancestor, os.W_OK | os.X_OK):
             raise UserError(f"cannot write to {ancestor}: permission denied")
     return paths
+
+
+def plan_preview(path: str, outputs: list[Path]) -> Path:
+    """--preview FILE: an image file (by suffix) in an existing, writable folder, not one of the outputs."""
+    preview = Path(path).expanduser()
+    if preview.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise UserError(f"--preview must name a .png, .jpg or .webp file, got {path}")
+    if preview.is_dir():
+        raise UserError(f"--preview {path} is a folder; name an image file")
+    if not preview.parent.is_dir() or not os.access(preview.parent, os.W_OK | os.X_OK):
+        raise UserError(f"--preview {path}: the folder {preview.parent} does not exist or is not writable")
+    if any(preview.resolve() == p.resolve() for p in outputs):
+        raise UserError(f"--preview {path} is also an output file; give it another name")
+    return preview
+
+
+def preview_writer(pipe, path: Path):
+    """An on_step callback that rewrites `path` with the step's fast preview; through a temporary file and a
+    rename, so a viewer never reads a half-written image."""
+    def write(step):
+        image = pipe.fast_preview(step)[0]
+        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # same suffix: PIL picks the format from it
+        image.convert("RGB").save(tmp)
+        os.replace(tmp, path)
+
+    return write
 
 
 def render_output(template: str, **fields) -> Path:

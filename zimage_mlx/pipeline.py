@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,11 @@ def default_dtype() -> str:
     return "bfloat16" if mx.default_device() == mx.gpu else "float32"
 
 
+class Cancelled(Exception):
+    """Raised by `generate` when its `cancel` token is set: the run stopped between steps and the pipeline
+    is ready for the next call."""
+
+
 @dataclass
 class Step:
     """The state after one denoising step; `denoised` (the x0 estimate) is lazy and free unless used."""
@@ -51,7 +57,14 @@ class Step:
 
 
 class ZImagePipeline:
-    """Z-Image text-to-image. Load once with `from_pretrained`, then call `generate` as often as needed."""
+    """Z-Image text-to-image. Load once with `from_pretrained`, then call `generate` as often as needed.
+
+    Threads: a pipeline belongs to the thread that created it, and every call must come from that thread;
+    another thread gets a RuntimeError. MLX streams are thread-affine (an array made on one thread cannot be
+    evaluated on another since mlx 0.31.2), so an app or a server gives the pipeline one owner thread that
+    loads it and makes every call, and hands requests to it through a queue (as `zimage-mlx serve` does).
+    A run is stopped from another thread by setting the `cancel` event passed to `generate`.
+    """
 
     def __init__(self, transformer: ZImageTransformer, text_encoder: TextEncoder | None, vae: VAE,
                  scheduler: FlowMatchScheduler, *, root: Path, dtype: str, low_memory: bool = False,
@@ -68,6 +81,14 @@ class ZImagePipeline:
         self._prompt_cache: OrderedDict[tuple[str, int], mx.array] = OrderedDict()
         self.loras: list[tuple[str, float]] = []  # (name, scale) of the LoRAs applied, in order
         self._lora_originals: dict = {}  # what unload_loras() puts back
+        self._latent_rgb = None  # the fast preview's map, fitted on first use
+        self._owner = threading.get_ident()
+
+    def _check_thread(self) -> None:
+        if threading.get_ident() != self._owner:
+            raise RuntimeError(
+                "this ZImagePipeline belongs to the thread that loaded it and was called from another one: "
+                "MLX streams are thread-affine, so make every call from one thread (use a queue to hand it work)")
 
     @classmethod
     def from_pretrained(cls, model=DEFAULT_MODEL, dtype: str = "auto", quantize: int | None = None,
@@ -107,6 +128,7 @@ class ZImagePipeline:
 
         Recently used prompts come from a small cache, so an app that varies only the seed pays once.
         """
+        self._check_thread()
         prompts = _check_prompts(prompt, "prompt")
         todo = [p for p in dict.fromkeys(prompts) if (p, max_sequence_length) not in self._prompt_cache]
         if todo:
@@ -129,6 +151,7 @@ class ZImagePipeline:
 
     def release_text_encoder(self) -> None:
         """Free the text encoder's weights; later prompts load it again for the time they are encoded."""
+        self._check_thread()
         if self.text_encoder is not None:
             self.text_encoder.release()
             self.text_encoder = None
@@ -138,11 +161,13 @@ class ZImagePipeline:
         """Free the DiT's weights, for a process that has denoised its last image and only decodes now
         (the CLI does this before its last decode, so the DiT and the VAE's activations never add up).
         This pipeline cannot denoise afterwards: load another to generate again."""
+        self._check_thread()
         self.transformer = None
         self._lora_originals = {}
         mx.clear_cache()
 
     def _dit(self) -> ZImageTransformer:
+        self._check_thread()
         if self.transformer is None:
             raise RuntimeError("this pipeline's DiT was freed by release_transformer(); load the pipeline again")
         return self.transformer
@@ -196,6 +221,7 @@ class ZImagePipeline:
         Without tile_size, the whole image is decoded when that fits the device comfortably (exactly
         the reference), else in tiles (vae.auto_tile_size); low-memory mode always tiles above 512 px.
         """
+        self._check_thread()
         if tile_size is None:
             h, w = latents.shape[1:3]
             tile_size = auto_tile_size(h, w)
@@ -204,8 +230,26 @@ class ZImagePipeline:
         return to_pil(self.vae.decode(latents, tile_size=tile_size))
 
     def preview(self, step: Step):
-        """Decode a step's x0 estimate: what the image is becoming, for an app to show while it waits."""
+        """Decode a step's x0 estimate with the VAE: what the image is becoming, exactly as it would decode,
+        at about the cost of a step (`fast_preview` is the cheap one)."""
         return self.decode(step.denoised)
+
+    def fast_preview(self, step: Step | mx.array, size: tuple[int, int] | None = None) -> list:
+        """A step's x0 estimate (or any latents (B, h, w, 16)) as PIL images, through an affine map of the 16
+        latent channels to RGB at latent resolution, upscaled (bilinear) to the image size or to `size`
+        (W, H): colours and layout of what is forming, for a few milliseconds instead of a VAE decode.
+
+        The map is fitted from this pipeline's VAE on first use (least squares of decoded pixels on
+        latents, see `zimage_mlx.preview`) and cached beside the VAE or in the user cache, so it holds for
+        any checkpoint; the first call of a new VAE pays one small encode and decode.
+        """
+        self._check_thread()
+        if self._latent_rgb is None:
+            from .preview import load_or_fit
+
+            self._latent_rgb = load_or_fit(self.vae, self.root / "vae")
+        latents = step.denoised if isinstance(step, Step) else step
+        return self._latent_rgb.to_pil(latents, size=size, scale=self.vae.scale)
 
     # ------------------------------------------------------------------------------------------
     # LoRA
@@ -220,8 +264,9 @@ class ZImagePipeline:
         fuse=False runs it beside the layers, as quantized layers always do: no extra memory, a few
         percent more work per step.
         """
+        dit = self._dit()
         lora = lora if isinstance(lora, Lora) else read_lora(lora)
-        apply_lora(self._dit(), lora, scale, self._lora_originals, fuse=fuse)
+        apply_lora(dit, lora, scale, self._lora_originals, fuse=fuse)
         self.loras.append((lora.name, float(scale)))
         return lora
 
@@ -239,7 +284,7 @@ class ZImagePipeline:
                  num_images: int = 1, latents: mx.array | None = None,
                  callback: Callable[[int, int, mx.array], None] | None = None, max_sequence_length: int = 512, *,
                  image=None, mask=None, strength: float | None = None, image_latents: mx.array | None = None,
-                 release_transformer: bool = False):
+                 release_transformer: bool = False, on_step: Callable[[Step], None] | None = None, cancel=None):
         """Generate images; returns a list of PIL images, prompt-major (all images of prompt 0 first).
 
         Image k uses the noise of seed + k, so any image of a batch can be made again alone. With
@@ -269,7 +314,14 @@ class ZImagePipeline:
 
         release_transformer=True frees the DiT after denoising, before decoding (see `release_transformer`):
         for the last image of a process that wants the lowest peak.
+
+        Watching and stopping a run: `on_step(step)` gets each `Step` (with its x0 estimate `denoised`, for
+        `fast_preview` or `preview`) after `callback`. `cancel` is any object with `is_set()`, such as a
+        `threading.Event` another thread sets: it is checked before encoding, after every step and before
+        decoding, and a set token raises `Cancelled` there. Nothing is left half-done: the next call (and the
+        prompt cache, LoRAs, freed models) behaves as if the cancelled run never happened.
         """
+        self._check_thread()
         prompts = _check_prompts(prompt, "prompt")
         init = None
         if image is not None or mask is not None or strength is not None or image_latents is not None:
@@ -301,8 +353,10 @@ class ZImagePipeline:
         sigmas = self.sigmas(steps, height, width)
         inpaint = {}
         if init is not None:
+            _check_cancel(cancel)
             sigmas, latents, inpaint = self._start_from_image(init, sigmas, latents, seeds)
 
+        _check_cancel(cancel)
         if len(sigmas) > 1:  # a strength that leaves no step needs no prompt either
             feats = self.encode_prompt(prompts + (negatives or []), max_sequence_length)
             pos = [f for f in feats[: len(prompts)] for _ in range(num_images)]
@@ -314,6 +368,10 @@ class ZImagePipeline:
                 latents = step.latents
                 if callback is not None:
                     callback(step.index + 1, step.total, latents)
+                if on_step is not None:
+                    on_step(step)
+                _check_cancel(cancel)
+        _check_cancel(cancel)
         if release_transformer:
             mx.eval(latents)
             self.release_transformer()
@@ -349,11 +407,17 @@ class ZImagePipeline:
         """The latents an image-to-image run of this seed starts from: the image (a path or a PIL image) resized
         by generate's policy and encoded, the VAE posterior sampled with `image_key(seed)`; (1, h, w, 16),
         evaluated. Pass them to `generate(image_latents=...)` to encode once for several prompts or strengths."""
+        self._check_thread()
         init = image_input(image, None, None, width, height, None)
         validate(seed=seed)
         z = self._encode(init.image, init.width, init.height, [seed])
         mx.eval(z)
         return z
+
+
+def _check_cancel(cancel) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("generation cancelled")
 
 
 def noise(seed: int, h: int, w: int) -> mx.array:
