@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import contextlib
-import io
 import json
+import re
 import os
 import shutil
-import threading
-import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -20,179 +14,11 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
     pytest.skip("no chromium on PATH (Debian: apt-get install chromium)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the test extra) is not installed")
-uvicorn = pytest.importorskip("uvicorn", reason="uvicorn (the serve extra) is not installed")
+httpx = pytest.importorskip("httpx", reason="httpx (the test extra) is not installed")
+pytest.importorskip("uvicorn", reason="uvicorn (the serve extra) is not installed")
 
-STATIC = Path(__file__).resolve().parent.parent / "zimage_mlx" / "static" / "index.html"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
-
-
-# ---- A throwaway server that follows notes/server-contract.md with a fake engine (until server.py exists).
-def mock_app(step_delay: float, api_key: str | None = None):
-    from PIL import Image
-    from starlette.applications import Starlette
-    from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-    from starlette.routing import Route
-
-    jobs: dict[str, dict] = {}
-    order: list[str] = []
-    wake = asyncio.Event()
-
-    def err(status, message, param=None):
-        return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
-                                       "code": None}}, status)
-
-    def view(j):
-        return {k: j[k] for k in ("id", "status", "step", "total", "settings", "images", "error")} | {
-            "queue_position": order.index(j["id"]) if j["id"] in order else None}
-
-    def emit(j, type_, data):
-        j["events"].append((type_, data))
-        for q in j["subs"]:
-            q.put_nowait((type_, data))
-
-    def jpeg(color, size=(32, 32), fmt="JPEG"):
-        buf = io.BytesIO()
-        Image.new("RGB", size, color).save(buf, fmt)
-        return buf.getvalue()
-
-    async def worker():
-        while True:
-            while not order:
-                wake.clear()
-                await wake.wait()
-            j = jobs[order.pop(0)]
-            for i, other in enumerate(order):
-                emit(jobs[other], "queued", {"position": i})
-            j["status"] = "running"
-            emit(j, "started", {"total": j["total"]})
-            t0 = time.perf_counter()
-            for k in range(1, j["total"] + 1):
-                await asyncio.sleep(step_delay)
-                if j["cancel"]:
-                    break
-                j["step"] = k
-                prev = base64.b64encode(jpeg((40 * k % 255, 90, 160))).decode()
-                emit(j, "step", {"step": k, "total": j["total"], "preview": prev})
-            if j["cancel"]:
-                j["status"] = "cancelled"
-                emit(j, "cancelled", {})
-                continue
-            s = j["settings"]
-            seed = s.get("seed") if s.get("seed") not in (None, -1) else 1234
-            j["png"] = jpeg((200, 120, 60), (s["width"], s["height"]), "PNG")
-            j["images"] = [{"url": f"/v1/jobs/{j['id']}/images/0", "seed": seed, "width": s["width"],
-                            "height": s["height"]}]
-            j["status"] = "completed"
-            emit(j, "done", {"images": j["images"], "seconds": time.perf_counter() - t0})
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        task = asyncio.get_running_loop().create_task(worker())
-        yield
-        task.cancel()
-
-    async def create(request):
-        body = await request.json()
-        known = {"prompt", "negative_prompt", "width", "height", "steps", "seed", "guidance", "previews"}
-        for k in body:
-            if k not in known:
-                return err(400, f"unknown field {k}", k)
-        if not body.get("prompt"):
-            return err(400, "prompt is required", "prompt")
-        if body.get("negative_prompt") and not body.get("guidance"):
-            return err(400, "negative_prompt needs guidance > 0", "negative_prompt")
-        jid = uuid.uuid4().hex[:12]
-        s = {"prompt": body["prompt"], "width": body.get("width", 64), "height": body.get("height", 64),
-             "steps": body.get("steps", 4), "seed": body.get("seed")}
-        jobs[jid] = {"id": jid, "status": "queued", "step": 0, "total": s["steps"], "settings": s, "images": [],
-                     "error": None, "events": [], "subs": [], "cancel": False}
-        order.append(jid)
-        emit(jobs[jid], "queued", {"position": len(order) - 1})
-        wake.set()
-        return JSONResponse({"id": jid, "status": "queued", "queue_position": len(order) - 1,
-                             "events_url": f"/v1/jobs/{jid}/events"}, 202)
-
-    async def job(request):
-        j = jobs.get(request.path_params["id"])
-        if j is None:
-            return err(404, "no such job", "id")
-        if request.method == "DELETE" and j["status"] in ("queued", "running"):
-            j["cancel"] = True
-            if j["id"] in order:
-                order.remove(j["id"])
-                j["status"] = "cancelled"
-                emit(j, "cancelled", {})
-        return JSONResponse(view(j))
-
-    async def events(request):
-        j = jobs[request.path_params["id"]]
-        q: asyncio.Queue = asyncio.Queue()
-        backlog = list(j["events"])
-        j["subs"].append(q)
-
-        async def gen():
-            try:
-                for type_, data in backlog:
-                    yield f"event: {type_}\r\ndata: {json.dumps(data)}\r\n\r\n"
-                    if type_ in ("done", "failed", "cancelled"):
-                        return
-                while True:
-                    type_, data = await q.get()
-                    yield f"event: {type_}\r\ndata: {json.dumps(data)}\r\n\r\n"
-                    if type_ in ("done", "failed", "cancelled"):
-                        return
-            finally:
-                j["subs"].remove(q)
-        return StreamingResponse(gen(), media_type="text/event-stream")
-
-    async def image(request):
-        return Response(jobs[request.path_params["id"]]["png"], media_type="image/png")
-
-    async def status(request):
-        running = next((j["id"] for j in jobs.values() if j["status"] == "running"), None)
-        return JSONResponse({"model": "mock", "running": running, "queue": list(order), "queue_size": 8,
-                             "limits": {"max_side": 512, "max_n": 4, "max_steps": 50},
-                             "defaults": {"width": 64, "height": 64, "steps": 4}, "loras": []})
-
-    async def page(request):
-        return FileResponse(STATIC)
-
-    async def auth(request, call_next):
-        if api_key and request.url.path != "/" and request.headers.get("authorization") != f"Bearer {api_key}":
-            return err(401, "missing or invalid API key")
-        return await call_next(request)
-
-    from starlette.middleware import Middleware
-    from starlette.middleware.base import BaseHTTPMiddleware
-    return Starlette(middleware=[Middleware(BaseHTTPMiddleware, dispatch=auth)], routes=[Route("/", page), Route("/v1/jobs", create, methods=["POST"]),
-                             Route("/v1/jobs/{id}", job, methods=["GET", "DELETE"]),
-                             Route("/v1/jobs/{id}/events", events), Route("/v1/jobs/{id}/images/{k}", image),
-                             Route("/v1/status", status)], lifespan=lifespan)
-
-
-class Served:
-    """uvicorn in a thread on 127.0.0.1, port 0."""
-
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def get(self, path, key=None):
-        import httpx
-        return httpx.get(self.url + path, timeout=10, headers={"Authorization": f"Bearer {key}"} if key else {}).json()
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -212,19 +38,39 @@ def page(browser):
     ctx.close()
 
 
+def live_server(engine_factory, **cfg):
+    """The real app around a started JobRunner, served by uvicorn on 127.0.0.1 port 0 (tests/server_fakes.py)."""
+    from server_fakes import LiveServer
+
+    from zimage_mlx.server import ServerConfig
+    from zimage_mlx.server_engine import JobRunner
+
+    runner = JobRunner(engine_factory, queue_size=8)
+    runner.start(timeout=120)
+    return LiveServer(runner, ServerConfig(default_width=64, default_height=64, default_steps=4, **cfg))
+
+
+def get(server, path, key=None):
+    return httpx.get(server.url + path, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=10).json()
+
+
 @pytest.fixture(scope="module")
-def server():
-    s = Served(mock_app(step_delay=0.05))
-    yield s
-    s.close()
+def server(reference_checkpoint):
+    """The real app with the real pipeline on the tiny reference checkpoint."""
+    from zimage_mlx.pipeline import ZImagePipeline
+
+    with live_server(lambda: ZImagePipeline.from_pretrained(reference_checkpoint, dtype="float32")) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def slow_server():
-    """Steps that take 0.25 s each, so the live test's timing does not depend on how fast this machine is."""
-    s = Served(mock_app(step_delay=0.25))
-    yield s
-    s.close()
+    """The real app with a fake engine whose steps take 0.25 s, so the live test's timing does not depend on how
+    fast this machine is."""
+    from server_fakes import FakeEngine
+
+    with live_server(lambda: FakeEngine(step_delay=0.25)) as s:
+        yield s
 
 
 def posted_jobs(page):
@@ -266,7 +112,7 @@ def test_generate_shows_previews_and_gallery(page, server, tmp_path):
         {attributes: true, attributeFilter: ['src']}); }""")
     page.click("#generate")
     card = page.locator("#gallery .card")
-    sync_api.expect(card).to_have_count(1)
+    sync_api.expect(card).to_have_count(1, timeout=120_000)  # the first preview may fit the latent->RGB map
     srcs = page.evaluate("window.srcs")
     assert any(s.startswith("data:image/jpeg;base64,") for s in srcs), srcs  # at least one step preview
     assert len(set(srcs)) >= 2  # the preview changed (steps, then the final image)
@@ -280,7 +126,7 @@ def test_generate_shows_previews_and_gallery(page, server, tmp_path):
     assert link.get_attribute("download").endswith(".png")
     # The gallery image really loaded from the server.
     assert page.evaluate("document.querySelector('#gallery .card img').naturalWidth") == 64
-    assert server.get(f"/v1/jobs/{created['id']}")["status"] == "completed"
+    assert get(server, f"/v1/jobs/{created['id']}")["status"] == "completed"
     sync_api.expect(page.locator("#error")).to_have_text("")
     assert not errors
     screenshot(page, tmp_path, "page-generate.png")
@@ -304,22 +150,23 @@ def test_live_mode_keeps_only_the_last_text(page, slow_server, tmp_path):
     page.wait_for_timeout(1500)  # nothing else arrives
     sync_api.expect(card).to_have_count(1)
     assert card.get_attribute("data-prompt") == second
-    status = {created["id"]: slow_server.get(f"/v1/jobs/{created['id']}") for _, created in jobs}
+    status = {created["id"]: get(slow_server, f"/v1/jobs/{created['id']}") for _, created in jobs}
     firsts = [status[c["id"]] for b, c in jobs if b["prompt"] == first]
     assert firsts and all(j["status"] == "cancelled" for j in firsts)
     full = [status[c["id"]] for b, c in jobs if b["prompt"] == second and b["width"] == 128 and b["steps"] == 4]
     assert [j["status"] for j in full] == ["completed"]
-    drafts = [b for b, c in jobs if b["prompt"] == second and b not in [x for x, _ in jobs if x["width"] == 128]]
-    assert all(b["width"] == 64 and b["steps"] == 2 for b in drafts)
-    assert slow_server.get("/v1/status")["running"] is None
+    drafts = [b for b, _ in jobs if b["prompt"] == second and b["width"] != 128]
+    assert all(b["width"] == b["height"] == 64 and b["steps"] == 2 for b in drafts)  # half size, half steps
+    assert get(slow_server, "/v1/status")["running"] is None
     screenshot(page, tmp_path, "page-live.png")
 
 
 def test_api_key_and_cancel(page, tmp_path):
     """With a key configured the page reads it from its field (kept in localStorage) and sends it on every call,
     event stream and image included; Cancel stops the running job."""
-    s = Served(mock_app(step_delay=0.25, api_key="sesame"))
-    try:
+    from server_fakes import FakeEngine
+
+    with live_server(lambda: FakeEngine(step_delay=0.25), api_key="sesame") as s:
         jobs = posted_jobs(page)
         page.goto(s.url + "/")
         sync_api.expect(page.locator("#error")).to_contain_text("API key")  # the envelope's message, no alert
@@ -333,11 +180,11 @@ def test_api_key_and_cancel(page, tmp_path):
         page.fill("#steps", "20")
         page.fill("#prompt", "a paper boat")
         page.click("#generate")
-        sync_api.expect(page.locator("#progress")).to_contain_text("step 1/20")
+        sync_api.expect(page.locator("#progress")).to_contain_text(re.compile(r"step \d+/20"))
         page.click("#cancel")
         sync_api.expect(page.locator("#progress")).to_contain_text("cancelled")
         ((_, created),) = jobs
-        record = s.get(f"/v1/jobs/{created['id']}", key="sesame")
+        record = get(s, f"/v1/jobs/{created['id']}", key="sesame")
         assert record["status"] == "cancelled" and record["step"] < 20
         # A short job with the key: the gallery image is fetched with the header too.
         page.fill("#steps", "2")
@@ -346,5 +193,3 @@ def test_api_key_and_cancel(page, tmp_path):
         assert page.evaluate("document.querySelector('#gallery .card img').naturalWidth") == 64
         assert page.locator("#gallery .card a[download]").get_attribute("href").startswith("blob:")
         screenshot(page, tmp_path, "page-api-key.png")
-    finally:
-        s.close()
