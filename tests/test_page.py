@@ -133,12 +133,14 @@ def test_generate_shows_previews_and_gallery(page, server, tmp_path):
 
 
 def test_live_mode_keeps_only_the_last_text(page, slow_server, tmp_path):
+    """Typing twice quickly in live mode: the first text's job is cancelled, one finished image for the last text.
+    Drafts (half size, half steps) only feed the preview; the full settings follow after a pause."""
     jobs = posted_jobs(page)
     page.goto(slow_server.url + "/")
     page.wait_for_function("document.getElementById('model').textContent !== 'connecting…'")
     page.select_option("#width", "128")
     page.select_option("#height", "128")
-    page.fill("#steps", "4")
+    page.fill("#steps", "6")
     page.check("#live")
     assert page.input_value("#seed") != ""  # live mode fixes the seed so only the prompt changes the image
     first, second = "a red fox in snow", "a blue bird on a wire"
@@ -153,10 +155,10 @@ def test_live_mode_keeps_only_the_last_text(page, slow_server, tmp_path):
     status = {created["id"]: get(slow_server, f"/v1/jobs/{created['id']}") for _, created in jobs}
     firsts = [status[c["id"]] for b, c in jobs if b["prompt"] == first]
     assert firsts and all(j["status"] == "cancelled" for j in firsts)
-    full = [status[c["id"]] for b, c in jobs if b["prompt"] == second and b["width"] == 128 and b["steps"] == 4]
+    full = [status[c["id"]] for b, c in jobs if b["prompt"] == second and b["width"] == 128 and b["steps"] == 6]
     assert [j["status"] for j in full] == ["completed"]
     drafts = [b for b, _ in jobs if b["prompt"] == second and b["width"] != 128]
-    assert all(b["width"] == b["height"] == 64 and b["steps"] == 2 for b in drafts)  # half size, half steps
+    assert all(b["width"] == b["height"] == 64 and b["steps"] == 3 for b in drafts)  # half size, half steps
     assert get(slow_server, "/v1/status")["running"] is None
     screenshot(page, tmp_path, "page-live.png")
 
