@@ -206,9 +206,13 @@ def test_stream_events(app_factory):
 # Auth, Host, body caps
 
 
-def test_api_key(app_factory):
-    client, _, _ = app_factory(api_key="s3cret")
+def test_api_key(app_factory, tmp_path):
+    (tmp_path / "index.html").write_text("<!doctype html><title>page</title>")
+    client, _, _ = app_factory(api_key="s3cret", static_dir=tmp_path)
     assert client.get("/health").json() == {"status": "ok", "model": "ready"}
+    assert client.get("/").status_code == 200  # the static page; the calls it makes need the key
+    error_of(client.get("/openapi.json"), 401)
+    error_of(client.get("/v1/jobs/job_x/images/0"), 401)
     r = client.get("/v1/models")
     error_of(r, 401, None, "invalid_api_key")
     assert r.headers["www-authenticate"] == "Bearer"

@@ -12,7 +12,8 @@ Policy (docs: notes/server-readme.md):
 - A request never names a file or URL: LoRAs are names of .safetensors files in --lora-dir.
 - A synchronous request (OpenAI, A1111) whose client disconnects cancels its job, queued or running.
 - Security: loopback bind by default, optional key (Bearer or X-API-Key; 401, or 403 under /proxy/openai
-  where ComfyUI rewrites 401), Host header allow-list against DNS rebinding, body cap, pixel cap.
+  where ComfyUI rewrites 401) on every route but /health and the static page at /, Host header allow-list
+  against DNS rebinding, body cap, pixel cap.
 """
 
 from __future__ import annotations
@@ -980,7 +981,9 @@ class Guard:
                     raise ApiError(400, f"the Host header {headers.get('host', '')!r} is not allowed (DNS rebinding "
                                    "protection); start the server with --allowed-host NAME to allow it", None,
                                    "invalid_host")
-            if self.key is not None and path != "/health" and not self.authorized(headers):
+            # /health, and the page itself (a static file with no data; every call it makes needs the key)
+            public = path == "/health" or (path == "/" and scope["method"] in ("GET", "HEAD"))
+            if self.key is not None and not public and not self.authorized(headers):
                 raise ApiError(403 if proxy else 401, "a valid API key is required (Authorization: Bearer KEY or "
                                "X-API-Key: KEY)", None, "invalid_api_key",
                                headers={} if proxy else {"WWW-Authenticate": "Bearer"})
