@@ -97,8 +97,9 @@ def screenshot(page, tmp_path, name):
 
 def test_generate_shows_previews_and_gallery(page, server, tmp_path):
     jobs = posted_jobs(page)
-    errors = []
+    errors, requests = [], []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: requests.append(r.url))
     page.goto(server.url + "/")
     page.wait_for_function("document.getElementById('model').textContent !== 'connecting…'")
     page.fill("#prompt", "a lighthouse at dusk")
@@ -129,6 +130,7 @@ def test_generate_shows_previews_and_gallery(page, server, tmp_path):
     assert get(server, f"/v1/jobs/{created['id']}")["status"] == "completed"
     sync_api.expect(page.locator("#error")).to_have_text("")
     assert not errors
+    assert requests and all(u.startswith(server.url + "/") for u in requests), requests  # no CDN, works offline
     screenshot(page, tmp_path, "page-generate.png")
 
 
