@@ -1091,8 +1091,15 @@ def serve(runner: JobRunner, cfg: ServerConfig, host: str = "127.0.0.1", port: i
     """Serve until SIGINT/SIGTERM. The runner must be started (model loaded). Prints `listening on
     http://HOST:PORT` once connections are accepted. On a signal: the queued jobs are answered 503, the
     running one is cancelled at its next step, new requests get 503, and the function returns."""
+    import sys
+
     import uvicorn
 
+    if not log.handlers:  # one line per job on stderr (stdout carries only the listening line)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     app = create_app(runner, cfg)
     sock = bind_socket(host, port)
     real_port = sock.getsockname()[1]

@@ -447,8 +447,8 @@ def clear_cache() -> None:
 def encode_image(image, fmt: str = "png", compression: int | None = None) -> bytes:
     """PIL image -> bytes, without metadata (nothing from the server's disk leaks into an image)."""
     buf = io.BytesIO()
-    if fmt == "png":
-        image.save(buf, format="PNG")
+    if fmt == "png":  # lossless at any level; level 1 encodes ~2x faster than the default 6 for ~15 % more bytes
+        image.save(buf, format="PNG", compress_level=1)
     else:
         quality = 100 if compression is None else int(compression)
         image.convert("RGB").save(buf, format="JPEG" if fmt == "jpeg" else "WEBP", quality=quality)
