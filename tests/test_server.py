@@ -319,6 +319,16 @@ def test_edit_json_with_data_url(app_factory):
     assert same_pixels(engine.generated[-1]["image"], image) and engine.generated[-1]["mask"] is None
 
 
+def test_edit_stream_spreads_partials_over_the_steps_that_run(app_factory):
+    client, _, engine = app_factory()
+    files = [("image", ("a.png", png_bytes(Image.new("RGB", (32, 32))), "image/png"))]
+    r = client.post("/v1/images/edits", files=files, data={"prompt": "x", "steps": "8", "strength": "0.5",
+                                                           "stream": "true", "partial_images": "3", "seed": "3"})
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    assert [e["type"] for e in events] == ["image_edit.partial_image"] * 3 + ["image_edit.completed"]
+    assert engine.steps_run[-1] == 4  # strength 0.5 of 8 steps
+
+
 def test_edit_refusals(app_factory):
     client, _, engine = app_factory(max_input_pixels=512 * 512)
     img = png_bytes(Image.new("RGB", (32, 32)))

@@ -37,7 +37,7 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -427,7 +427,7 @@ def parse_openai(f: Fields, cfg: ServerConfig, *, any_model: bool, edit: bool = 
         params.strength = f.float("strength", "denoising_strength", lo=0.0, hi=1.0)
     if stream and partial:
         params.partial_steps = partial_steps(params.steps, partial)
-    return params, {"stream": stream, "size": f.str("size")}
+    return params, {"stream": stream, "size": f.str("size"), "partial_images": partial}
 
 
 def partial_steps(steps: int, count: int) -> frozenset:
@@ -728,6 +728,8 @@ class Server:
         params.image, params.mask = make_edit_inputs(image, mask, self.cfg)
         size = (params.width, params.height) if params.width else None
         params.width, params.height = edit_size(params.image, size, self.cfg)
+        if params.partial_steps:  # spread over the steps an edit really runs (fewer below strength 1)
+            params.partial_steps = partial_steps(params.denoising_steps(), meta["partial_images"])
         return await self.openai_run(request, params, meta, "image_edit")
 
     async def read_edit_form(self, request: Request):
@@ -1018,6 +1020,8 @@ class Guard:
 
         try:
             await self.app(scope, counted_receive, tracked_send)
+        except ClientDisconnect:  # the client left while sending its body: nobody to answer
+            return
         except Exception:  # noqa: BLE001 - the one place an unexpected error becomes a 500
             log.exception("unhandled error on %s %s", scope.get("method"), path)
             if not started:
@@ -1092,6 +1096,7 @@ def serve(runner: JobRunner, cfg: ServerConfig, host: str = "127.0.0.1", port: i
     http://HOST:PORT` once connections are accepted. On a signal: the queued jobs are answered 503, the
     running one is cancelled at its next step, new requests get 503, and the function returns."""
     import sys
+    import threading
 
     import uvicorn
 
@@ -1112,7 +1117,9 @@ def serve(runner: JobRunner, cfg: ServerConfig, host: str = "127.0.0.1", port: i
                 announce(f"listening on http://{shown}:{real_port}")
 
         def handle_exit(self, sig, frame):
-            runner.shutdown()  # queued jobs: 503; the running one stops at its next step; new ones: 503
+            # queued jobs: 503; the running one stops at its next step; new ones: 503. On its own thread: a
+            # signal handler must not wait for a lock the interrupted main thread may hold.
+            threading.Thread(target=runner.shutdown, name="zimage-shutdown").start()
             super().handle_exit(sig, frame)
             self._captured_signals.clear()  # uvicorn would re-raise the signal after shutting down: exit 0 instead
 

@@ -124,7 +124,7 @@ class Job:
         self.timings: dict = {}
         self.events: list[tuple[str, dict]] = []
         self._subs: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     @property
     def media_type(self) -> str:
