@@ -709,16 +709,22 @@ def serve(model, quantize, low_memory, dtype, host, port, api_key, queue_size, l
       curl http://127.0.0.1:8000/v1/images/generations -H 'Content-Type: application/json' \\
            -d '{"prompt": "a red fox in the snow", "size": "1024x1024", "seed": 42}'
     """
+    import ipaddress
+
     if max_side % 16:
         raise UserError(f"--max-side must be a multiple of 16, got {max_side}")
     try:
-        from .server import ServerConfig, allowed_hosts, is_loopback, serve as run_server
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    if not loopback and not api_key and not insecure_no_auth:
+        raise UserError(f"--host {host} is reachable from other machines: give --api-key KEY (or set "
+                        "ZIMAGE_MLX_API_KEY), or pass --insecure-no-auth if you really mean it")
+    try:
+        from .server import ServerConfig, allowed_hosts, serve as run_server
         from .server_engine import JobRunner
     except ImportError as e:
         raise UserError(f"the server needs its extra dependencies: pip install 'zimage-mlx[serve]' ({e})") from None
-    if not is_loopback(host) and not api_key and not insecure_no_auth:
-        raise UserError(f"--host {host} is reachable from other machines: give --api-key KEY (or set "
-                        "ZIMAGE_MLX_API_KEY), or pass --insecure-no-auth if you really mean it")
     try:
         from .server import bind_socket
 
