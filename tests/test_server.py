@@ -681,6 +681,8 @@ def test_bounded_load():
         rss0 = rss_mb()
         rounds = [asyncio.run(burst(s.url)) for _ in range(3)]
         rss1 = rss_mb()
+    runner._thread.join(5)
+    assert not runner._thread.is_alive() and not s.thread.is_alive()  # nothing left running
     for results in [first] + rounds:
         assert len(results) == 16
         codes = sorted(r.status_code for _, r in results)
