@@ -168,7 +168,8 @@ def test_live_mode_keeps_only_the_last_text(page, slow_server, tmp_path):
 
 def test_api_key_and_cancel(page, tmp_path):
     """With a key configured the page reads it from its field (kept in localStorage) and sends it on every call,
-    event stream and image included; Cancel stops the running job."""
+    event stream and image included. Generate while a job runs queues another (the queue is shown); Cancel
+    stops the running one."""
     from server_fakes import FakeEngine
 
     with live_server(lambda: FakeEngine(step_delay=0.25), api_key="sesame") as s:
@@ -185,16 +186,22 @@ def test_api_key_and_cancel(page, tmp_path):
         page.fill("#steps", "20")
         page.fill("#prompt", "a paper boat")
         page.click("#generate")
-        sync_api.expect(page.locator("#progress")).to_contain_text(re.compile(r"step \d+/20"))
-        page.click("#cancel")
-        sync_api.expect(page.locator("#progress")).to_contain_text("cancelled")
-        ((_, created),) = jobs
-        record = get(s, f"/v1/jobs/{created['id']}", key="sesame")
-        assert record["status"] == "cancelled" and record["step"] < 20
-        # A short job with the key: the gallery image is fetched with the header too.
         page.fill("#steps", "2")
-        page.click("#generate")
-        sync_api.expect(page.locator("#gallery .card")).to_have_count(1)
+        page.fill("#prompt", "a paper plane")
+        page.click("#generate")  # the page stays usable: a second job queues behind the first
+        queue = page.locator("#queue li")
+        sync_api.expect(queue).to_have_count(2)
+        sync_api.expect(queue.nth(1)).to_contain_text("queued · next")
+        sync_api.expect(page.locator("#progress")).to_contain_text(re.compile(r"step \d+/20 · 1 more queued"))
+        page.click("#cancel")  # stops the running job; the queued one runs next
+        card = page.locator("#gallery .card")
+        sync_api.expect(card).to_have_count(1)
+        assert card.get_attribute("data-prompt") == "a paper plane"
+        (_, boat), (_, plane) = jobs
+        boat = get(s, f"/v1/jobs/{boat['id']}", key="sesame")
+        assert boat["status"] == "cancelled" and boat["step"] < 20
+        assert get(s, f"/v1/jobs/{plane['id']}", key="sesame")["status"] == "completed"
+        # The image came through fetch() with the key, as a blob.
         assert page.evaluate("document.querySelector('#gallery .card img').naturalWidth") == 64
-        assert page.locator("#gallery .card a[download]").get_attribute("href").startswith("blob:")
+        assert card.locator("a[download]").get_attribute("href").startswith("blob:")
         screenshot(page, tmp_path, "page-api-key.png")
