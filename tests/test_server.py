@@ -8,12 +8,10 @@ import base64
 import io
 import json
 import os
-import socket
 import struct
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import httpx
 import pytest

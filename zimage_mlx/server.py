@@ -470,11 +470,11 @@ def parse_a1111(body: dict, cfg: ServerConfig, *, img2img: bool) -> Params:
     scheduler = f.str("scheduler")
     if scheduler and scheduler.lower() not in A1111_SCHEDULERS:
         raise bad("scheduler", f"scheduler {scheduler!r} is not available; use 'Automatic'", "unsupported_value")
-    for name in ("enable_hr", "restore_faces", "tiling", "inpaint_full_res"):
+    for name in ("enable_hr", "restore_faces", "tiling"):
         if f.bool(name):
             raise bad(name, f"{name} is not supported by this server", "unsupported_parameter")
-    for name in ("subseed_strength", "s_churn", "mask_blur", "image_cfg_scale"):
-        if f.float(name, default=0.0) and not (name == "image_cfg_scale"):
+    for name in ("subseed_strength", "s_churn"):
+        if f.float(name, default=0.0):
             raise bad(name, f"{name} must be 0 (not supported by this server)", "unsupported_parameter")
     for name in ("styles", "alwayson_scripts", "script_args"):
         if body.get(name):
@@ -513,6 +513,12 @@ def parse_a1111(body: dict, cfg: ServerConfig, *, img2img: bool) -> Params:
                 from PIL import ImageOps
 
                 mask = ImageOps.invert(mask)
+            if f.float("mask_blur", default=0.0):
+                raise bad("mask_blur", "mask_blur must be 0: the mask is used as given (binarised at 50%)",
+                          "unsupported_parameter")
+            if f.bool("inpaint_full_res"):
+                raise bad("inpaint_full_res", "inpaint_full_res is not supported: the whole image is repainted "
+                          "at its size", "unsupported_parameter")
             if f.int("inpainting_fill", default=1, lo=0, hi=3) != 1:
                 raise bad("inpainting_fill", "inpainting_fill must be 1 ('original'): the masked area starts from "
                           "the image", "unsupported_value")
@@ -527,11 +533,12 @@ def parse_a1111(body: dict, cfg: ServerConfig, *, img2img: bool) -> Params:
     return params
 
 
-def check_override_settings(settings, cfg: ServerConfig) -> None:
+def check_override_settings(settings, cfg: ServerConfig, param: str | None = "override_settings") -> None:
+    """Accept settings that change nothing; refuse the rest (400 naming `param`, or the key when None)."""
     if not settings:
         return
     if not isinstance(settings, dict):
-        raise bad("override_settings", "override_settings must be an object")
+        raise bad(param, f"{param or 'the body'} must be an object")
     current = a1111_options(cfg)
     for key, value in settings.items():
         if key == "sd_model_checkpoint" and isinstance(value, str) and value.lower() in cfg.model_ids():
@@ -542,7 +549,7 @@ def check_override_settings(settings, cfg: ServerConfig) -> None:
             continue
         if key in ("sd_vae",) and value in ("Automatic", "None", None):
             continue
-        raise bad("override_settings", f"cannot change the setting {key!r} on this server", "unsupported_value")
+        raise bad(param or key, f"cannot change the setting {key!r} on this server", "unsupported_value")
 
 
 def a1111_options(cfg: ServerConfig) -> dict:
@@ -951,12 +958,7 @@ class Server:
         return JSONResponse(a1111_options(self.cfg))
 
     async def set_options(self, request):
-        body = await self.read_json(request)
-        try:
-            check_override_settings(body, self.cfg)
-        except ApiError as e:
-            e.body["error"]["param"] = e.body["error"]["message"].split("'")[1] if "'" in e.body["error"]["message"] else None
-            raise
+        check_override_settings(await self.read_json(request), self.cfg, param=None)
         return JSONResponse({})
 
 
