@@ -684,7 +684,8 @@ main.add_command(convert_command, "convert")
               help="Address to bind. Anything but loopback needs --api-key (or --insecure-no-auth).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port; 0 picks a free one.")
 @click.option("--api-key", envvar="ZIMAGE_MLX_API_KEY", metavar="KEY",
-              help="Require this key (Authorization: Bearer KEY or X-API-Key: KEY) on every route but /health. "
+              help="Require this key (Authorization: Bearer KEY or X-API-Key: KEY) on every route but /health and "
+                   "the page. "
                    "Also read from ZIMAGE_MLX_API_KEY, which keeps it out of `ps`.")
 @click.option("--queue-size", type=click.IntRange(1, 1000), default=8, show_default=True,
               help="Jobs that may wait behind the running one; more get 503 with Retry-After.")
