@@ -229,6 +229,14 @@ def test_stream_events(app_factory):
     assert events[-1]["usage"]["total_tokens"] == 0
 
 
+def test_stream_failure_ends_with_an_error_event(app_factory):
+    client, _, _ = app_factory(FakeEngine(fail_with=ValueError("width 64 is too small for this model")))
+    r = client.post("/v1/images/generations", json={"prompt": "p", "size": "64x64", "stream": True})
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    assert len(events) == 1 and events[0]["type"] == "error"  # the SDK raises APIError on a data object with "error"
+    assert set(events[0]["error"]) == ENVELOPE_KEYS and "too small" in events[0]["error"]["message"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Auth, Host, body caps
 

@@ -791,8 +791,7 @@ class Server:
         job = Job(params, kind="openai")
         if meta["stream"]:
             self.submit(job)
-            return StreamingResponse(self.openai_stream(job, prefix), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return JobStream(self.openai_stream(job, prefix), job, self.runner)
         if not await self.run_sync(request, job):
             return Response(status_code=499)  # nobody is listening
         if job.status != "completed":
@@ -960,6 +959,23 @@ class Server:
     async def set_options(self, request):
         check_override_settings(await self.read_json(request), self.cfg, param=None)
         return JSONResponse({})
+
+
+class JobStream(StreamingResponse):
+    """An SSE response whose job is cancelled when the response ends early, however it ends (a client that
+    hangs up even before the first event included)."""
+
+    def __init__(self, content, job: Job, runner: JobRunner):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job, self.runner = job, runner
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.job.is_finished:
+                self.runner.cancel(self.job, "disconnect")
 
 
 # ---------------------------------------------------------------------------------------------------
