@@ -746,26 +746,28 @@ class Server:
             raise
         except Exception as e:  # noqa: BLE001 - Starlette's MultiPartException / HTTPException
             raise bad(None, f"cannot read the form: {getattr(e, 'detail', None) or e}", "invalid_form") from None
-        values, files = {}, {}
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                files.setdefault(key, []).append(value)
-            else:
-                values[key] = value
-        uploads = files.get("image", []) + files.get("image[]", [])
-        if not uploads:
-            raise bad("image", "image is required (a file part named image or image[])", "missing_required_parameter")
-        if len(uploads) > 1:
-            raise bad("image", f"give one image to edit, got {len(uploads)}")
-        image = decode_image(await uploads[0].read(), "image", self.cfg)
-        masks = files.get("mask", [])
-        if len(masks) > 1:
-            raise bad("mask", "give one mask")
-        mask = decode_image(await masks[0].read(), "mask", self.cfg) if masks else None
-        for key in ("image", "image[]", "mask"):
-            if key in values:
-                raise bad(key, f"{key} must be a file part")
-        await form.close()
+        try:
+            values, files = {}, {}
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    files.setdefault(key, []).append(value)
+                else:
+                    values[key] = value
+            uploads = files.get("image", []) + files.get("image[]", [])
+            if not uploads:
+                raise bad("image", "image is required (a file part named image or image[])", "missing_required_parameter")
+            if len(uploads) > 1:
+                raise bad("image", f"give one image to edit, got {len(uploads)}")
+            image = decode_image(await uploads[0].read(), "image", self.cfg)
+            masks = files.get("mask", [])
+            if len(masks) > 1:
+                raise bad("mask", "give one mask")
+            mask = decode_image(await masks[0].read(), "mask", self.cfg) if masks else None
+            for key in ("image", "image[]", "mask"):
+                if key in values:
+                    raise bad(key, f"{key} must be a file part")
+        finally:
+            await form.close()  # the spooled upload files
         return Fields(values, strings=True), image, mask
 
     def openai_body(self, job: Job, meta: dict) -> dict:
