@@ -57,20 +57,33 @@ class Group(click.Group):
 
 @contextmanager
 def expected_errors():
-    """Turn what a user can fix (a bad checkpoint folder, a bad value, an unreadable or unwritable file,
-    a size too big for the machine) into a one-line error; anything else keeps its traceback."""
-    from .weights import CheckpointError
+    """Turn what a user can fix (zimage_mlx.errors: a bad value, a bad checkpoint or LoRA; an unreadable or
+    unwritable file; a size too big for the machine) into a one-line error. Anything else is a bug of ours:
+    it keeps its traceback, followed by a line that says so."""
+    from .errors import ZImageError
 
     try:
         yield
-    except (CheckpointError, ValueError, NotImplementedError) as e:
+    except ZImageError as e:
         raise UserError(str(e) or type(e).__name__) from None
     except OSError as e:
         raise UserError(describe_os_error(e)) from None
     except RuntimeError as e:  # MLX reports failed allocations as RuntimeError
         if "malloc" not in str(e) and "memory" not in str(e).lower():
+            report_bug()
             raise
         raise UserError(f"out of memory ({e}); try --low-memory, a smaller size or --quantize 8") from None
+    except (click.ClickException, KeyboardInterrupt):
+        raise
+    except Exception:
+        report_bug()
+        raise
+
+
+def report_bug() -> None:
+    click.echo(f"zimage-mlx {__version__} failed on an internal error, not on a mistake in your command: please "
+               "report it to the zimage-mlx issue tracker with the traceback below and the command you ran.",
+               err=True)
 
 
 def describe_os_error(e: OSError) -> str:
@@ -109,6 +122,22 @@ def main():
 @click.option("--strength", type=float, metavar="0..1",
               help="How much of --image to repaint: 0 keeps it, 1 starts from pure noise; ceil(strength x steps) "
                    "of the steps run.  [default: 0.6, with --mask 1]")
+@click.option("--controlnet", metavar="PATH|ID",
+              help="A Z-Image Turbo Fun ControlNet Union (1.0, 2.0, 2.1, 2.1 lite, Tile): .safetensors file, folder, "
+                   "Hub repo/FILE.safetensors. The authors run 2.1 (-8steps files) at 8 steps, 1.0 at 9, 2.0 at 25.")
+@click.option("--control", "control_specs", metavar="IMAGE[:SCALE]", multiple=True,
+              help="A control map (edges, depth with near = white, pose, lines, tile) and its strength; repeat for "
+                   "several (one ControlNet pass). SCALE defaults to the authors': 0.9 for Union 2.1 (lite, "
+                   "8-step), 0.75 for 1.0 and 2.0; 0.65-1 is the useful range.")
+@click.option("--control-type", type=click.Choice(["none", "canny", "lines"]), default="none", show_default=True,
+              help="Compute the map from a photo: canny edges, or lines (LSD, a stand-in for MLSD); needs "
+                   "pip install 'zimage-mlx[control]'.")
+@click.option("--control-start", type=float, default=0.0, show_default=True, metavar="0..1",
+              help="First part of the steps without control.")
+@click.option("--control-end", type=float, default=1.0, show_default=True, metavar="0..1",
+              help="Control only the steps up to this fraction.")
+@click.option("--controlnet-graph", type=click.Choice(["authors", "diffusers"]), default="authors", show_default=True,
+              help="Union 2.x refiner residuals into the DiT's stream (authors, as trained) or not (diffusers).")
 @click.option("--steps", type=int, default=8, show_default=True, help="Denoising steps.")
 @click.option("--guidance", type=float, default=0.0, show_default=True,
               help="CFG scale; Turbo is distilled to run without it (0).")
@@ -134,10 +163,14 @@ def main():
 @click.option("--preview", "preview_path", metavar="FILE",
               help="Rewrite FILE (.png, .jpg or .webp) after every step with a cheap preview of the image forming, "
                    "to watch it in an image viewer.")
+@click.option("--enhance", is_flag=True,
+              help="First rewrite each prompt into a detailed one with the text encoder's own Qwen3 (seeded by the "
+                   "image seed); printed, and stored in the PNG next to the original.")
 @click.pass_context
 def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, quantize, size, width, height, steps,
              guidance, cfg_normalization, cfg_truncation, seed, num_images, output, overwrite, dtype, low_memory,
-             metadata, from_image, quiet, lora_specs, init_image, mask, strength, preview_path):
+             metadata, from_image, quiet, lora_specs, init_image, mask, strength, preview_path, enhance, controlnet,
+             control_specs, control_type, control_start, control_end, controlnet_graph):
     """Generate images from a prompt (or several: --prompt-file), one file per prompt, seed and image.
 
     \b
@@ -147,6 +180,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
       zimage-mlx generate "the same street at night" --image street.jpg --strength 0.7
       zimage-mlx generate "a red vintage car" --image street.jpg --mask car-mask.png
       zimage-mlx generate "a portrait, watercolor" --lora watercolor.safetensors:0.8
+      zimage-mlx generate "a cat on a windowsill" --enhance --seed 7
+      zimage-mlx generate "a glass house" --controlnet union-2.1-lite-8steps.safetensors --control photo.jpg --control-type canny
     """
     from .pipeline import MAX_SEED, image_input, open_image, validate  # MLX and transformers load here, not for --help
     from .sampler import strength_start
@@ -159,6 +194,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     width, height = parse_size(size, width, height)
     quantize = int(quantize) if quantize else None
     loras = [parse_lora(spec) for spec in lora_specs]
+    replayed_original = None
+    controls = [parse_control(spec) for spec in control_specs]
     if from_image is not None:
         saved = read_image_settings(from_image)
         if given("init_image"):  # a new image brings its own size; the stored one would resize it
@@ -167,6 +204,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
             init_image = saved.get("image")
             mask = mask if given("mask") else saved.get("mask")
         strength = strength if given("strength") else saved.get("strength")
+        if not prompts and "original_prompt" in saved:  # an enhanced image: replay its rewrite, no LLM run
+            replayed_original = saved["original_prompt"]
         prompts = prompts or [saved["prompt"]]
         seed = seed or ((saved["seed"],) if "seed" in saved else ())
         steps = steps if given("steps") else saved.get("steps", steps)
@@ -179,6 +218,13 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
         quantize = quantize if given("quantize") else saved.get("quantization", quantize)
         dtype = dtype if given("dtype") else saved.get("dtype", dtype)
         loras = loras if given("lora_specs") else saved.get("loras", loras)
+        if not given("control_specs") and not given("controlnet"):
+            controlnet, controls = saved.get("controlnet", controlnet), saved.get("controls", controls)
+            control_type = control_type if given("control_type") else saved.get("control_type", control_type)
+            control_start = control_start if given("control_start") else saved.get("control_start", control_start)
+            control_end = control_end if given("control_end") else saved.get("control_end", control_end)
+            controlnet_graph = controlnet_graph if given("controlnet_graph") else saved.get("controlnet_graph",
+                                                                                             controlnet_graph)
         if not given("negative_prompt") and guidance > 0:  # a stored negative prompt only matters with CFG
             negative_prompt = saved.get("negative_prompt")
     if not prompts:
@@ -191,6 +237,10 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
             init = image_input(open_image(init_image, "--image"), open_image(mask, "--mask") if mask else None,
                                strength, width, height)
         width, height = init.width, init.height
+    control = control_settings(controlnet, controls, control_type, control_start, control_end, width, height,
+                               init is not None)
+    if control:
+        width, height = control["width"], control["height"]
     width, height = width or 1024, height or 1024
     negative_prompt = negative_prompt or None
     with expected_errors():
@@ -253,6 +303,25 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
         for w in caught:
             say(f"Warning: {w.message}")
         say(f"Applied LoRA {lora_file.name} at scale {format_number(scale)}")
+    control_kw, control_info = {}, {}
+    if control:
+        with expected_errors():
+            net = pipe.load_controlnet(control["files"], graph=controlnet_graph)
+        scales = [net.args.scale if s is None else s for s in control["scales"]]
+        say(f"Loaded ControlNet {net.args.name}, graph {net.graph}, scale {', '.join(map(format_number, scales))}")
+        control_kw = dict(control_image=control["maps"], control_scale=scales, control_start=control_start,
+                          control_end=control_end)
+        control_info = dict(controlnet=model_label(controlnet), controls=list(zip(control["paths"], scales)),
+                            control_type=control_type, control_start=control_start, control_end=control_end,
+                            controlnet_graph=net.graph)
+
+    # The rewrites, one per image (a seeded rewrite is its image seed's), become the prompts of the jobs.
+    originals = [replayed_original] * len(jobs) if replayed_original is not None else [None] * len(jobs)
+    if enhance and replayed_original is None:
+        originals = [prompts[p] for p, _ in jobs]
+        with expected_errors():
+            prompts = enhance_jobs(pipe, prompts, jobs, say, progress)
+        jobs = [(i, s) for i, (_, s) in enumerate(jobs)]
 
     # 3. Prompts are encoded a few at a time (one text-encoder load each in --low-memory mode); the
     # pipeline's prompt cache then serves `generate`, so step times measure denoising only. Once the last
@@ -275,7 +344,7 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
             image = pipe.generate(prompts[p], negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                                   guidance=guidance, cfg_normalization=cfg_normalization,
                                   cfg_truncation=cfg_truncation, seed=s, num_images=1, callback=progress,
-                                  release_transformer=i == len(jobs) - 1, **source,
+                                  release_transformer=i == len(jobs) - 1, **source, **control_kw,
                                   on_step=preview_writer(pipe, preview_file) if preview_file else None)[0]
             progress.finish()
             show_warnings(caught, shown, quiet)
@@ -285,7 +354,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
                                      guidance=guidance, cfg_normalization=cfg_normalization,
                                      cfg_truncation=cfg_truncation, width=width, height=height, model=model_name,
                                      quantization=pipe.quantize, dtype=pipe.dtype, **image_settings,
-                                     loras=[(model_label(name), scale) for name, scale in loras]))
+                                     original_prompt=originals[i],
+                                     loras=[(model_label(name), scale) for name, scale in loras], **control_info))
             save_png(image, paths[i], info, overwrite)
             steps_done += denoising_steps
             step_seconds += progress.step_seconds
@@ -299,6 +369,66 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     n = len(jobs)
     say(f"Done: {n} image{'s' * (n > 1)} in {total:.1f} s ({step_seconds / max(steps_done, 1):.2f} s/step, "
         f"load {t_loaded - t_start:.1f} s), peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
+
+
+def enhance_jobs(pipe, prompts: list[str], jobs: list[tuple[int, int]], say, progress) -> list[str]:
+    """The rewritten prompt of each (prompt, seed) job, seeded by the job's image seed (in one call, so that
+    --low-memory loads the text encoder once); each is printed once."""
+    todo = list(dict.fromkeys(jobs))
+    progress.status(f"Enhancing {len(todo)} prompt{'s' * (len(todo) > 1)} ...")
+    try:
+        texts = pipe.enhance_prompt([prompts[p] for p, _ in todo], seed=[s for _, s in todo])
+    finally:
+        progress.status("")
+    rewrites = dict(zip(todo, texts))
+    for (p, s), text in rewrites.items():
+        say(f"Enhanced prompt {p + 1} (seed {s}): {text}" if len(prompts) > 1 else f"Enhanced prompt (seed {s}): {text}")
+    return [rewrites[job] for job in jobs]
+
+
+# ------------------------------------------------------------------------------------------------
+# enhance
+
+
+@main.command("enhance")
+@click.argument("prompt")
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
+              help="A Hugging Face repo id or a checkpoint folder.")
+@click.option("--seed", type=int, help="Sampling seed (default: a random one).")
+@click.option("--temperature", type=float, default=0.7, show_default=True, help="Sampling temperature; 0 is greedy.")
+@click.option("--max-tokens", type=int, default=512, show_default=True, help="Longest rewrite, in tokens.")
+@click.option("--system-prompt", metavar="TEXT", help="Replace the built-in instructions given to the model.")
+@click.option("--quantize", type=click.Choice(["4", "8"]), help="Quantize the text encoder on the fly (to 8 bits either way).")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+              show_default=True, help="Compute dtype; auto is bfloat16 on an Apple GPU, float32 on CPU.")
+def enhance_command(prompt, model, seed, temperature, max_tokens, system_prompt, quantize, dtype):
+    """Print a detailed rewrite of PROMPT, written by the checkpoint's own Qwen3 text encoder.
+
+    \b
+      zimage-mlx enhance "a cat on a windowsill" --seed 7
+      zimage-mlx generate "$(zimage-mlx enhance 'a lighthouse in a storm')" --seed 7
+    """
+    from .enhance import PromptEnhancer
+    from .pipeline import default_dtype, validate
+    from .text_encoder import TextEncoder
+    from .text_encoder import default_bits as text_encoder_bits
+    from .weights import resolve_model
+
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if not (math.isfinite(temperature) and 0 <= temperature <= 5):
+        raise UserError(f"--temperature must be a number in [0, 5] (0 is greedy), got {temperature}")
+    with expected_errors():
+        validate(seed=seed)
+        root = resolve_model(model)
+        dtype = default_dtype() if dtype == "auto" else dtype
+        encoder = TextEncoder.from_pretrained(root, dtype="bfloat16" if dtype == "float16" else dtype,
+                                              quantize=text_encoder_bits(int(quantize) if quantize else None))
+        enhancer = PromptEnhancer.from_text_encoder(encoder, root)
+        live = sys.stdout.isatty()  # on a terminal the rewrite appears as it is written
+        text = enhancer.enhance(prompt, system_prompt=system_prompt, max_tokens=max_tokens, temperature=temperature,
+                                seed=seed, callback=(lambda piece: click.echo(piece, nl=False)) if live else None)
+    click.echo("" if live else text)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,6 +482,52 @@ def parse_lora(spec: str) -> tuple[str, float]:
     if not name or not math.isfinite(value):
         raise UserError(f"--lora {spec}: give PATH[:SCALE] with a finite number as SCALE, e.g. style.safetensors:0.8")
     return name, value
+
+
+def parse_control(spec) -> tuple[str, float | None]:
+    """--control IMAGE[:SCALE] into (path, scale or None for the ControlNet's default); a stored pair passes."""
+    if isinstance(spec, (tuple, list)):
+        return spec[0], spec[1]
+    name, sep, scale = spec.rpartition(":")
+    if not sep or Path(spec).expanduser().exists():
+        return spec, None
+    try:
+        value = float(scale)
+    except ValueError:
+        raise UserError(f"--control {spec}: the scale {scale!r} after the last ':' is not a number") from None
+    if not name or not math.isfinite(value):
+        raise UserError(f"--control {spec}: give IMAGE[:SCALE] with a finite number as SCALE, e.g. edges.png:0.8")
+    return name, value
+
+
+def control_settings(controlnet, controls, control_type, start, end, width, height, has_image) -> dict:
+    """Check the ControlNet options before the model loads; returns {} without controls, else the ControlNet's
+    files, the control maps (computed from photos with --control-type, at the output size), their paths and
+    scales, and the output size (the first control image's when neither --image nor a size says otherwise)."""
+    if not controls:
+        if controlnet:
+            raise UserError("--controlnet needs at least one --control IMAGE")
+        return {}
+    if not controlnet:
+        raise UserError("--control needs --controlnet (a ControlNet Union file, folder or Hub id)")
+    from .controlnet import control_inputs, control_map, resolve_controlnet
+    from .pipeline import output_size
+
+    with expected_errors():
+        files = resolve_controlnet(controlnet)[0]
+        inputs = control_inputs([open_control(path) for path, _ in controls], [s for _, s in controls], start, end)
+        if not has_image:
+            width, height = output_size(inputs.images[0].size, width, height)
+        maps = [control_map(im, control_type, width, height) for im in inputs.images]
+    files = controlnet if Path(controlnet).expanduser().exists() else files[0]  # a Hub id: the file downloaded
+    return dict(files=files, maps=maps, scales=inputs.scales, width=width, height=height,
+                paths=[str(Path(p).expanduser().resolve()) for p, _ in controls])
+
+
+def open_control(path):
+    from .pipeline import open_image
+
+    return open_image(path, f"--control {path}")
 
 
 def model_label(model: str) -> str:
@@ -457,8 +633,14 @@ def png_info(settings: dict):
         "dtype": settings["dtype"],
         **({"image": settings["image"], "strength": format_number(settings["strength"])} if settings.get("image") else {}),
         **({"mask": settings["mask"]} if settings.get("mask") else {}),
+        **({"original_prompt": settings["original_prompt"]} if settings.get("original_prompt") is not None else {}),
         **({"loras": json.dumps([{"name": n, "scale": s} for n, s in settings["loras"]], ensure_ascii=False)}
            if settings.get("loras") else {}),
+        **({"controlnet": settings["controlnet"],
+            "controls": json.dumps([{"image": n, "scale": s} for n, s in settings["controls"]], ensure_ascii=False),
+            "control_type": settings["control_type"], "control_start": format_number(settings["control_start"]),
+            "control_end": format_number(settings["control_end"]), "controlnet_graph": settings["controlnet_graph"]}
+           if settings.get("controlnet") else {}),
         "version": __version__,
         "Software": f"zimage-mlx {__version__}",
         "parameters": a1111_parameters(settings),
@@ -483,6 +665,9 @@ def a1111_parameters(s: dict) -> str:
         fields["LoRA"] = ", ".join(f"{n}:{format_number(v)}" for n, v in s["loras"])
     if s.get("image"):
         fields["Denoising strength"] = format_number(s["strength"])
+    if s.get("controlnet"):
+        fields["ControlNet"] = s["controlnet"]
+        fields["Control"] = ", ".join(f"{Path(n).name}:{format_number(v)}" for n, v in s["controls"])
     fields["Dtype"] = s["dtype"]
     fields["Version"] = f"zimage-mlx {__version__}"
     lines = [s["prompt"]]
@@ -536,7 +721,8 @@ def read_image_settings(path: str) -> dict:
     if "prompt" in text and "seed" in text:
         raw = {k: text[k] for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "cfg_normalization",
                                     "cfg_truncation", "width", "height", "model", "quantization", "dtype",
-                                    "loras", "image", "mask", "strength") if k in text}
+                                    "loras", "image", "mask", "strength", "original_prompt", "controlnet", "controls",
+                                    "control_type", "control_start", "control_end", "controlnet_graph") if k in text}
     elif "parameters" in text:
         a = parse_a1111_parameters(text["parameters"])
         raw = {"prompt": a["prompt"], "negative_prompt": a["negative_prompt"], "seed": a.get("Seed")}
@@ -555,12 +741,14 @@ def read_image_settings(path: str) -> dict:
         try:
             if key in ("seed", "steps", "width", "height"):
                 settings[key] = int(value)
-            elif key in ("guidance", "cfg_normalization", "cfg_truncation", "strength"):
+            elif key in ("guidance", "cfg_normalization", "cfg_truncation", "strength", "control_start", "control_end"):
                 settings[key] = float(value)
             elif key == "quantization":
                 settings[key] = None if value in ("", "none") else int(value)
             elif key == "loras":
                 settings[key] = saved_loras(path, value)
+            elif key == "controls":
+                settings[key] = saved_controls(path, value)
             else:
                 settings[key] = value
         except ValueError:
@@ -576,6 +764,14 @@ def saved_loras(path: str, value: str) -> list[tuple[str, float]]:
         return [(str(x["name"]), float(x["scale"])) for x in json.loads(value)]
     except (ValueError, TypeError, KeyError):
         raise UserError(f"--from-image {path}: the metadata's loras {value!r} is not a list of names and scales") from None
+
+
+def saved_controls(path: str, value: str) -> list[tuple[str, float]]:
+    """The `controls` chunk: a JSON list of {"image", "scale"}."""
+    try:
+        return [(str(x["image"]), float(x["scale"])) for x in json.loads(value)]
+    except (ValueError, TypeError, KeyError):
+        raise UserError(f"--from-image {path}: the metadata's controls {value!r} is not a list of images and scales") from None
 
 
 # ------------------------------------------------------------------------------------------------

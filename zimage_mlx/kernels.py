@@ -159,8 +159,9 @@ def cut(x: mx.array) -> mx.array:
         return x
     try:
         mx.eval(x)
-    except ValueError:  # "[eval] Attempting to eval an array during function transformations ..."
-        pass
+    except ValueError as e:  # "[eval] Attempting to eval an array during function transformations ..."
+        if "transformation" not in str(e):
+            raise
     return x
 
 

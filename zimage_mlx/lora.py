@@ -32,8 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-class LoraError(ValueError):
-    """A LoRA file that cannot be applied: unreadable, for another model, or not fitting the DiT."""
+from .errors import LoraError  # noqa: F401  (re-exported: its historical home)
 
 
 class LoraWarning(UserWarning):

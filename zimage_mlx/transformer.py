@@ -22,6 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import kernels
+from .errors import InputError
 from .weights import (CheckpointError, check_quantization, load_into, load_safetensors, quantize_as_stored, quantize_model,
                       read_config, to_dtype)
 
@@ -238,6 +239,20 @@ class FinalLayer(nn.Module):
         return self.linear(mx.fast.layer_norm(x, None, None, 1e-6) * scale)
 
 
+def _blocks(blocks, x, rope, mask, adaln, residuals=None):
+    """Run blocks in order, one graph per block (see kernels.cut). residuals: None, or an iterator of
+    (block index, array) with increasing indices, each array added to that block's output; it is advanced
+    only when its next residual is due, so a side network can compute one residual at a time."""
+    due = next(residuals, None) if residuals is not None else None
+    for i, block in enumerate(blocks):
+        x = block(x, rope, mask, adaln)
+        if due is not None and due[0] == i:
+            x = x + due[1]
+            due = next(residuals, None)
+        x = kernels.cut(x)
+    return x
+
+
 # ----------------------------------------------------------------------------------------------
 # Quantization policy: the one predicate used by the converter and by on-the-fly quantization
 
@@ -289,20 +304,20 @@ class ZImageTransformer(nn.Module):
         return self.x_pad_token.dtype
 
     def check_sizes(self, h: int, w: int, cap_lens: list[int]) -> None:
-        """Raise ValueError if the latent size or a caption length falls outside the RoPE tables."""
+        """Raise InputError if the latent size or a caption length falls outside the RoPE tables."""
         lens = self.args.axes_lens
         if h % 2 or w % 2 or h < 2 or w < 2:
-            raise ValueError(f"latent size {h}x{w} must be even and positive (image sides multiples of 16)")
+            raise InputError(f"latent size {h}x{w} must be even and positive (image sides multiples of 16)")
         if h // 2 > lens[1] or w // 2 > lens[2]:
-            raise ValueError(
+            raise InputError(
                 f"latent {h}x{w} is too large: at most {2 * lens[1]}x{2 * lens[2]} latent pixels "
                 f"({16 * lens[1]}x{16 * lens[2]} image pixels)"
             )
         longest = max(padded(n) for n in cap_lens)
         if longest + 1 >= lens[0]:
-            raise ValueError(f"caption of {max(cap_lens)} tokens is too long for the RoPE table ({lens[0]})")
+            raise InputError(f"caption of {max(cap_lens)} tokens is too long for the RoPE table ({lens[0]})")
         if min(cap_lens) < 1:
-            raise ValueError("every caption needs at least one token")
+            raise InputError("every caption needs at least one token")
 
     @staticmethod
     def positions(h: int, w: int, cap_len: int) -> np.ndarray:
@@ -319,12 +334,18 @@ class ZImageTransformer(nn.Module):
         cap = np.stack([1 + np.arange(cap_len_padded), np.zeros(cap_len_padded), np.zeros(cap_len_padded)], -1)
         return np.concatenate([img, pads, cap.astype(np.int64)], axis=0)
 
-    def __call__(self, x: mx.array, t: mx.array, cap_feats: list[mx.array]) -> mx.array:
+    def __call__(self, x: mx.array, t: mx.array, cap_feats: list[mx.array], control=None) -> mx.array:
         """One DiT forward.
 
         x: (B, h, w, C) latents (any float dtype); t: (B,) model time 1 - sigma in [0, 1];
         cap_feats: B caption features (L_i, cap_feat_dim), valid tokens only. Returns (B, h, w, C) in
         the compute dtype: the prediction x0 - noise.
+
+        control: optional residuals from a side network (a ControlNet's per-step `controlnet.Control`).
+        `control.refiner(self, img, rope, adaln)` is called with the embedded image tokens before the noise
+        refiner, `control.main(self, unified, rope, mask, adaln)` with the unified sequence before the main
+        layers; each returns None or an iterator of (block index, residual), indices increasing, and each
+        residual is added to that block's output.
         """
         B, h, w, _ = x.shape
         if len(cap_feats) != B:
@@ -350,8 +371,9 @@ class ZImageTransformer(nn.Module):
         cos, sin = rope_angles(pos, self.args.axes_dims, self.args.rope_theta)  # (B, L_max, head_dim/2)
         n_img = N + n_pad
 
-        for layer in self.noise_refiner:
-            img = kernels.cut(layer(img, (cos[:, :n_img], sin[:, :n_img]), None, adaln))
+        img_rope = (cos[:, :n_img], sin[:, :n_img])
+        extra = control.refiner(self, img, img_rope, adaln) if control is not None else None
+        img = _blocks(self.noise_refiner, img, img_rope, None, adaln, extra)
 
         # Caption tokens: embed, pad with the learned cap_pad_token, refine (no modulation).
         caps = []
@@ -388,8 +410,8 @@ class ZImageTransformer(nn.Module):
             valid = np.arange(L_max)[None, :] < (n_img + np.array(cap_padded))[:, None]
             mask = mx.array(valid)[:, None, None, :]  # (B, 1, 1, L): True = attend
 
-        for layer in self.layers:  # one graph per block: see kernels.cut
-            unified = kernels.cut(layer(unified, (cos, sin), mask, adaln))
+        extra = control.main(self, unified, (cos, sin), mask, adaln) if control is not None else None
+        unified = _blocks(self.layers, unified, (cos, sin), mask, adaln, extra)
 
         out = self.all_final_layer["2-1"](unified[:, :N], adaln)  # (B, N, 4C)
         return unpatchify(out, h, w)
