@@ -369,7 +369,7 @@ class JobRunner:
                 self._finish_cancelled(job)
             elif isinstance(e, LoraLoadError):
                 self._fail(job, 400, error_body(str(e), "invalid_request_error", "loras", "invalid_lora"))
-            elif isinstance(e, (ValueError, TypeError)):
+            elif isinstance(e, ValueError):  # the library's errors a user can fix (zimage_mlx.errors) are ValueErrors
                 self._fail(job, 400, error_body(" ".join(str(e).split()), "invalid_request_error"))
             elif is_out_of_memory(e):
                 clear_cache()
