@@ -153,7 +153,8 @@ def main():
                    f"[default: {DEFAULT_OUTPUT}]")
 @click.option("--overwrite", is_flag=True, help="Replace existing files (by default nothing is overwritten).")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
-              show_default=True, help="Compute dtype; auto is bfloat16 on an Apple GPU, float32 on CPU.")
+              show_default=True, help="Compute dtype; auto is float32 on CPU, float16 on M1/M2 for checkpoints "
+                   "that pass the float16 checks, else bfloat16 (--verbose says why).")
 @click.option("--low-memory", is_flag=True, help="Load the text encoder only while encoding; decode in tiles.")
 @click.option("--metadata/--no-metadata", default=True, show_default=True,
               help="Store the settings in the PNG (A1111 `parameters` chunk included).")
@@ -166,11 +167,12 @@ def main():
 @click.option("--enhance", is_flag=True,
               help="First rewrite each prompt into a detailed one with the text encoder's own Qwen3 (seeded by the "
                    "image seed); printed, and stored in the PNG next to the original.")
+@click.option("--verbose", is_flag=True, help="Also print why the compute dtype was chosen.")
 @click.pass_context
 def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, quantize, size, width, height, steps,
              guidance, cfg_normalization, cfg_truncation, seed, num_images, output, overwrite, dtype, low_memory,
              metadata, from_image, quiet, lora_specs, init_image, mask, strength, preview_path, enhance, controlnet,
-             control_specs, control_type, control_start, control_end, controlnet_graph):
+             control_specs, control_type, control_start, control_end, controlnet_graph, verbose):
     """Generate images from a prompt (or several: --prompt-file), one file per prompt, seed and image.
 
     \b
@@ -291,11 +293,15 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
         root = resolve_model(model)  # a Hub download shows its own progress bars
         progress.status(f"Loading {model_name} ...")  # on a terminal only, so that a failure stays one line
         try:
-            pipe = ZImagePipeline.from_pretrained(root, dtype=dtype, quantize=quantize, low_memory=low_memory)
+            with warnings.catch_warnings(record=True) as load_warnings:  # float16 forced on a failing checkpoint
+                pipe = ZImagePipeline.from_pretrained(root, dtype=dtype, quantize=quantize, low_memory=low_memory)
         finally:
             progress.status("")
+    show_warnings(load_warnings, set(), quiet)
     t_loaded = time.perf_counter()
     say(f"Loaded {model_name} in {t_loaded - t_start:.1f} s ({describe_pipeline(pipe)})")
+    if verbose:
+        say(f"Dtype: {pipe.reason}")
     for lora_file, scale in lora_files:
         with expected_errors(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", LoraWarning)
@@ -811,12 +817,14 @@ def describe_pipeline(pipe) -> str:
 
 
 def show_warnings(caught: list, shown: set, quiet: bool) -> None:
-    """Prompt truncation as one `Warning:` line (once per message); other warnings as Python shows them."""
+    """Prompt truncation and float16 overflow as one `Warning:` line (once per message); other warnings as
+    Python shows them."""
+    from .fp16 import Float16OverflowWarning
     from .text_encoder import PromptTruncatedWarning
 
     while caught:
         w = caught.pop(0)
-        if not issubclass(w.category, PromptTruncatedWarning):
+        if not issubclass(w.category, (PromptTruncatedWarning, Float16OverflowWarning)):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         elif str(w.message) not in shown and not quiet:
             shown.add(str(w.message))

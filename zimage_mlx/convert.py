@@ -447,9 +447,10 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
     src: a diffusers checkpoint folder or Hub id, or single files (a .safetensors file or a folder of them).
     transformer, text_encoder, vae: single files that replace src's component. base: for single files, the
     folder or Hub id that gives tokenizer, scheduler and configs (default Tongyi-MAI/Z-Image-Turbo).
-    dtype: the DiT and text encoder weights' dtype (the text encoder is stored in bfloat16 for float16:
-    Qwen3 overflows float16); the VAE keeps its own. quantize: bits for the DiT, and at least 8 for the text
+    dtype: the DiT and text encoder weights' dtype (the text encoder is stored in bfloat16 for float16, as
+    the pipeline runs it: see pipeline._load_text_encoder); the VAE keeps its own. quantize: bits for the DiT, and at least 8 for the text
     encoder (transformer_bits and text_encoder_bits set each alone); group_size for both.
+    The DiT's config.json records its float16 statistics (fp16.statistics), which dtype="auto" reads.
     progress(component, done, total) is called after each tensor written.
     Everything is checked before anything is written; errors raise CheckpointError or InputError.
     """
@@ -532,7 +533,8 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
                 del overrides["default"]
                 quantization = {"group_size": group_size, "bits": c.bits, "mode": "affine", **dict(sorted(overrides.items()))}
             stored = dtypes[name] or _float_dtype(c)
-            _write_config(tmp / name / "config.json", c.config, stored, quantization)
+            config = dict(c.config, fp16_stats=_fp16_statistics(c, sanitize, model)) if name == "transformer" else c.config
+            _write_config(tmp / name / "config.json", config, stored, quantization)
             del models[name]
             mx.clear_cache()
         for name in ("tokenizer", "scheduler"):
@@ -573,24 +575,25 @@ def convert_controlnet(src, dst, *, dtype: str = "bfloat16", quantize: int | Non
 
     from .controlnet import ControlNet, quant_predicate, read_controlnet
     from .transformer import TransformerArgs
+    from .errors import InputError
     from .weights import check_quantization, read_config, to_dtype
 
     if dtype not in DTYPE_NAMES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+        raise InputError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     if quantize is not None:
         check_quantization(quantize, group_size)
     dst = Path(dst).expanduser()
     if dst.exists() and not force:
-        raise ValueError(f"{dst} already exists; pass --force to replace it")
+        raise InputError(f"{dst} already exists; pass --force to replace it")
     dit = TransformerArgs()
     if base is not None:
         folder = Path(base).expanduser()
         if not folder.is_dir():
-            raise ValueError(f"--base {base} must be a checkpoint folder for a ControlNet (its transformer/config.json)")
+            raise InputError(f"--base {base} must be a checkpoint folder for a ControlNet (its transformer/config.json)")
         dit = TransformerArgs.from_dict(read_config(folder / "transformer"))
     weights, config = read_controlnet(src)
     if config and config.get("quantization"):
-        raise ValueError(f"{src} is quantized already; convert the original file")
+        raise InputError(f"{src} is quantized already; convert the original file")
     model, weights = ControlNet.build(weights, dit, f"ControlNet {src}")
     predicate = quant_predicate(quantize, group_size) if quantize else None
     modules = dict(model.named_modules())
@@ -622,6 +625,22 @@ def convert_controlnet(src, dst, *, dtype: str = "bfloat16", quantize: int | Non
     tmp.rename(dst)
     mx.clear_cache()
     return nbytes, f"{args.name}, {dtype}" + (f", {quantize}-bit" if quantize else "")
+
+
+def _fp16_statistics(c: Component, sanitize, model) -> dict:
+    """The DiT's float16 statistics (fp16.statistics), from the source weights before any cast or quantization,
+    read once more one tensor at a time: the loader then needs not compute them."""
+    import mlx.core as mx
+
+    from .fp16 import statistics
+
+    tensors = sanitize(_open(c.files, c.label))
+
+    def weight(key):
+        once = key.endswith(".weight") and not any(k in key for k in ("norm", "adaLN", "t_embedder"))
+        return (tensors.pop(key) if once else tensors[key]).astype(mx.float32)  # the big ones are asked for once
+
+    return statistics(weight, model.args)
 
 
 def _float_dtype(c: Component) -> str:

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,10 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from . import kernels
+from . import fp16, kernels
 from .enhance import PromptEnhancer, check_options
 from .errors import InputError
+from .fp16 import Float16OverflowWarning
 from .lora import Lora, apply_lora, read_lora, restore
 from .sampler import (FlowMatchScheduler, apply_cfg, euler_step, guidance_for_step, model_time, scale_noise,
                       strength_start)
@@ -29,7 +31,7 @@ from .text_encoder import TextEncoder
 from .text_encoder import default_bits as text_encoder_bits
 from .transformer import ZImageTransformer
 from .vae import VAE, auto_tile_size, from_pil, to_pil
-from .weights import resolve_model
+from .weights import read_config, resolve_model
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 LATENT_CHANNELS = 16
@@ -80,6 +82,7 @@ class ZImagePipeline:
         self.dtype = dtype
         self.low_memory = low_memory
         self.quantize = quantize
+        self.reason = dtype  # why this dtype (from_pretrained explains "auto")
         self._prompt_cache: OrderedDict[tuple[str, int], mx.array] = OrderedDict()
         self.loras: list[tuple[str, float]] = []  # (name, scale) of the LoRAs applied, in order
         self._lora_originals: dict = {}  # what unload_loras() puts back
@@ -99,27 +102,48 @@ class ZImagePipeline:
                         low_memory: bool = False) -> "ZImagePipeline":
         """Load a checkpoint folder (diffusers layout, or one written by `zimage-mlx convert`) or a Hub id.
 
-        dtype: "auto" (bfloat16 on an Apple GPU, float32 on CPU), "bfloat16", "float16" or "float32".
+        dtype: "auto", "bfloat16", "float16" or "float32". auto is float32 on the CPU, bfloat16 on a GPU, and
+        float16 on M1/M2 GPUs (no native bfloat16) for a checkpoint that passes the float16 checks (see fp16.py);
+        `reason` on the pipeline says why. float16 runs the DiT's scaled graph, checked after every step (see
+        `denoise`); the text encoder then runs in bfloat16 and the VAE always in float32.
         quantize: 4 or 8 to quantize on the fly with each model's policy: the DiT to that many bits, the text
         encoder to at least 8 (the VAE never is). A folder converted quantized loads as stored without it.
         low_memory: load the text encoder only while encoding and free it before denoising, and decode
         the VAE in tiles; a little slower, a much lower peak.
         """
         root = resolve_model(model)
-        dtype = default_dtype() if dtype == "auto" else dtype
+        choice = fp16.choose_dtype(dtype, fp16.stored(read_config(root / "transformer")))
         if mx.default_device() == mx.cpu and os.environ.get("ZIMAGE_MLX_KEEP_FREED_MEMORY", "1") != "0":
             kernels.keep_freed_memory()  # MLX's CPU backend has no buffer cache (see kernels.py)
-        transformer = ZImageTransformer.from_pretrained(root / "transformer", dtype=dtype, quantize=quantize)
+        transformer = ZImageTransformer.from_pretrained(root / "transformer", dtype=choice.dtype, quantize=quantize)
+        if choice.pending:  # M1/M2 and no stored statistics: judged on the float16 weights just loaded
+            choice = fp16.choose_dtype(dtype, transformer.fp16_stats)
+            if choice.dtype != "float16":
+                transformer = None
+                transformer = ZImageTransformer.from_pretrained(root / "transformer", dtype=choice.dtype,
+                                                                quantize=quantize)
+        dtype = choice.dtype
+        if dtype == "float16" and transformer.fp16_stats is not None:
+            ok, why = fp16.verdict(transformer.fp16_stats)
+            if not ok:  # asked for explicitly: honoured, with the guard to catch what overflows
+                choice.reason += f"; the checkpoint fails the float16 checks: {why}"
+                warnings.warn(Float16OverflowWarning(f"float16 was requested but {why}: expect steps redone in "
+                                                     "bfloat16 (dtype='bfloat16' avoids the retries)"), stacklevel=2)
+        # The VAE decodes in float32 whatever the dtype: its config says force_upcast (the FLUX VAE is a known
+        # float16 risk), and on Apple GPUs float32 convolutions cost memory traffic, not ALU rate.
         vae = VAE.from_pretrained(root / "vae")
         scheduler = FlowMatchScheduler.from_pretrained(root / "scheduler")
         pipe = cls(transformer, None, vae, scheduler, root=root, dtype=dtype, low_memory=low_memory,
                    quantize=quantize)
+        pipe.reason = choice.reason
         if not low_memory:
             pipe.text_encoder = pipe._load_text_encoder()
         return pipe
 
     def _load_text_encoder(self) -> TextEncoder:
-        # Qwen3 overflows float16; the text encoder runs once per prompt, so it gets bfloat16 instead.
+        # The text encoder stays bfloat16 when the DiT runs float16: its activations on the real weights are
+        # measured only for the hidden state (13,754 at position 0, 4.8x below float16's limit; fp16.md 1.2),
+        # not for its MLP, and it runs once per prompt, so float16 would save little there.
         dtype = "bfloat16" if self.dtype == "float16" else self.dtype
         return TextEncoder.from_pretrained(self.root, dtype=dtype, cap_feat_dim=self._cap_feat_dim,
                                            quantize=text_encoder_bits(self.quantize))
@@ -252,6 +276,11 @@ class ZImagePipeline:
         image, noised to the next sigma, and is the clean image latents after the last step (sigma 0).
 
         control: a `controlnet.ControlPlan` (made by generate from control images) whose residuals each step adds.
+
+        A float16 DiT (the scaled graph) is checked after every step: if the step's output holds a non-finite
+        value, the step is redone with bfloat16 GEMMs (the float16 weights cast to bfloat16 as each layer
+        runs: no second copy of the DiT, a transient copy of one layer's weight and one extra pass over the
+        weights per step), the rest of the run stays in bfloat16, and a `Float16OverflowWarning` is issued.
         """
         B = latents.shape[0]
         if len(prompt_embeds) != B or (negative_embeds is not None and len(negative_embeds) != B):
@@ -259,24 +288,43 @@ class ZImagePipeline:
         dit = self._dit()
         x = latents.astype(mx.float32)
         total = len(sigmas) - 1
+        guard = dit.scaled and dit.dtype == mx.float16  # one isfinite reduction per step, evaluated with it
+        activations = None  # mx.bfloat16 once a step has overflowed float16
         for i in range(total):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             g = guidance_for_step(guidance, sigma, cfg_truncation) if negative_embeds is not None else 0.0
             t = mx.full((B,), model_time(sigma), dtype=mx.float32)
             hook = control.at(i, total) if control is not None else None
-            kw = {} if hook is None else {"control": hook}
-            if g > 0:
-                both = dit(mx.concatenate([x, x]), mx.concatenate([t, t]),
-                                        list(prompt_embeds) + list(negative_embeds), **kw)
-                pred = apply_cfg(both[:B], both[B:], g, cfg_normalization)
-            else:
-                pred = dit(x, t, prompt_embeds, **kw).astype(mx.float32)
-            denoised = x + sigma * pred
-            x = euler_step(x, pred, sigma, sigma_next)
-            if mask is not None:
-                x = (1 - mask) * scale_noise(image_latents, noise, sigma_next) + mask * x
-                denoised = (1 - mask) * image_latents + mask * denoised  # a preview shows the kept region as is
-            mx.eval(x)
+            while True:
+                kw = {} if activations is None else {"activations": activations}
+                if hook is not None:
+                    kw["control"] = hook
+                if g > 0:
+                    both = dit(mx.concatenate([x, x]), mx.concatenate([t, t]),
+                                            list(prompt_embeds) + list(negative_embeds), **kw)
+                    pred = apply_cfg(both[:B], both[B:], g, cfg_normalization)
+                else:
+                    pred = dit(x, t, prompt_embeds, **kw).astype(mx.float32)
+                denoised = x + sigma * pred
+                x_next = euler_step(x, pred, sigma, sigma_next)
+                if mask is not None:
+                    x_next = (1 - mask) * scale_noise(image_latents, noise, sigma_next) + mask * x_next
+                    denoised = (1 - mask) * image_latents + mask * denoised  # a preview shows the kept region as is
+                if not guard:
+                    mx.eval(x_next)
+                    break
+                finite = mx.isfinite(x_next).all()
+                mx.eval(x_next, finite)
+                if finite.item():
+                    break
+                if activations is not None:
+                    raise FloatingPointError(f"step {i + 1} of {total} gives non-finite latents in bfloat16 as well: "
+                                             "the inputs or the checkpoint hold non-finite values")
+                warnings.warn(Float16OverflowWarning(
+                    f"step {i + 1} of {total} overflowed float16; it and the remaining steps run in bfloat16 "
+                    "(dtype='bfloat16' avoids the retry)"), stacklevel=2)
+                activations = mx.bfloat16
+            x = x_next
             yield Step(i, total, sigma, x, denoised)
 
     def decode(self, latents: mx.array, tile_size: int | None = None):
@@ -332,6 +380,13 @@ class ZImagePipeline:
         lora = lora if isinstance(lora, Lora) else read_lora(lora)
         apply_lora(dit, lora, scale, self._lora_originals, fuse=fuse)
         self.loras.append((lora.name, float(scale)))
+        if dit.scaled and dit.dtype == mx.float16:  # the weights changed: check them for float16 again
+            dit.fp16_stats = fp16.statistics(fp16.model_weights(dit), dit.args)
+            ok, why = fp16.verdict(dit.fp16_stats)
+            if not ok:
+                warnings.warn(Float16OverflowWarning(
+                    f"with LoRA {lora.name} the DiT fails the float16 checks ({why}): expect steps redone in "
+                    "bfloat16, or load the pipeline with dtype='bfloat16'"), stacklevel=2)
         return lora
 
     def unload_loras(self) -> None:
