@@ -883,7 +883,8 @@ main.add_command(convert_command, "convert")
 @click.option("--quantize", type=click.Choice(["4", "8"]), help="Quantize on the fly: the DiT to 4 or 8 bits, the text encoder to 8.")
 @click.option("--low-memory", is_flag=True, help="Load the text encoder only while encoding; decode in tiles.")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
-              show_default=True, help="Compute dtype; auto is bfloat16 on an Apple GPU, float32 on CPU.")
+              show_default=True, help="Compute dtype; auto as for generate (float32 on CPU, float16 on M1/M2 when "
+                   "the checkpoint passes the float16 checks, else bfloat16).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but loopback needs --api-key (or --insecure-no-auth).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port; 0 picks a free one.")
