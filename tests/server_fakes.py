@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from zimage_mlx.errors import InputError
 from zimage_mlx.server_engine import Cancelled
 
 
@@ -56,7 +57,7 @@ class FakeEngine:
             if self.fail_with is not None:
                 raise self.fail_with
             if negative_prompt and guidance <= 0:
-                raise ValueError("negative_prompt needs guidance > 0")
+                raise InputError("negative_prompt needs guidance > 0")
             if image is not None:
                 width = width or image.width // 16 * 16
                 height = height or image.height // 16 * 16

@@ -19,6 +19,7 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from server_fakes import FakeEngine, LiveServer, fake_image
+from zimage_mlx.errors import InputError
 from zimage_mlx.server import ServerConfig, create_app, host_name, partial_steps
 from zimage_mlx.server_engine import JobRunner
 
@@ -230,7 +231,7 @@ def test_stream_events(app_factory):
 
 
 def test_stream_failure_ends_with_an_error_event(app_factory):
-    client, _, _ = app_factory(FakeEngine(fail_with=ValueError("width 64 is too small for this model")))
+    client, _, _ = app_factory(FakeEngine(fail_with=InputError("width 64 is too small for this model")))
     r = client.post("/v1/images/generations", json={"prompt": "p", "size": "64x64", "stream": True})
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
     assert len(events) == 1 and events[0]["type"] == "error"  # the SDK raises APIError on a data object with "error"

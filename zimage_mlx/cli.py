@@ -957,3 +957,7 @@ def serve(model, quantize, low_memory, dtype, host, port, api_key, queue_size, l
     with expected_errors():
         runner.start()
     run_server(runner, cfg, host, port, announce=lambda line: click.echo(line) or sys.stdout.flush())
+    # Shut down cleanly (jobs answered, worker stopped). MLX 0.32 on Linux aborts now and then in its static
+    # destructors once a worker thread has used it (exit code 134), so the process ends here with code 0.
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)

@@ -28,11 +28,8 @@ from typing import Callable
 
 log = logging.getLogger("zimage_mlx.server")
 
-try:  # the library's cancellation exception (zimage_mlx.pipeline.Cancelled)
-    from .pipeline import Cancelled
-except ImportError:  # a library without cancel support: the runner still recognises a cancelled job by its flag
-    class Cancelled(Exception):
-        """A generate call stopped because its cancel event was set."""
+from .errors import ZImageError
+from .pipeline import Cancelled
 
 TERMINAL = ("done", "failed", "cancelled")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -369,7 +366,7 @@ class JobRunner:
                 self._finish_cancelled(job)
             elif isinstance(e, LoraLoadError):
                 self._fail(job, 400, error_body(str(e), "invalid_request_error", "loras", "invalid_lora"))
-            elif isinstance(e, ValueError):  # the library's errors a user can fix (zimage_mlx.errors) are ValueErrors
+            elif isinstance(e, ZImageError):  # what a user can fix (zimage_mlx.errors); any other error is a bug: 500
                 self._fail(job, 400, error_body(" ".join(str(e).split()), "invalid_request_error"))
             elif is_out_of_memory(e):
                 clear_cache()
