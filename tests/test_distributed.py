@@ -90,7 +90,8 @@ def launches(four_heads, reference_checkpoint, inputs, tmp_path_factory):
         if name not in done:
             proc, out = procs[name]
             rc, stdout, stderr = finish(proc)
-            assert rc == 0, f"{name} launch failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+            # mlx.launch exits 0 whatever its ranks did: rank 0's results file tells that the job ran through
+            assert rc == 0 and (out / f"{name}.npz").is_file(), f"{name} launch failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
             done[name] = (dict(np.load(out / f"{name}.npz")), out, stdout)
         return done[name]
 
@@ -285,10 +286,11 @@ def test_quantized_tensor_parallel_equals_one_process(launches, four_heads):
 def test_data_and_cfg_parallel_equal_one_process(launches, four_heads):
     pipe = ZImagePipeline.from_pretrained(four_heads, dtype="float32")
     results, _, _ = launches("pair")
-    # data: image j of the call is prompt j // 2 with seed 11 + j, made alone on one rank: bit-identical.
+    # data: image j of the call is prompt j // 2 with seed 11 + j % 2 (generate's seed rule), made alone on
+    # rank j % 2: bit-identical to one process making it alone.
     for j in range(4):
-        alone = pipe.generate(PROMPTS[j // 2], width=64, height=64, steps=2, seed=11 + j)[0]
-        assert int(results[f"data_seed_{j}"]) == 11 + j
+        alone = pipe.generate(PROMPTS[j // 2], width=64, height=64, steps=2, seed=11 + j % 2)[0]
+        assert int(results[f"data_seed_{j}"]) == 11 + j % 2
         np.testing.assert_array_equal(results[f"data_{j}"], np.asarray(alone))
     # cfg: the branches on two ranks vs one process's batch of both (another batch shape: rounding only).
     one = np.asarray(pipe.generate("a red fox", negative_prompt="blurry", guidance=3.0, width=64, height=64, steps=2,

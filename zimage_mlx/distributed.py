@@ -54,6 +54,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .errors import InputError, ZImageError
+
 MODES = ("auto", "data", "tensor", "cfg")
 TIMEOUT_ENV = "ZIMAGE_MLX_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0
@@ -61,7 +63,7 @@ DEFAULT_TIMEOUT = 300.0
 LAUNCH_ENV = ("MLX_RANK", "MLX_HOSTFILE", "MLX_JACCL_COORDINATOR", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(ZImageError, RuntimeError):
     """The ranks cannot work together: one died, the network dropped, or their models or settings differ."""
 
 
@@ -77,9 +79,9 @@ def default_timeout() -> float:
     try:
         t = float(value)
     except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV}={value!r} is not a number of seconds") from None
+        raise InputError(f"{TIMEOUT_ENV}={value!r} is not a number of seconds") from None
     if not t > 0:
-        raise ValueError(f"{TIMEOUT_ENV} must be > 0 seconds, got {value}")
+        raise InputError(f"{TIMEOUT_ENV} must be > 0 seconds, got {value}")
     return t
 
 
@@ -113,7 +115,7 @@ def check_degree(n_heads: int, size: int) -> None:
     if n_heads % size:
         ok = [str(d) for d in working_degrees(n_heads)]
         ok = ok[0] if len(ok) == 1 else f"{', '.join(ok[:-1])} or {ok[-1]}"
-        raise ValueError(f"tensor parallelism over {size} ranks cannot split the DiT's {n_heads} attention heads "
+        raise InputError(f"tensor parallelism over {size} ranks cannot split the DiT's {n_heads} attention heads "
                          f"evenly: use {ok} ranks, or data parallelism")
 
 
@@ -121,7 +123,7 @@ def choose_mode(mode: str, size: int, n_images: int, guidance: float) -> str:
     """The mode for a job of n_images: `mode` unless "auto"; auto is data when there are at least as many
     images as ranks, cfg for a CFG job on 2 ranks, else tensor."""
     if mode not in MODES:
-        raise ValueError(f"parallel must be one of {', '.join(MODES)}, got {mode!r}")
+        raise InputError(f"parallel must be one of {', '.join(MODES)}, got {mode!r}")
     if mode != "auto":
         return mode
     if n_images >= size:
@@ -289,7 +291,7 @@ def _take_columns(linear: nn.Module, start: int, stop: int) -> None:
     if isinstance(linear, nn.QuantizedLinear):
         g, bits = linear.group_size, linear.bits
         if start % g or stop % g:
-            raise ValueError(f"cannot cut a layer quantized in groups of {g} at input feature {start}:{stop}")
+            raise InputError(f"cannot cut a layer quantized in groups of {g} at input feature {start}:{stop}")
         linear.weight = mx.contiguous(linear.weight[:, start * bits // 32: stop * bits // 32])
         linear.scales = mx.contiguous(linear.scales[:, start // g: stop // g])
         if "biases" in linear:
@@ -317,8 +319,10 @@ class ShardedToAll(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         if self.input_slice is not None:
             x = x[..., self.input_slice[0]: self.input_slice[1]]
-        y = mx.distributed.all_sum(self.linear(x), group=self.group)
-        return y + self.bias if "bias" in self else y
+        from .transformer import _linear  # the GEMM in x's dtype, as every DiT layer
+
+        y = mx.distributed.all_sum(_linear(self.linear, x), group=self.group)
+        return y + self.bias.astype(y.dtype) if "bias" in self else y
 
 
 def _unit(linear: nn.Module, n: int) -> int:
@@ -415,9 +419,9 @@ class Parallel:
 
     def __init__(self, group, mode: str, timeout: float | None = None):
         if mode not in MODES:
-            raise ValueError(f"parallel must be one of {', '.join(MODES)}, got {mode!r}")
+            raise InputError(f"parallel must be one of {', '.join(MODES)}, got {mode!r}")
         if mode == "cfg" and group.size() != 2:
-            raise ValueError(f"cfg parallelism runs the two CFG branches on exactly 2 ranks, not {group.size()}: "
+            raise InputError(f"cfg parallelism runs the two CFG branches on exactly 2 ranks, not {group.size()}: "
                              "use --parallel data or tensor")
         self.group = group
         self.mode = mode
@@ -518,7 +522,7 @@ class Parallel:
         negatives = args["negative_prompt"]
         if isinstance(negatives, (list, tuple)) and len(negatives) == 1:
             negatives = negatives[0]
-        seeds = [(args["seed"] + k) % (MAX_SEED + 1) for k in range(n)]
+        seeds = [(args["seed"] + j % k_per) % (MAX_SEED + 1) for j in range(n)]  # generate's rule: image k, seed + k
         images = []
         for first in range(0, n, self.size):
             j = first + self.rank
@@ -552,7 +556,7 @@ class Parallel:
             shapes = shapes.reshape(self.size, 3)
             full = shapes[shapes[:, 0] > 0]
             if len(full) and (full != full[0]).any():
-                raise ValueError("data parallelism needs images of one size in a call")
+                raise InputError("data parallelism needs images of one size in a call")
             h, w, _ = full[0] if len(full) else (0, 0, 0)
             pixels = np.zeros((1, h, w, 3), dtype=np.uint8)
             if image is not None:
@@ -563,10 +567,10 @@ class Parallel:
         arr = np.array(out)
         return [Image.fromarray(arr[r]) if shapes[r, 0] else None for r in range(self.size)]
 
-    def guided(self, dit, x: mx.array, t: mx.array, positive: list, negative: list) -> mx.array:
+    def guided(self, dit, x: mx.array, t: mx.array, positive: list, negative: list, **kw) -> mx.array:
         """The cfg mode's DiT call: this rank's branch, then one all_gather: (2B, ...) positive then negative,
         as the single-process batch of both."""
-        mine = dit(x, t, positive if self.rank == 0 else negative)
+        mine = dit(x, t, positive if self.rank == 0 else negative, **kw)
         return mx.distributed.all_gather(mine, group=self.group)
 
 
