@@ -53,7 +53,7 @@ def main() -> None:
         pipe = ZImagePipeline.from_pretrained(sys.argv[3], dtype="float32", quantize=8, group=group, parallel="tensor")
         results["tensor_q8"] = np.asarray(pipe.generate("a red fox", width=64, height=64, steps=2, seed=5)[0])
         pipe = ZImagePipeline.from_pretrained(sys.argv[3], dtype="float32", group=group, parallel="auto")
-        images = pipe.generate(["a red fox", "a cat on a roof"], width=64, height=64, steps=2, seed=11, num_images=2)
+        images = pipe.generate(["a red fox", "a cat on a roof"], width=64, height=64, steps=2, seed=[11, 40])
         for k, im in enumerate(images):
             results[f"data_{k}"] = np.asarray(im)
             results[f"data_seed_{k}"] = np.array(im.info["seed"])

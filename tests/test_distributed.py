@@ -286,11 +286,11 @@ def test_quantized_tensor_parallel_equals_one_process(launches, four_heads):
 def test_data_and_cfg_parallel_equal_one_process(launches, four_heads):
     pipe = ZImagePipeline.from_pretrained(four_heads, dtype="float32")
     results, _, _ = launches("pair")
-    # data: image j of the call is prompt j // 2 with seed 11 + j % 2 (generate's seed rule), made alone on
-    # rank j % 2: bit-identical to one process making it alone.
+    # data: seed=[11, 40] for 2 prompts: image j is prompt j // 2 with seed [11, 40][j % 2] (generate's seed
+    # rule), made alone on rank j % 2: bit-identical to one process making it alone.
     for j in range(4):
-        alone = pipe.generate(PROMPTS[j // 2], width=64, height=64, steps=2, seed=11 + j % 2)[0]
-        assert int(results[f"data_seed_{j}"]) == 11 + j % 2
+        alone = pipe.generate(PROMPTS[j // 2], width=64, height=64, steps=2, seed=[11, 40][j % 2])[0]
+        assert int(results[f"data_seed_{j}"]) == [11, 40][j % 2]
         np.testing.assert_array_equal(results[f"data_{j}"], np.asarray(alone))
     # cfg: the branches on two ranks vs one process's batch of both (another batch shape: rounding only).
     one = np.asarray(pipe.generate("a red fox", negative_prompt="blurry", guidance=3.0, width=64, height=64, steps=2,

@@ -480,7 +480,7 @@ class Parallel:
         """Rank 0's seed when none was given, so that every rank draws the same noise."""
         from .pipeline import MAX_SEED
 
-        if seed is not None:
+        if seed is not None:  # a seed or a list of them
             return seed
         mine = random.randint(0, MAX_SEED).to_bytes(4, "little")
         return int.from_bytes(_all_gather_bytes(self.group, mine)[0], "little")
@@ -488,6 +488,8 @@ class Parallel:
     def generate(self, pipe, args: dict) -> list:
         """`pipe.generate(**args)` over the group (called by it)."""
         prompts = [args["prompt"]] if isinstance(args["prompt"], str) else list(args["prompt"])
+        if isinstance(args["seed"], (list, tuple)) and args["seed"]:  # one seed per image of each prompt
+            args = dict(args, num_images=len(args["seed"]))
         n = len(prompts) * args["num_images"]
         mode = self.mode
         if mode == "auto":
@@ -522,7 +524,9 @@ class Parallel:
         negatives = args["negative_prompt"]
         if isinstance(negatives, (list, tuple)) and len(negatives) == 1:
             negatives = negatives[0]
-        seeds = [(args["seed"] + j % k_per) % (MAX_SEED + 1) for j in range(n)]  # generate's rule: image k, seed + k
+        seed = args["seed"]  # generate's rule: image k of every prompt has seed + k, or the list's k-th seed
+        per_prompt = list(seed) if isinstance(seed, (list, tuple)) else [(seed + k) % (MAX_SEED + 1) for k in range(k_per)]
+        seeds = [per_prompt[j % k_per] for j in range(n)]
         images = []
         for first in range(0, n, self.size):
             j = first + self.rank
