@@ -667,3 +667,7 @@ class Progress:
 from .convert import convert_command  # noqa: E402
 
 main.add_command(convert_command, "convert")
+
+from .train_cli import train_command  # noqa: E402
+
+main.add_command(train_command, "train")
