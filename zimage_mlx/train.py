@@ -47,6 +47,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from . import __version__, kernels
 from .lora import LoraLinear, apply_lora, layer_dims, linear_layers, read_lora
+from .pipeline import Cancelled  # also raised by Trainer.run when its cancel token is set
 from .transformer import ZImageTransformer
 
 TRAINER = f"zimage-mlx {__version__}"
@@ -72,10 +73,6 @@ class TrainError(ValueError):
 
 class TrainWarning(UserWarning):
     """Something in the dataset was skipped or replaced (an image without a caption)."""
-
-
-class Cancelled(Exception):
-    """Raised by `Trainer.run` when its cancel token is set: training stopped between two steps."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +273,6 @@ def cache_dataset(pipe, dataset: Dataset, seed: int = 0, extra_prompts=()) -> Ca
     prompts = list(dict.fromkeys(dataset.captions + list(extra_prompts)))
     feats = pipe.encode_prompt(prompts)
     features = dict(zip(prompts, feats))
-    pipe._prompt_cache.clear()
     pipe.release_text_encoder()
     latents = []
     for i, ex in enumerate(dataset.examples):
