@@ -1,8 +1,8 @@
 """Watch an image form: save the x0 estimate after every step, with the pipeline's stages.
 
-`generate` is encode -> denoise -> decode; here the stages are called one by one, and
-`pipe.preview(step)` decodes what the image is becoming. Decoding costs about one step's time at
-1024x1024, so an app would preview every few steps (or at a lower size).
+`generate` is encode -> denoise -> decode; here the stages are called one by one. `pipe.fast_preview(step)`
+shows what the image is becoming through a linear map of the latents (milliseconds); with --vae,
+`pipe.preview(step)` decodes it with the VAE instead, exact but about one step's time at 1024x1024.
 
     python examples/step_preview.py "a castle on a hill" --out-dir preview
 """
@@ -22,6 +22,7 @@ parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--seed", type=int, default=7)
 parser.add_argument("--every", type=int, default=1, help="save a preview every N steps")
 parser.add_argument("--out-dir", default="preview")
+parser.add_argument("--vae", action="store_true", help="decode each preview with the VAE (exact, slow)")
 args = parser.parse_args()
 
 out = Path(args.out_dir)
@@ -34,7 +35,7 @@ for step in pipe.denoise(prompt_embeds, latents, pipe.sigmas(args.steps, args.he
     latents = step.latents
     if (step.index + 1) % args.every == 0:
         path = out / f"step-{step.index + 1:02d}-of-{step.total:02d}.png"
-        pipe.preview(step)[0].save(path)
+        (pipe.preview(step) if args.vae else pipe.fast_preview(step))[0].save(path)
         print(f"{path} (sigma {step.sigma:.3f})")
 final = out / "final.png"
 pipe.decode(latents)[0].save(final)

@@ -8,19 +8,23 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_example(reference_checkpoint, tmp_path, monkeypatch):
+def test_readme_python_examples(reference_checkpoint, tmp_path, monkeypatch):
+    """Every ```python block, in order and in one scope (later ones use the first one's `pipe`)."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert blocks, "README has no Python example"
-    code = blocks[0]
-    assert '"Tongyi-MAI/Z-Image-Turbo"' in code and "width=1024, height=1024" in code
-    # Same code, on the tiny reference checkpoint and at a size its CPU test budget allows.
-    code = code.replace('"Tongyi-MAI/Z-Image-Turbo"', repr(str(reference_checkpoint)))
-    code = code.replace("width=1024, height=1024", "width=64, height=64")
+    assert '"Tongyi-MAI/Z-Image-Turbo"' in blocks[0] and "width=1024, height=1024" in blocks[0]
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
-    assert (tmp_path / "fox.png").is_file()
-    assert scope["image"].size == (64, 64) and scope["image"].info["seed"] == 42
+    for i, code in enumerate(blocks):
+        # Same code, on the tiny reference checkpoint and at a size its CPU test budget allows.
+        code = code.replace('"Tongyi-MAI/Z-Image-Turbo"', repr(str(reference_checkpoint)))
+        code = code.replace("width=1024, height=1024", "width=64, height=64")
+        exec(compile(code, f"README.md python block {i + 1}", "exec"), scope)
+        if i == 0:
+            assert (tmp_path / "fox.png").is_file()
+            assert scope["image"].size == (64, 64) and scope["image"].info["seed"] == 42
+        if "fast_preview" in code:  # the preview example wrote its step previews
+            assert (tmp_path / "forming.png").is_file()
 
 
 def test_readme_names_the_test_command():
