@@ -8,13 +8,18 @@ attention q/k/v/out and FFN w1/w2/w3 (the `zimage-mlx train` defaults), and meas
                 respect to the LoRA factors and the block input (forward, recompute, backward);
   peak          the peak memory above the weights and inputs during `train`.
 
-and then derives the step of the whole DiT: 30 main blocks at the unified length plus 2 noise-refiner blocks
+and derives the step of the whole DiT: 30 main blocks at the unified length plus 2 noise-refiner blocks
 at the image length (the 2 caption refiners and the embedders are under 1% at these sizes and left out),
 and the peak: weights + LoRA factors, gradients and AdamW moments (float32) + the 32 checkpointed block
 inputs + one block's training peak. The base is float32 ("--bits 0", MLX's CPU bf16 matmul is slow) or
 quantized with the DiT's own policy ("--bits 4": quantized_matmul).
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python benchmarks/train_step.py --size 512
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python benchmarks/train_step.py --tokens 160 320
+
+This machine cannot run a full-size training step in a benchmark's time, so the step and peak are derived:
+the training/forward time ratio and the per-token peak are measured at small token counts, the step time
+scales the idle-machine forward per block measured by block_profile.py (IDLE_FORWARD below) by that ratio,
+and the peak adds the terms listed above.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ def measure(tokens: int, bits: int, rank: int, repeat: int):
     from zimage_mlx import kernels
     from zimage_mlx import transformer as Z
 
-    args, holder, weight_bytes = block(bits, rank)
+    args, holder, bytes_per_param = block(bits, rank)
     blk = holder.layers[0]
     x, adaln = mx.random.normal((1, tokens, DIM)), mx.random.normal((1, 256))
     cos, sin = Z.rope_angles(np.zeros((1, tokens, 3), np.int64), args.axes_dims, args.rope_theta)
@@ -80,10 +85,12 @@ def measure(tokens: int, bits: int, rank: int, repeat: int):
 
     grad = mx.value_and_grad(loss, argnums=(0, 1))
     fwd, train, peak = [], [], 0
+    print(f"  block built ({bytes_per_param:.2f} bytes per parameter); measuring {tokens} tokens", flush=True)
     for _ in range(repeat):
         t = time.perf_counter()
         mx.eval(blk(x, (cos, sin), None, adaln))
         fwd.append(time.perf_counter() - t)
+        print(f"  forward {fwd[-1]:.2f} s", flush=True)
         kernels.FAST_CPU_PATH = False  # differentiable kernels, as training uses
         mx.reset_peak_memory()
         base = mx.get_active_memory()
@@ -91,40 +98,55 @@ def measure(tokens: int, bits: int, rank: int, repeat: int):
         value, grads = grad(holder.trainable_parameters(), x)
         mx.eval(value, grads)
         train.append(time.perf_counter() - t)
+        print(f"  train {train[-1]:.2f} s", flush=True)
         peak = max(peak, mx.get_peak_memory() - base)
         kernels.FAST_CPU_PATH = True
         del value, grads
-    return min(fwd), min(train), peak, weight_bytes
+    return min(fwd), min(train), peak, bytes_per_param
+
+
+# Forward seconds of one full-width block on this CPU with OpenBLAS on an idle machine (benchmarks/README.md,
+# "Where the time goes": block_profile.py at 1056 and 4160 tokens).
+IDLE_FORWARD = {512: (1056, 2.98), 1024: (4160, 17.19)}
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", type=int, default=512, help="image side in pixels")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[160, 320],
+                    help="token counts to measure at (two or more: the peak is fitted as a L + b L^2)")
     ap.add_argument("--bits", type=int, default=0, choices=(0, 4, 8), help="quantized base (0: float32)")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
 
     from zimage_mlx import kernels
 
     kernels.keep_freed_memory()
-    img = (args.size // 16) ** 2
-    unified = img + CAPTION
-    f_u, t_u, peak, wbytes = measure(unified, args.bits, args.rank, args.repeat)
-    # The noise refiner runs at the image length; scale its blocks by token count (within 11% of the unified).
-    t_img = t_u * img / unified
-    step = N_LAYERS * t_u + N_REFINER * t_img
-    full_weights = FULL_PARAMS * (2 if not args.bits else wbytes)  # bf16, or this block's bytes per parameter
+    rows = []
+    for L in args.tokens:
+        f, t, peak, bpp = measure(L, args.bits, args.rank, args.repeat)
+        rows.append((L, f, t, peak))
+        print(f"{L} tokens, base {'float32' if not args.bits else f'{args.bits}-bit'}, rank {args.rank}: forward {f:.2f} s, "
+              f"train (checkpointed: forward, recompute, backward) {t:.2f} s = {t / f:.2f}x forward, "
+              f"training peak {peak / 1e6:.0f} MB above weights and inputs", flush=True)
+    Ls = np.array([r[0] for r in rows], np.float64)
+    peaks = np.array([r[3] for r in rows], np.float64)
+    a, b = np.linalg.lstsq(np.stack([Ls, Ls**2], 1), peaks, rcond=None)[0]  # bytes per token, per token^2
+    ratio = rows[-1][2] / rows[-1][1]
+    weights = FULL_PARAMS * (2 if not args.bits else bpp)  # bf16, or this block's bytes per parameter
     lora = lora_params(args.rank) * 4 * 4  # float32 factors, gradients, AdamW m and v
-    saved = (N_LAYERS + N_REFINER) * unified * DIM * 2  # checkpointed block inputs, bf16
-    print(f"{args.size}x{args.size}, {unified} tokens, base {'float32' if not args.bits else f'{args.bits}-bit'}, "
-          f"rank {args.rank}, measured per block on this CPU:")
-    print(f"  forward {f_u:.2f} s   train (checkpointed fwd + recompute + bwd) {t_u:.2f} s "
-          f"({t_u / f_u:.2f}x forward)   block training peak {peak / 1e9:.2f} GB above weights (float32)")
-    print(f"derived for the full DiT ({N_LAYERS} layers + {N_REFINER} refiner blocks), this CPU: step {step:.0f} s")
-    print(f"derived peak (bf16 activations = half the float32 block peak): weights {full_weights / 1e9:.1f} GB + "
-          f"LoRA state {lora / 1e9:.2f} GB + saved inputs {saved / 1e9:.2f} GB + block {peak / 2e9:.2f} GB = "
-          f"{(full_weights + lora + saved + peak / 2) / 1e9:.1f} GB")
+    print(f"peak fit: {a:.0f} B/token + {b:.1f} B/token^2 (float32); LoRA state {lora / 1e9:.2f} GB; "
+          f"weights {weights / 1e9:.1f} GB ({'bf16' if not args.bits else f'{args.bits}-bit'})")
+    for size, (L_ref, fwd_ref) in IDLE_FORWARD.items():
+        img = (size // 16) ** 2
+        L = img + CAPTION
+        step = fwd_ref * ratio * (N_LAYERS * L / L_ref + N_REFINER * img / L_ref)  # forward scaled by tokens
+        block_peak = (a * L + b * L * L) / 2  # bf16 activations: half of float32
+        saved = (N_LAYERS + N_REFINER) * L * DIM * 2  # checkpointed block inputs, bf16
+        total = weights + lora + saved + block_peak
+        print(f"{size}x{size} ({L} tokens): step ~{step:.0f} s on this CPU (idle, OpenBLAS), "
+              f"peak ~{total / 1e9:.1f} GB = weights {weights / 1e9:.1f} + LoRA state {lora / 1e9:.2f} "
+              f"+ saved block inputs {saved / 1e9:.2f} + one block {block_peak / 1e9:.2f}")
 
 
 if __name__ == "__main__":
