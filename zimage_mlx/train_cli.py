@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 import time
@@ -130,30 +131,50 @@ def run(config) -> None:
 
     progress = TrainProgress()
     cancel = threading.Event()
+    caught: list = []
+    saved: list = []
+
+    def show_warnings():
+        while caught:
+            click.echo(f"Warning: {caught.pop(0).message}", err=True)
 
     def on_event(e):
         if e.kind == "cached":
+            show_warnings()  # the dataset's (images without captions) before the first step, not after the last
             progress.say(f"Cached the captions and latents; training {config.steps} steps")
         elif e.kind == "step":
             progress.step(e.step, e.total, e.loss)
         elif e.kind == "sample":
             progress.say(f"Samples at step {e.step}: {', '.join(str(p) for p in e.paths)}")
         elif e.kind == "checkpoint":
+            saved.append(e.paths[0])
             progress.say(f"Checkpoint at step {e.step}: {e.paths[0]}")
+
+    def on_interrupt(signum, frame):  # the first Ctrl-C stops between steps and writes a checkpoint
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        progress.say("Stopping after this step (Ctrl-C again to quit at once) ...")
 
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     with expected_errors(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TrainWarning)
         try:
+            previous = signal.signal(signal.SIGINT, on_interrupt)
+        except ValueError:  # not the main thread: Ctrl-C keeps its default
+            previous = None
+        try:
             trainer = train(config, on_event=on_event, cancel=cancel)
         except KeyboardInterrupt:
-            raise UserError("interrupted; resume from the last --save-every checkpoint") from None
+            last = f": resume with --resume {saved[-1]}" if saved else ""
+            raise UserError(f"interrupted{last}") from None
         except Cancelled as e:
-            raise UserError(str(e)) from None
+            raise UserError(f"{e}; resume with --resume {saved[-1]}") from None
         finally:
-            for w in caught:
-                click.echo(f"Warning: {w.message}", err=True)
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            show_warnings()
     seconds = time.perf_counter() - t0
     losses = trainer.losses[-max(len(trainer.losses) // 10, 1):]
     click.echo(f"Saved {Path(config.output)} ({trainer.step} steps, rank {config.rank}, {len(trainer.targets)} layers, "
