@@ -243,11 +243,21 @@ def eval_json(text):
 # Resume, QLoRA, training adapters
 
 
-def test_resume_after_a_stop_reproduces_the_run(reference_checkpoint, data_dir, tmp_path):
+def test_resume_after_a_stop_reproduces_the_run(reference_checkpoint, data_dir, tmp_path, monkeypatch):
     """Run A: 4 steps. Run B: stopped by its cancel token after step 2 (a checkpoint is written). Run C:
-    resumed from it. C's losses and LoRA equal A's (every step's randomness derives from (seed, step))."""
+    resumed from it. C's losses and LoRA equal A's (every step's randomness derives from (seed, step)).
+    A loads its models itself, one at a time: the text encoder is freed before the DiT is loaded."""
+    from zimage_mlx.text_encoder import TextEncoder
+
+    order = []
+    release, load_dit = TextEncoder.release, ZImageTransformer.from_pretrained.__func__
+    monkeypatch.setattr(TextEncoder, "release", lambda self: (order.append("free text encoder"), release(self)))
+    monkeypatch.setattr(ZImageTransformer, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: (order.append("load DiT"), load_dit(cls, *a, **k))[1]))
     kw = dict(steps=4, batch_size=2, checkpointing=True)
-    a = T.train(config(tmp_path / "a", data_dir, reference_checkpoint, **kw), pipe=load_pipe(reference_checkpoint))
+    a = T.train(config(tmp_path / "a", data_dir, reference_checkpoint, **kw))
+    assert order == ["free text encoder", "load DiT"]
+    monkeypatch.undo()
 
     cancel, events = threading.Event(), []
 

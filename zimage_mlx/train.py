@@ -14,10 +14,11 @@ Sigma densities (`weighting`): "logit_normal" draws u ~ N(logit_mean, logit_std)
 is then shifted with the checkpoint's scheduler shift (3.0 for Turbo; a dynamic-shifting scheduler uses its
 size-dependent mu), so training sees noise levels in the proportions the sampler visits them.
 
-Memory: the base is frozen (optionally quantized: QLoRA), only the LoRA factors are trainable and AdamW keeps
-state for them only, and every transformer block can be wrapped in `mx.checkpoint` so the backward pass
-recomputes its activations instead of keeping them. Caption features are computed once per caption with the
-text encoder, which is freed before training; VAE latents once per image.
+Memory: the text encoder, the VAE and the DiT are loaded one after the other (`load_for_training`): caption
+features are computed once per caption and the text encoder is freed before the DiT loads; VAE latents once
+per image. The base is frozen (optionally quantized: QLoRA), only the LoRA factors are trainable and AdamW
+keeps state for them only, and every transformer block can be wrapped in `mx.checkpoint` so the backward
+pass recomputes its activations instead of keeping them.
 
 Randomness: every step draws its batch, noise and sigmas from a generator seeded with (seed, step), so a
 resumed run (LoRA weights, AdamW state and step restored from a checkpoint) continues the same curve.
@@ -266,20 +267,57 @@ class Cache:
 
 def cache_dataset(pipe, dataset: Dataset, seed: int = 0, extra_prompts=()) -> Cache:
     """Encode every caption (and `extra_prompts`, e.g. sample prompts) once with the pipeline's text encoder,
-    then free it; encode every image once with the VAE, sampling its posterior with the img2img key of
-    seed + index (pipeline.image_key). Evaluated."""
+    then free it; encode every image once with the pipeline's VAE (`encode_images`). Evaluated."""
+    prompts = list(dict.fromkeys(dataset.captions + list(extra_prompts)))
+    features = dict(zip(prompts, pipe.encode_prompt(prompts)))
+    pipe.release_text_encoder()
+    return Cache(encode_images(pipe.vae, dataset, seed), features)
+
+
+def encode_images(vae, dataset: Dataset, seed: int = 0) -> list[mx.array]:
+    """Every example's latents (1, h, w, 16), one at a time: the VAE posterior sampled with the img2img key
+    of seed + index (pipeline.image_key), scaled and shifted. Evaluated."""
     from .pipeline import image_key
 
-    prompts = list(dict.fromkeys(dataset.captions + list(extra_prompts)))
-    feats = pipe.encode_prompt(prompts)
-    features = dict(zip(prompts, feats))
-    pipe.release_text_encoder()
     latents = []
     for i, ex in enumerate(dataset.examples):
-        _, z = pipe.vae.encode(load_image(ex), key=image_key((seed + i) % 2**32))
+        _, z = vae.encode(load_image(ex), key=image_key((seed + i) % 2**32))
         mx.eval(z)
         latents.append(z)
-    return Cache(latents, features)
+    return latents
+
+
+def load_for_training(config: TrainConfig, dataset: Dataset):
+    """Load the models one after the other so that at most one large one is in memory at a time: the text
+    encoder (captions and sample prompts encoded, then freed), the VAE (images encoded), then the DiT.
+    Returns a low-memory ZImagePipeline without a text encoder (for samples) and the Cache."""
+    from .pipeline import ZImagePipeline, default_dtype
+    from .sampler import FlowMatchScheduler
+    from .text_encoder import TextEncoder
+    from .text_encoder import default_bits as text_encoder_bits
+    from .vae import VAE
+    from .weights import read_config as read_json_config
+    from .weights import resolve_model
+
+    root = resolve_model(config.model)
+    dtype = default_dtype() if config.dtype == "auto" else config.dtype
+    if mx.default_device() == mx.cpu:
+        kernels.keep_freed_memory()  # as ZImagePipeline.from_pretrained does on CPU
+    cap_feat_dim = read_json_config(root / "transformer").get("cap_feat_dim")
+    encoder = TextEncoder.from_pretrained(root, dtype="bfloat16" if dtype == "float16" else dtype,
+                                          cap_feat_dim=cap_feat_dim, quantize=text_encoder_bits(config.quantize))
+    prompts = list(dict.fromkeys(dataset.captions + list(config.sample_prompts)))
+    feats = encoder.encode(prompts)
+    mx.eval(feats)
+    encoder.release()
+    del encoder
+    vae = VAE.from_pretrained(root / "vae")
+    latents = encode_images(vae, dataset, config.seed)
+    mx.clear_cache()
+    dit = ZImageTransformer.from_pretrained(root / "transformer", dtype=dtype, quantize=config.quantize)
+    pipe = ZImagePipeline(dit, None, vae, FlowMatchScheduler.from_pretrained(root / "scheduler"), root=root,
+                          dtype=dtype, low_memory=True, quantize=config.quantize)
+    return pipe, Cache(latents, dict(zip(prompts, feats)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -691,21 +729,20 @@ def sample_dir(output) -> Path:
 
 
 def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None, cancel=None, pipe=None) -> Trainer:
-    """Run a whole training: load the model (or use `pipe`, a ZImagePipeline loaded with low_memory=True),
-    read and cache the dataset, train, write samples and checkpoints as asked, and write the LoRA to
-    config.output. On cancel (see Trainer.run) a checkpoint of the last step is written, then Cancelled
-    is raised. Returns the trainer."""
-    from .pipeline import ZImagePipeline
-
+    """Run a whole training: read the dataset, load the models one at a time and cache the captions and
+    latents (`load_for_training`; or use `pipe`, a ZImagePipeline, whose DiT is then trained in place), train,
+    write samples and checkpoints as asked, and write the LoRA to config.output. On cancel (see Trainer.run)
+    a checkpoint of the last step is written, then Cancelled is raised. Returns the trainer."""
     config.check()
     output = Path(config.output).expanduser()
     if output.exists() and not config.force:
         raise TrainError(f"{output} exists; choose another output or allow overwriting (--force)")
     dataset = Dataset.from_folder(config.data, config.resolution, config.allow_empty_captions)
     if pipe is None:
-        pipe = ZImagePipeline.from_pretrained(config.model, dtype=config.dtype, quantize=config.quantize, low_memory=True)
+        pipe, cache = load_for_training(config, dataset)
+    else:
+        cache = cache_dataset(pipe, dataset, config.seed, config.sample_prompts)
     emit = on_event or (lambda e: None)
-    cache = cache_dataset(pipe, dataset, config.seed, config.sample_prompts)
     emit(Event("cached", 0, config.steps))
     if config.adapters:
         add_adapters(pipe.transformer, config.adapters)
