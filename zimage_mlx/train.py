@@ -607,6 +607,7 @@ class Trainer:
         self.optimizer = optim.AdamW(learning_rate=config.lr, weight_decay=config.weight_decay, bias_correction=True)
         self.step = 0
         self.losses: list[float] = []
+        self._adapter_ups: dict[str, mx.array] = {}  # the adapters' B factors while they are switched off
         self._value_and_grad = nn.value_and_grad(model, lambda *a: flow_loss(model, *a))
 
     def batch(self, step: int):
@@ -651,16 +652,16 @@ class Trainer:
             if on_step is not None:
                 on_step(TrainStep(self.step, total, loss, self.last_seconds))
 
-    # Training adapters are disabled for samples and are never written to the output.
     def set_adapters(self, enabled: bool) -> None:
-        for m in self.model.modules():
-            if isinstance(m, LoraLinear):
-                if not enabled and not hasattr(m, "_trained_up"):
-                    m._trained_up = m.up
-                    m.up = mx.zeros_like(m.up)
-                elif enabled and hasattr(m, "_trained_up"):
-                    m.up = m._trained_up
-                    del m._trained_up
+        """Switch the training adapters (see add_adapters) on or off; samples are made with them off."""
+        for name, m in self.model.named_modules():
+            if not isinstance(m, LoraLinear):
+                continue
+            if not enabled and name not in self._adapter_ups:
+                self._adapter_ups[name] = m.up
+                m.up = mx.zeros_like(m.up)
+            elif enabled and name in self._adapter_ups:
+                m.up = self._adapter_ups.pop(name)
 
     def save_lora(self, path) -> Path:
         return save_lora(self.model, path, self.config, self.step)
