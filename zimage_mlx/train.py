@@ -782,8 +782,13 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None, 
 
 def read_config(path) -> dict:
     """A TOML file's training options (the same names as the CLI's long options, with - or _)."""
-    import tomllib
-
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise TrainError("reading a TOML config needs Python 3.11, or `pip install tomli` on 3.10") from None
     path = Path(path).expanduser()
     try:
         with open(path, "rb") as f:
