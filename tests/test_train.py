@@ -352,6 +352,7 @@ def test_buckets_and_captions(tmp_path):
         Image.new("RGB", size, (1, 2, 3)).save(tmp_path / f"{name}.jpg")
         (tmp_path / f"{name}.txt").write_text(f" {name} \n")
     Image.new("RGB", (30, 30)).save(tmp_path / "nocaption.png")
+    (tmp_path / "._wide.jpg").write_bytes(b"\0\5\26\7")  # a macOS resource fork: hidden, skipped
     with pytest.warns(T.TrainWarning, match="1 of 4 images have no caption .* skipped"):
         ds = T.Dataset.from_folder(tmp_path, 32)
     assert [ex.caption for ex in ds.examples] == ["square", "tall", "wide"]
@@ -368,6 +369,8 @@ def test_buckets_and_captions(tmp_path):
     (lambda p: p.rmdir(), "does not exist"),
     (lambda p: ((p / "a.png").write_bytes(b"not a png"), (p / "a.txt").write_text("x")), "cannot read the image"),
     (lambda p: Image.new("RGB", (16, 16)).save(p / "a.png"), "none of the 1 images .* has a caption"),
+    (lambda p: (Image.new("RGB", (16, 16)).save(p / "a.png"), (p / "a.txt").write_bytes(b"\xff\xfe\xfa")),
+     "cannot read the caption"),
 ])
 def test_bad_datasets(tmp_path, setup, message):
     folder = tmp_path / "data"

@@ -212,13 +212,18 @@ class Dataset:
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise TrainError(f"dataset folder {folder} does not exist")
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        # Hidden files are skipped: macOS leaves "._name.png" resource forks on non-Apple file systems.
+        images = sorted(p for p in folder.iterdir()
+                        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
         if not images:
             raise TrainError(f"dataset folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         examples, missing = [], []
         for path in images:
             txt = path.with_suffix(".txt")
-            caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+            try:
+                caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+            except (OSError, UnicodeDecodeError) as e:
+                raise TrainError(f"cannot read the caption {txt}: {getattr(e, 'strerror', None) or e}") from None
             if not caption:
                 missing.append(path.name)
                 if not allow_empty_captions:
