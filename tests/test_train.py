@@ -445,3 +445,28 @@ def test_bfloat16_base_trains_float32_factors(cached, reference_checkpoint, tmp_
         # direction of each gradient stays.
         ours = grads["bfloat16"][1][k]
         assert float(np.sum(ours * ref) / np.linalg.norm(ours) / np.linalg.norm(ref)) > 0.99, k
+
+
+def test_checkpointing_lowers_the_peak():
+    """Checkpointed blocks keep only their inputs for the backward pass: with 12 main layers the step's peak
+    falls to well under half (measured 10.8 vs 49.6 MB here; 80 vs 412 MB at 16 layers and 1056 tokens)."""
+    from zimage_mlx.transformer import TransformerArgs
+
+    args = TransformerArgs(dim=96, n_layers=12, n_refiner_layers=1, n_heads=3, cap_feat_dim=48, axes_dims=[8, 12, 12])
+    model = ZImageTransformer(args)
+    T.add_lora(model, ["default"], 4, 4.0)
+    shape = (1, 32, 32, 16)  # 256 image tokens
+    x, eps = mx.random.normal(shape, key=mx.random.key(0)), mx.random.normal(shape, key=mx.random.key(1))
+    batch = (x, eps, mx.array([0.5]), [mx.random.normal((20, 48), key=mx.random.key(2))])
+    mx.eval(model.parameters(), batch)
+    vg = nn.value_and_grad(model, lambda *a: T.flow_loss(model, *a))
+    peaks = {}
+    for on in (False, True):
+        T.set_checkpointing(model, on)
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        loss, grads = T.loss_and_grads(vg, *batch)
+        mx.eval(loss, grads)
+        peaks[on] = mx.get_peak_memory() - base
+        del loss, grads
+    assert peaks[True] < 0.5 * peaks[False], peaks
