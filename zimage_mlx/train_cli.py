@@ -47,7 +47,7 @@ _LISTS = ("targets", "adapter", "sample")
 @click.option("--save-every", type=int, default=0, help="Write a resumable checkpoint every N steps.")
 @click.option("--resume", metavar="CHECKPOINT", help="Continue from a checkpoint written by --save-every or a stop.")
 @click.option("--checkpointing/--no-checkpointing", default=True, show_default=True,
-              help="Recompute each block's activations in the backward pass (much less memory, ~30% more time).")
+              help="Recompute each block's activations in the backward pass: one block's activations in memory instead of all, for one more forward per step.")
 @click.option("--allow-empty-captions", is_flag=True, help="Train images without a .txt caption with an empty caption.")
 @click.option("--config", "config_file", metavar="FILE.toml", help="Read options from a TOML file (flags override it).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
