@@ -90,7 +90,7 @@ def main():
     pipe.release_text_encoder()
     h = w = args.size // 8
     latents = mx.random.normal((1, h, w, 16), key=mx.random.key(0))
-    steps = pipe.denoise(feats, latents, pipe.sigmas(args.steps, args.size, args.size))
+    steps = pipe.denoise(feats, latents, pipe.sigmas(args.steps, width=args.size, height=args.size))
     for i in range(args.steps):
         with Phase(f"DiT step {i + 1}" + (" (incl. weights read)" if i == 0 else ""), rows):
             step = next(steps)

@@ -31,7 +31,7 @@ pipe = ZImagePipeline.from_pretrained(args.model)
 
 prompt_embeds = pipe.encode_prompt(args.prompt)  # one (L, dim) array per prompt
 latents = noise(args.seed, args.height // 8, args.width // 8)  # (1, H/8, W/8, 16), the same noise generate() uses
-for step in pipe.denoise(prompt_embeds, latents, pipe.sigmas(args.steps, args.height, args.width)):
+for step in pipe.denoise(prompt_embeds, latents, pipe.sigmas(args.steps, width=args.width, height=args.height)):
     latents = step.latents
     if (step.index + 1) % args.every == 0:
         path = out / f"step-{step.index + 1:02d}-of-{step.total:02d}.png"

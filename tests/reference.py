@@ -235,3 +235,40 @@ def load_reference_pipeline(root: Path, dtype=torch.float32):
     pipe = ZImagePipeline.from_pretrained(str(root), dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ----------------------------------------------------------------------------------------------
+# float16 stress checkpoints (shared/docs/fp16.md 5.1): random weights whose activations exceed float16's
+# 65,504 where the release's do (the SwiGLU product, the FFN output, the attention value path), made by
+# inflating the pre-norm weights of every modulated block, uniformly and more so in a few "massive" channels.
+
+# Full width (dim 3840, 30 heads of 128, FFN 10240) with few blocks: the shapes of the release's GEMMs.
+WIDE_TRANSFORMER_CONFIG = dict(TRANSFORMER_CONFIG, dim=3840, n_heads=30, n_kv_heads=30, axes_dims=[32, 48, 48],
+                               n_layers=1, n_refiner_layers=1)
+MASSIVE_CHANNELS = (7, 42, 77)
+
+
+def stress_(model: torch.nn.Module, ffn: float, attention: float, massive: float = 4.0,
+            channels=MASSIVE_CHANNELS) -> None:
+    """Inflate a randomized ZImageTransformer2DModel in place: every modulated block's ffn_norm1 weight times
+    `ffn` and attention_norm1 weight times `attention`, and `channels` of both a further `massive` times.
+    The SwiGLU product grows as ffn^2 (both GEMM inputs scale), the attention output as `attention`."""
+    with torch.no_grad():
+        for blocks in (model.noise_refiner, model.layers):
+            for block in blocks:
+                for norm, k in ((block.ffn_norm1, ffn), (block.attention_norm1, attention)):
+                    norm.weight.mul_(k)
+                    norm.weight[list(channels)] *= massive
+
+
+def build_stress_transformer(path: Path, ffn: float, attention: float, *, config=None, seed=0,
+                             dtype=torch.bfloat16) -> Path:
+    """A stressed random DiT (see stress_) saved in the diffusers layout, by default in bfloat16 like the
+    release (whose float32 shards hold bfloat16 values): its float16 cast is then exact for normal values."""
+    from diffusers import ZImageTransformer2DModel
+
+    model = ZImageTransformer2DModel(**(config or TRANSFORMER_CONFIG))
+    randomize_(model, seed)
+    stress_(model, ffn, attention)
+    model.to(dtype).save_pretrained(path, max_shard_size="10GB", safe_serialization=True)
+    return path

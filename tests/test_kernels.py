@@ -52,7 +52,7 @@ def test_attention_matches_torch(chunk_bytes, split, monkeypatch):
     monkeypatch.setattr(kernels, "ATTENTION_CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr(kernels, "SPLIT_MIN_ELEMENTS", 0 if split else 1 << 40)
     if split:  # at least two streams, whatever this machine's core count
-        monkeypatch.setattr(kernels, "_STREAMS", [mx.new_stream(mx.cpu) for _ in range(3)])
+        monkeypatch.setattr(kernels, "_streams", lambda: [mx.new_stream(mx.cpu) for _ in range(3)])
     rng = np.random.default_rng(2)
     q, k, v = (mx.array(rng.standard_normal((2, 3, 40, 16)).astype(np.float32) * 3) for _ in range(3))
     valid = np.arange(40)[None, :] < np.array([40, 23])[:, None]
@@ -85,3 +85,31 @@ def test_keep_freed_memory_applies_on_linux():
     import sys
 
     assert kernels.keep_freed_memory() is sys.platform.startswith("linux")
+
+
+def test_attention_on_a_worker_thread():
+    """A pipeline on a server's worker thread runs the split softmax on streams of its own thread."""
+    import threading
+
+    rng = np.random.default_rng(3)
+    q = mx.array(rng.standard_normal((1, 2, 300, 16)).astype(np.float32))
+    expected = np.array(kernels.attention(q, q, q, 0.25))
+    got, errors = [], []
+
+    def work():
+        try:
+            got.append(np.array(kernels.attention(q * 1, q * 1, q * 1, 0.25)))
+        except Exception as e:  # "There is no Stream(cpu, N) in current thread" before streams were per thread
+            errors.append(e)
+
+    old = kernels.SPLIT_MIN_ELEMENTS
+    kernels.SPLIT_MIN_ELEMENTS = 0
+    try:
+        kernels.attention(q, q, q, 0.25)  # the main thread's streams exist first
+        t = threading.Thread(target=work)
+        t.start(), t.join()
+    finally:
+        kernels.SPLIT_MIN_ELEMENTS = old
+    assert not errors, errors
+    np.testing.assert_allclose(got[0], expected, rtol=1e-5, atol=1e-6)
+

@@ -57,20 +57,33 @@ class Group(click.Group):
 
 @contextmanager
 def expected_errors():
-    """Turn what a user can fix (a bad checkpoint folder, a bad value, an unreadable or unwritable file,
-    a size too big for the machine) into a one-line error; anything else keeps its traceback."""
-    from .weights import CheckpointError
+    """Turn what a user can fix (zimage_mlx.errors: a bad value, a bad checkpoint or LoRA; an unreadable or
+    unwritable file; a size too big for the machine) into a one-line error. Anything else is a bug of ours:
+    it keeps its traceback, followed by a line that says so."""
+    from .errors import ZImageError
 
     try:
         yield
-    except (CheckpointError, ValueError, NotImplementedError) as e:
+    except ZImageError as e:
         raise UserError(str(e) or type(e).__name__) from None
     except OSError as e:
         raise UserError(describe_os_error(e)) from None
     except RuntimeError as e:  # MLX reports failed allocations as RuntimeError
         if "malloc" not in str(e) and "memory" not in str(e).lower():
+            report_bug()
             raise
         raise UserError(f"out of memory ({e}); try --low-memory, a smaller size or --quantize 8") from None
+    except (click.ClickException, KeyboardInterrupt):
+        raise
+    except Exception:
+        report_bug()
+        raise
+
+
+def report_bug() -> None:
+    click.echo(f"zimage-mlx {__version__} failed on an internal error, not on a mistake in your command: please "
+               "report it to the zimage-mlx issue tracker with the traceback below and the command you ran.",
+               err=True)
 
 
 def describe_os_error(e: OSError) -> str:
@@ -109,6 +122,22 @@ def main():
 @click.option("--strength", type=float, metavar="0..1",
               help="How much of --image to repaint: 0 keeps it, 1 starts from pure noise; ceil(strength x steps) "
                    "of the steps run.  [default: 0.6, with --mask 1]")
+@click.option("--controlnet", metavar="PATH|ID",
+              help="A Z-Image Turbo Fun ControlNet Union (1.0, 2.0, 2.1, 2.1 lite, Tile): .safetensors file, folder, "
+                   "Hub repo/FILE.safetensors. The authors run 2.1 (-8steps files) at 8 steps, 1.0 at 9, 2.0 at 25.")
+@click.option("--control", "control_specs", metavar="IMAGE[:SCALE]", multiple=True,
+              help="A control map (edges, depth with near = white, pose, lines, tile) and its strength; repeat for "
+                   "several (one ControlNet pass). SCALE defaults to the authors': 0.9 for Union 2.1 (lite, "
+                   "8-step), 0.75 for 1.0 and 2.0; 0.65-1 is the useful range.")
+@click.option("--control-type", type=click.Choice(["none", "canny", "lines"]), default="none", show_default=True,
+              help="Compute the map from a photo: canny edges, or lines (LSD, a stand-in for MLSD); needs "
+                   "pip install 'zimage-mlx[control]'.")
+@click.option("--control-start", type=float, default=0.0, show_default=True, metavar="0..1",
+              help="First part of the steps without control.")
+@click.option("--control-end", type=float, default=1.0, show_default=True, metavar="0..1",
+              help="Control only the steps up to this fraction.")
+@click.option("--controlnet-graph", type=click.Choice(["authors", "diffusers"]), default="authors", show_default=True,
+              help="Union 2.x refiner residuals into the DiT's stream (authors, as trained) or not (diffusers).")
 @click.option("--steps", type=int, default=8, show_default=True, help="Denoising steps.")
 @click.option("--guidance", type=float, default=0.0, show_default=True,
               help="CFG scale; Turbo is distilled to run without it (0).")
@@ -124,7 +153,8 @@ def main():
                    f"[default: {DEFAULT_OUTPUT}]")
 @click.option("--overwrite", is_flag=True, help="Replace existing files (by default nothing is overwritten).")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
-              show_default=True, help="Compute dtype; auto is bfloat16 on an Apple GPU, float32 on CPU.")
+              show_default=True, help="Compute dtype; auto is float32 on CPU, float16 on M1/M2 for checkpoints "
+                   "that pass the float16 checks, else bfloat16 (--verbose says why).")
 @click.option("--low-memory", is_flag=True, help="Load the text encoder only while encoding; decode in tiles.")
 @click.option("--metadata/--no-metadata", default=True, show_default=True,
               help="Store the settings in the PNG (A1111 `parameters` chunk included).")
@@ -134,10 +164,15 @@ def main():
 @click.option("--preview", "preview_path", metavar="FILE",
               help="Rewrite FILE (.png, .jpg or .webp) after every step with a cheap preview of the image forming, "
                    "to watch it in an image viewer.")
+@click.option("--enhance", is_flag=True,
+              help="First rewrite each prompt into a detailed one with the text encoder's own Qwen3 (seeded by the "
+                   "image seed); printed, and stored in the PNG next to the original.")
+@click.option("--verbose", is_flag=True, help="Also print why the compute dtype was chosen.")
 @click.pass_context
 def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, quantize, size, width, height, steps,
              guidance, cfg_normalization, cfg_truncation, seed, num_images, output, overwrite, dtype, low_memory,
-             metadata, from_image, quiet, lora_specs, init_image, mask, strength, preview_path):
+             metadata, from_image, quiet, lora_specs, init_image, mask, strength, preview_path, enhance, controlnet,
+             control_specs, control_type, control_start, control_end, controlnet_graph, verbose):
     """Generate images from a prompt (or several: --prompt-file), one file per prompt, seed and image.
 
     \b
@@ -147,6 +182,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
       zimage-mlx generate "the same street at night" --image street.jpg --strength 0.7
       zimage-mlx generate "a red vintage car" --image street.jpg --mask car-mask.png
       zimage-mlx generate "a portrait, watercolor" --lora watercolor.safetensors:0.8
+      zimage-mlx generate "a cat on a windowsill" --enhance --seed 7
+      zimage-mlx generate "a glass house" --controlnet union-2.1-lite-8steps.safetensors --control photo.jpg --control-type canny
     """
     from .pipeline import MAX_SEED, image_input, open_image, validate  # MLX and transformers load here, not for --help
     from .sampler import strength_start
@@ -159,6 +196,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     width, height = parse_size(size, width, height)
     quantize = int(quantize) if quantize else None
     loras = [parse_lora(spec) for spec in lora_specs]
+    replayed_original = None
+    controls = [parse_control(spec) for spec in control_specs]
     if from_image is not None:
         saved = read_image_settings(from_image)
         if given("init_image"):  # a new image brings its own size; the stored one would resize it
@@ -167,6 +206,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
             init_image = saved.get("image")
             mask = mask if given("mask") else saved.get("mask")
         strength = strength if given("strength") else saved.get("strength")
+        if not prompts and "original_prompt" in saved:  # an enhanced image: replay its rewrite, no LLM run
+            replayed_original = saved["original_prompt"]
         prompts = prompts or [saved["prompt"]]
         seed = seed or ((saved["seed"],) if "seed" in saved else ())
         steps = steps if given("steps") else saved.get("steps", steps)
@@ -179,6 +220,13 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
         quantize = quantize if given("quantize") else saved.get("quantization", quantize)
         dtype = dtype if given("dtype") else saved.get("dtype", dtype)
         loras = loras if given("lora_specs") else saved.get("loras", loras)
+        if not given("control_specs") and not given("controlnet"):
+            controlnet, controls = saved.get("controlnet", controlnet), saved.get("controls", controls)
+            control_type = control_type if given("control_type") else saved.get("control_type", control_type)
+            control_start = control_start if given("control_start") else saved.get("control_start", control_start)
+            control_end = control_end if given("control_end") else saved.get("control_end", control_end)
+            controlnet_graph = controlnet_graph if given("controlnet_graph") else saved.get("controlnet_graph",
+                                                                                             controlnet_graph)
         if not given("negative_prompt") and guidance > 0:  # a stored negative prompt only matters with CFG
             negative_prompt = saved.get("negative_prompt")
     if not prompts:
@@ -191,6 +239,10 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
             init = image_input(open_image(init_image, "--image"), open_image(mask, "--mask") if mask else None,
                                strength, width, height)
         width, height = init.width, init.height
+    control = control_settings(controlnet, controls, control_type, control_start, control_end, width, height,
+                               init is not None)
+    if control:
+        width, height = control["width"], control["height"]
     width, height = width or 1024, height or 1024
     negative_prompt = negative_prompt or None
     with expected_errors():
@@ -241,11 +293,15 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
         root = resolve_model(model)  # a Hub download shows its own progress bars
         progress.status(f"Loading {model_name} ...")  # on a terminal only, so that a failure stays one line
         try:
-            pipe = ZImagePipeline.from_pretrained(root, dtype=dtype, quantize=quantize, low_memory=low_memory)
+            with warnings.catch_warnings(record=True) as load_warnings:  # float16 forced on a failing checkpoint
+                pipe = ZImagePipeline.from_pretrained(root, dtype=dtype, quantize=quantize, low_memory=low_memory)
         finally:
             progress.status("")
+    show_warnings(load_warnings, set(), quiet)
     t_loaded = time.perf_counter()
     say(f"Loaded {model_name} in {t_loaded - t_start:.1f} s ({describe_pipeline(pipe)})")
+    if verbose:
+        say(f"Dtype: {pipe.reason}")
     for lora_file, scale in lora_files:
         with expected_errors(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", LoraWarning)
@@ -253,6 +309,25 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
         for w in caught:
             say(f"Warning: {w.message}")
         say(f"Applied LoRA {lora_file.name} at scale {format_number(scale)}")
+    control_kw, control_info = {}, {}
+    if control:
+        with expected_errors():
+            net = pipe.load_controlnet(control["files"], graph=controlnet_graph)
+        scales = [net.args.scale if s is None else s for s in control["scales"]]
+        say(f"Loaded ControlNet {net.args.name}, graph {net.graph}, scale {', '.join(map(format_number, scales))}")
+        control_kw = dict(control_image=control["maps"], control_scale=scales, control_start=control_start,
+                          control_end=control_end)
+        control_info = dict(controlnet=model_label(controlnet), controls=list(zip(control["paths"], scales)),
+                            control_type=control_type, control_start=control_start, control_end=control_end,
+                            controlnet_graph=net.graph)
+
+    # The rewrites, one per image (a seeded rewrite is its image seed's), become the prompts of the jobs.
+    originals = [replayed_original] * len(jobs) if replayed_original is not None else [None] * len(jobs)
+    if enhance and replayed_original is None:
+        originals = [prompts[p] for p, _ in jobs]
+        with expected_errors():
+            prompts = enhance_jobs(pipe, prompts, jobs, say, progress)
+        jobs = [(i, s) for i, (_, s) in enumerate(jobs)]
 
     # 3. Prompts are encoded a few at a time (one text-encoder load each in --low-memory mode); the
     # pipeline's prompt cache then serves `generate`, so step times measure denoising only. Once the last
@@ -275,7 +350,7 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
             image = pipe.generate(prompts[p], negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                                   guidance=guidance, cfg_normalization=cfg_normalization,
                                   cfg_truncation=cfg_truncation, seed=s, num_images=1, callback=progress,
-                                  release_transformer=i == len(jobs) - 1, **source,
+                                  release_transformer=i == len(jobs) - 1, **source, **control_kw,
                                   on_step=preview_writer(pipe, preview_file) if preview_file else None)[0]
             progress.finish()
             show_warnings(caught, shown, quiet)
@@ -285,7 +360,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
                                      guidance=guidance, cfg_normalization=cfg_normalization,
                                      cfg_truncation=cfg_truncation, width=width, height=height, model=model_name,
                                      quantization=pipe.quantize, dtype=pipe.dtype, **image_settings,
-                                     loras=[(model_label(name), scale) for name, scale in loras]))
+                                     original_prompt=originals[i],
+                                     loras=[(model_label(name), scale) for name, scale in loras], **control_info))
             save_png(image, paths[i], info, overwrite)
             steps_done += denoising_steps
             step_seconds += progress.step_seconds
@@ -299,6 +375,66 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     n = len(jobs)
     say(f"Done: {n} image{'s' * (n > 1)} in {total:.1f} s ({step_seconds / max(steps_done, 1):.2f} s/step, "
         f"load {t_loaded - t_start:.1f} s), peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
+
+
+def enhance_jobs(pipe, prompts: list[str], jobs: list[tuple[int, int]], say, progress) -> list[str]:
+    """The rewritten prompt of each (prompt, seed) job, seeded by the job's image seed (in one call, so that
+    --low-memory loads the text encoder once); each is printed once."""
+    todo = list(dict.fromkeys(jobs))
+    progress.status(f"Enhancing {len(todo)} prompt{'s' * (len(todo) > 1)} ...")
+    try:
+        texts = pipe.enhance_prompt([prompts[p] for p, _ in todo], seed=[s for _, s in todo])
+    finally:
+        progress.status("")
+    rewrites = dict(zip(todo, texts))
+    for (p, s), text in rewrites.items():
+        say(f"Enhanced prompt {p + 1} (seed {s}): {text}" if len(prompts) > 1 else f"Enhanced prompt (seed {s}): {text}")
+    return [rewrites[job] for job in jobs]
+
+
+# ------------------------------------------------------------------------------------------------
+# enhance
+
+
+@main.command("enhance")
+@click.argument("prompt")
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
+              help="A Hugging Face repo id or a checkpoint folder.")
+@click.option("--seed", type=int, help="Sampling seed (default: a random one).")
+@click.option("--temperature", type=float, default=0.7, show_default=True, help="Sampling temperature; 0 is greedy.")
+@click.option("--max-tokens", type=int, default=512, show_default=True, help="Longest rewrite, in tokens.")
+@click.option("--system-prompt", metavar="TEXT", help="Replace the built-in instructions given to the model.")
+@click.option("--quantize", type=click.Choice(["4", "8"]), help="Quantize the text encoder on the fly (to 8 bits either way).")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+              show_default=True, help="Compute dtype; auto is bfloat16 on an Apple GPU, float32 on CPU.")
+def enhance_command(prompt, model, seed, temperature, max_tokens, system_prompt, quantize, dtype):
+    """Print a detailed rewrite of PROMPT, written by the checkpoint's own Qwen3 text encoder.
+
+    \b
+      zimage-mlx enhance "a cat on a windowsill" --seed 7
+      zimage-mlx generate "$(zimage-mlx enhance 'a lighthouse in a storm')" --seed 7
+    """
+    from .enhance import PromptEnhancer
+    from .pipeline import default_dtype, validate
+    from .text_encoder import TextEncoder
+    from .text_encoder import default_bits as text_encoder_bits
+    from .weights import resolve_model
+
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if not (math.isfinite(temperature) and 0 <= temperature <= 5):
+        raise UserError(f"--temperature must be a number in [0, 5] (0 is greedy), got {temperature}")
+    with expected_errors():
+        validate(seed=seed)
+        root = resolve_model(model)
+        dtype = default_dtype() if dtype == "auto" else dtype
+        encoder = TextEncoder.from_pretrained(root, dtype="bfloat16" if dtype == "float16" else dtype,
+                                              quantize=text_encoder_bits(int(quantize) if quantize else None))
+        enhancer = PromptEnhancer.from_text_encoder(encoder, root)
+        live = sys.stdout.isatty()  # on a terminal the rewrite appears as it is written
+        text = enhancer.enhance(prompt, system_prompt=system_prompt, max_tokens=max_tokens, temperature=temperature,
+                                seed=seed, callback=(lambda piece: click.echo(piece, nl=False)) if live else None)
+    click.echo("" if live else text)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,6 +488,52 @@ def parse_lora(spec: str) -> tuple[str, float]:
     if not name or not math.isfinite(value):
         raise UserError(f"--lora {spec}: give PATH[:SCALE] with a finite number as SCALE, e.g. style.safetensors:0.8")
     return name, value
+
+
+def parse_control(spec) -> tuple[str, float | None]:
+    """--control IMAGE[:SCALE] into (path, scale or None for the ControlNet's default); a stored pair passes."""
+    if isinstance(spec, (tuple, list)):
+        return spec[0], spec[1]
+    name, sep, scale = spec.rpartition(":")
+    if not sep or Path(spec).expanduser().exists():
+        return spec, None
+    try:
+        value = float(scale)
+    except ValueError:
+        raise UserError(f"--control {spec}: the scale {scale!r} after the last ':' is not a number") from None
+    if not name or not math.isfinite(value):
+        raise UserError(f"--control {spec}: give IMAGE[:SCALE] with a finite number as SCALE, e.g. edges.png:0.8")
+    return name, value
+
+
+def control_settings(controlnet, controls, control_type, start, end, width, height, has_image) -> dict:
+    """Check the ControlNet options before the model loads; returns {} without controls, else the ControlNet's
+    files, the control maps (computed from photos with --control-type, at the output size), their paths and
+    scales, and the output size (the first control image's when neither --image nor a size says otherwise)."""
+    if not controls:
+        if controlnet:
+            raise UserError("--controlnet needs at least one --control IMAGE")
+        return {}
+    if not controlnet:
+        raise UserError("--control needs --controlnet (a ControlNet Union file, folder or Hub id)")
+    from .controlnet import control_inputs, control_map, resolve_controlnet
+    from .pipeline import output_size
+
+    with expected_errors():
+        files = resolve_controlnet(controlnet)[0]
+        inputs = control_inputs([open_control(path) for path, _ in controls], [s for _, s in controls], start, end)
+        if not has_image:
+            width, height = output_size(inputs.images[0].size, width, height)
+        maps = [control_map(im, control_type, width, height) for im in inputs.images]
+    files = controlnet if Path(controlnet).expanduser().exists() else files[0]  # a Hub id: the file downloaded
+    return dict(files=files, maps=maps, scales=inputs.scales, width=width, height=height,
+                paths=[str(Path(p).expanduser().resolve()) for p, _ in controls])
+
+
+def open_control(path):
+    from .pipeline import open_image
+
+    return open_image(path, f"--control {path}")
 
 
 def model_label(model: str) -> str:
@@ -457,8 +639,14 @@ def png_info(settings: dict):
         "dtype": settings["dtype"],
         **({"image": settings["image"], "strength": format_number(settings["strength"])} if settings.get("image") else {}),
         **({"mask": settings["mask"]} if settings.get("mask") else {}),
+        **({"original_prompt": settings["original_prompt"]} if settings.get("original_prompt") is not None else {}),
         **({"loras": json.dumps([{"name": n, "scale": s} for n, s in settings["loras"]], ensure_ascii=False)}
            if settings.get("loras") else {}),
+        **({"controlnet": settings["controlnet"],
+            "controls": json.dumps([{"image": n, "scale": s} for n, s in settings["controls"]], ensure_ascii=False),
+            "control_type": settings["control_type"], "control_start": format_number(settings["control_start"]),
+            "control_end": format_number(settings["control_end"]), "controlnet_graph": settings["controlnet_graph"]}
+           if settings.get("controlnet") else {}),
         "version": __version__,
         "Software": f"zimage-mlx {__version__}",
         "parameters": a1111_parameters(settings),
@@ -483,6 +671,9 @@ def a1111_parameters(s: dict) -> str:
         fields["LoRA"] = ", ".join(f"{n}:{format_number(v)}" for n, v in s["loras"])
     if s.get("image"):
         fields["Denoising strength"] = format_number(s["strength"])
+    if s.get("controlnet"):
+        fields["ControlNet"] = s["controlnet"]
+        fields["Control"] = ", ".join(f"{Path(n).name}:{format_number(v)}" for n, v in s["controls"])
     fields["Dtype"] = s["dtype"]
     fields["Version"] = f"zimage-mlx {__version__}"
     lines = [s["prompt"]]
@@ -536,7 +727,8 @@ def read_image_settings(path: str) -> dict:
     if "prompt" in text and "seed" in text:
         raw = {k: text[k] for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "cfg_normalization",
                                     "cfg_truncation", "width", "height", "model", "quantization", "dtype",
-                                    "loras", "image", "mask", "strength") if k in text}
+                                    "loras", "image", "mask", "strength", "original_prompt", "controlnet", "controls",
+                                    "control_type", "control_start", "control_end", "controlnet_graph") if k in text}
     elif "parameters" in text:
         a = parse_a1111_parameters(text["parameters"])
         raw = {"prompt": a["prompt"], "negative_prompt": a["negative_prompt"], "seed": a.get("Seed")}
@@ -555,12 +747,14 @@ def read_image_settings(path: str) -> dict:
         try:
             if key in ("seed", "steps", "width", "height"):
                 settings[key] = int(value)
-            elif key in ("guidance", "cfg_normalization", "cfg_truncation", "strength"):
+            elif key in ("guidance", "cfg_normalization", "cfg_truncation", "strength", "control_start", "control_end"):
                 settings[key] = float(value)
             elif key == "quantization":
                 settings[key] = None if value in ("", "none") else int(value)
             elif key == "loras":
                 settings[key] = saved_loras(path, value)
+            elif key == "controls":
+                settings[key] = saved_controls(path, value)
             else:
                 settings[key] = value
         except ValueError:
@@ -576,6 +770,14 @@ def saved_loras(path: str, value: str) -> list[tuple[str, float]]:
         return [(str(x["name"]), float(x["scale"])) for x in json.loads(value)]
     except (ValueError, TypeError, KeyError):
         raise UserError(f"--from-image {path}: the metadata's loras {value!r} is not a list of names and scales") from None
+
+
+def saved_controls(path: str, value: str) -> list[tuple[str, float]]:
+    """The `controls` chunk: a JSON list of {"image", "scale"}."""
+    try:
+        return [(str(x["image"]), float(x["scale"])) for x in json.loads(value)]
+    except (ValueError, TypeError, KeyError):
+        raise UserError(f"--from-image {path}: the metadata's controls {value!r} is not a list of images and scales") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -615,12 +817,14 @@ def describe_pipeline(pipe) -> str:
 
 
 def show_warnings(caught: list, shown: set, quiet: bool) -> None:
-    """Prompt truncation as one `Warning:` line (once per message); other warnings as Python shows them."""
+    """Prompt truncation and float16 overflow as one `Warning:` line (once per message); other warnings as
+    Python shows them."""
+    from .fp16 import Float16OverflowWarning
     from .text_encoder import PromptTruncatedWarning
 
     while caught:
         w = caught.pop(0)
-        if not issubclass(w.category, PromptTruncatedWarning):
+        if not issubclass(w.category, (PromptTruncatedWarning, Float16OverflowWarning)):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         elif str(w.message) not in shown and not quiet:
             shown.add(str(w.message))
@@ -667,6 +871,97 @@ class Progress:
 from .convert import convert_command  # noqa: E402
 
 main.add_command(convert_command, "convert")
+
+
+# ------------------------------------------------------------------------------------------------
+# serve
+
+
+@main.command()
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
+              help="A Hugging Face repo id or a checkpoint folder, loaded once at start.")
+@click.option("--quantize", type=click.Choice(["4", "8"]), help="Quantize on the fly: the DiT to 4 or 8 bits, the text encoder to 8.")
+@click.option("--low-memory", is_flag=True, help="Load the text encoder only while encoding; decode in tiles.")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+              show_default=True, help="Compute dtype; auto as for generate (float32 on CPU, float16 on M1/M2 when "
+                   "the checkpoint passes the float16 checks, else bfloat16).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything but loopback needs --api-key (or --insecure-no-auth).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port; 0 picks a free one.")
+@click.option("--api-key", envvar="ZIMAGE_MLX_API_KEY", metavar="KEY",
+              help="Require this key (Authorization: Bearer KEY or X-API-Key: KEY) on every route but /health and "
+                   "the page. "
+                   "Also read from ZIMAGE_MLX_API_KEY, which keeps it out of `ps`.")
+@click.option("--queue-size", type=click.IntRange(1, 1000), default=8, show_default=True,
+              help="Jobs that may wait behind the running one; more get 503 with Retry-After.")
+@click.option("--lora-dir", type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="Folder of .safetensors LoRAs that requests may name (by file name, without the extension).")
+@click.option("--max-side", type=click.IntRange(16, 8192), default=2048, show_default=True,
+              help="Largest width or height a request may ask for (a multiple of 16).")
+@click.option("--max-n", type=click.IntRange(1, 64), default=4, show_default=True, help="Most images per request.")
+@click.option("--max-steps", type=click.IntRange(1, 1000), default=50, show_default=True, help="Most steps per request.")
+@click.option("--max-body", type=click.FloatRange(0.001, 4096), default=64, show_default=True, metavar="MB",
+              help="Largest request body, in MB (uploads included); larger ones get 413.")
+@click.option("--allowed-host", "allowed_host", multiple=True, metavar="NAME",
+              help="Also accept this Host header (besides localhost, 127.0.0.1, [::1], host.docker.internal); repeat.")
+@click.option("--insecure-no-auth", is_flag=True, help="Allow a non-loopback --host without --api-key.")
+def serve(model, quantize, low_memory, dtype, host, port, api_key, queue_size, lora_dir, max_side, max_n, max_steps,
+          max_body, allowed_host, insecure_no_auth):
+    """Serve the model over HTTP: the OpenAI images API, an A1111 subset, a job API with live previews, and a
+    web page at /. Loads the model first, then prints `listening on http://HOST:PORT`.
+
+    \b
+      zimage-mlx serve --port 8000
+      curl http://127.0.0.1:8000/v1/images/generations -H 'Content-Type: application/json' \\
+           -d '{"prompt": "a red fox in the snow", "size": "1024x1024", "seed": 42}'
+    """
+    import ipaddress
+
+    if max_side % 16:
+        raise UserError(f"--max-side must be a multiple of 16, got {max_side}")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    if not loopback and not api_key and not insecure_no_auth:
+        raise UserError(f"--host {host} is reachable from other machines: give --api-key KEY (or set "
+                        "ZIMAGE_MLX_API_KEY), or pass --insecure-no-auth if you really mean it")
+    try:
+        from .server import ServerConfig, allowed_hosts, serve as run_server
+        from .server_engine import JobRunner
+    except ImportError as e:
+        raise UserError(f"the server needs its extra dependencies: pip install 'zimage-mlx[serve]' ({e})") from None
+    try:
+        from .server import bind_socket
+
+        bind_socket(host, port).close()  # a taken port or a bad address fails before the model loads
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    quantize = int(quantize) if quantize else None
+    name = Path(model.rstrip("/")).name.lower() or "z-image"
+    cfg = ServerConfig(model_id=name, model_aliases=(model,), api_key=api_key or None,
+                       allowed_hosts=allowed_hosts(host, allowed_host), max_side=max_side, max_n=max_n,
+                       max_steps=max_steps, max_body=int(max_body * 2**20),
+                       lora_dir=Path(lora_dir) if lora_dir else None,
+                       default_width=min(1024, max_side), default_height=min(1024, max_side))
+
+    def load():
+        from .pipeline import ZImagePipeline
+        from .weights import resolve_model
+
+        return ZImagePipeline.from_pretrained(resolve_model(model), dtype=dtype, quantize=quantize,
+                                              low_memory=low_memory)
+
+    runner = JobRunner(load, queue_size=queue_size)
+    click.echo(f"Loading {model} ...", err=True)
+    with expected_errors():
+        runner.start()
+    run_server(runner, cfg, host, port, announce=lambda line: click.echo(line) or sys.stdout.flush())
+    # Shut down cleanly (jobs answered, worker stopped). MLX 0.32 on Linux aborts now and then in its static
+    # destructors once a worker thread has used it (exit code 134), so the process ends here with code 0.
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
+
 
 from .train_cli import train_command  # noqa: E402
 

@@ -447,20 +447,22 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
     src: a diffusers checkpoint folder or Hub id, or single files (a .safetensors file or a folder of them).
     transformer, text_encoder, vae: single files that replace src's component. base: for single files, the
     folder or Hub id that gives tokenizer, scheduler and configs (default Tongyi-MAI/Z-Image-Turbo).
-    dtype: the DiT and text encoder weights' dtype (the text encoder is stored in bfloat16 for float16:
-    Qwen3 overflows float16); the VAE keeps its own. quantize: bits for the DiT, and at least 8 for the text
+    dtype: the DiT and text encoder weights' dtype (the text encoder is stored in bfloat16 for float16, as
+    the pipeline runs it: see pipeline._load_text_encoder); the VAE keeps its own. quantize: bits for the DiT, and at least 8 for the text
     encoder (transformer_bits and text_encoder_bits set each alone); group_size for both.
+    The DiT's config.json records its float16 statistics (fp16.statistics), which dtype="auto" reads.
     progress(component, done, total) is called after each tensor written.
-    Everything is checked before anything is written; errors raise CheckpointError or ValueError.
+    Everything is checked before anything is written; errors raise CheckpointError or InputError.
     """
     import mlx.core as mx
 
     from . import text_encoder as te_module
     from . import transformer as dit_module
+    from .errors import InputError
     from .weights import CheckpointError, check_quantization, to_dtype
 
     if dtype not in DTYPE_NAMES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+        raise InputError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     for bits in (quantize, transformer_bits, text_encoder_bits):
         if bits is not None:
             check_quantization(bits, group_size)
@@ -472,17 +474,17 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
 
     dst = Path(dst).expanduser()
     if dst.exists() and not force:
-        raise ValueError(f"{dst} already exists; pass --force to replace it")
+        raise InputError(f"{dst} already exists; pass --force to replace it")
     src_path = Path(src).expanduser()
     if src_path.exists():
         a, b = src_path.resolve(), dst.resolve()
         if a == b or b in a.parents or a in b.parents:
-            raise ValueError(f"{dst} must be outside the source {src} (and not contain it)")
+            raise InputError(f"{dst} must be outside the source {src} (and not contain it)")
     ancestor = dst.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {dst}: {ancestor} is not a writable folder")
+        raise InputError(f"cannot write {dst}: {ancestor} is not a writable folder")
 
     # 1. Check everything: sources, keys, shapes, quantization, disk space (headers only).
     root, components = find_sources(src, transformer=transformer, text_encoder=text_encoder, vae=vae, base=base)
@@ -499,7 +501,7 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
         modules = dict(model.named_modules())
         c.out_bytes = sum(w.nbytes for _, w in _converted(iter(sanitized.items()), modules, predicate, out_dtype))
         if predicate and not any(predicate(p, m) for p, m in modules.items()):
-            raise ValueError(f"no layer of the {LABELS[name]} can be quantized with group size {group_size} "
+            raise InputError(f"no layer of the {LABELS[name]} can be quantized with group size {group_size} "
                              f"(its widths are not multiples of it): choose another --group-size")
         models[name] = (model, sanitize, modules, predicate, out_dtype)
         del tensors, sanitized
@@ -531,7 +533,8 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
                 del overrides["default"]
                 quantization = {"group_size": group_size, "bits": c.bits, "mode": "affine", **dict(sorted(overrides.items()))}
             stored = dtypes[name] or _float_dtype(c)
-            _write_config(tmp / name / "config.json", c.config, stored, quantization)
+            config = dict(c.config, fp16_stats=_fp16_statistics(c, sanitize, model)) if name == "transformer" else c.config
+            _write_config(tmp / name / "config.json", config, stored, quantization)
             del models[name]
             mx.clear_cache()
         for name in ("tokenizer", "scheduler"):
@@ -557,6 +560,87 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
             note += f", from {c.label}"
         result[name] = (folder_size(dst / name), note)
     return result
+
+
+def convert_controlnet(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, group_size: int = 64,
+                       base=None, force: bool = False, progress: Callable[[int, int], None] | None = None) -> tuple[int, str]:
+    """Convert a ControlNet Union file (a .safetensors file, folder or Hub id, see controlnet.resolve_controlnet)
+    into a folder (config.json + model.safetensors) that `load_controlnet` reads; returns (bytes, description).
+
+    base: the DiT it is for, a checkpoint folder whose transformer/config.json gives the layer count the
+    control blocks spread over (default: Z-Image Turbo's, 30 layers). quantize: bits, with the ControlNet's
+    policy (controlnet.quant_predicate); 2.0's untrained control_noise_refiner is dropped.
+    """
+    import mlx.core as mx
+
+    from .controlnet import ControlNet, quant_predicate, read_controlnet
+    from .transformer import TransformerArgs
+    from .errors import InputError
+    from .weights import check_quantization, read_config, to_dtype
+
+    if dtype not in DTYPE_NAMES:
+        raise InputError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    if quantize is not None:
+        check_quantization(quantize, group_size)
+    dst = Path(dst).expanduser()
+    if dst.exists() and not force:
+        raise InputError(f"{dst} already exists; pass --force to replace it")
+    dit = TransformerArgs()
+    if base is not None:
+        folder = Path(base).expanduser()
+        if not folder.is_dir():
+            raise InputError(f"--base {base} must be a checkpoint folder for a ControlNet (its transformer/config.json)")
+        dit = TransformerArgs.from_dict(read_config(folder / "transformer"))
+    weights, config = read_controlnet(src)
+    if config and config.get("quantization"):
+        raise InputError(f"{src} is quantized already; convert the original file")
+    model, weights = ControlNet.build(weights, dit, f"ControlNet {src}")
+    predicate = quant_predicate(quantize, group_size) if quantize else None
+    modules = dict(model.named_modules())
+    overrides = {"default": {"bits": quantize, "group_size": group_size}} if quantize else None
+
+    def tensors():
+        return _converted(iter(sorted(weights.items())), modules, predicate, to_dtype(dtype), overrides)
+
+    tmp = dst.with_name(f".{dst.name}.converting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    nbytes = _write_shards(tensors, tmp, DEFAULT_SHARD_SIZE, progress)
+    args = model.args
+    config = {"_class_name": "ZImageControlNetModel", "control_in_dim": args.in_dim,
+              "control_layers_places": list(args.places), "control_refiner_layers_places": list(range(dit.n_refiner_layers)),
+              "add_control_noise_refiner": {"plain": None}.get(args.refiner, args.refiner), "dim": dit.dim,
+              "n_refiner_layers": dit.n_refiner_layers, "n_heads": dit.n_heads, "n_kv_heads": dit.n_heads,
+              "norm_eps": dit.norm_eps, "qk_norm": dit.qk_norm, "zimage_mlx": args.to_dict()}
+    quantization = None
+    if quantize:
+        quantization = {"group_size": group_size, "bits": quantize, "mode": "affine",
+                        **{k: v for k, v in sorted(overrides.items()) if k != "default"}}
+    _write_config(tmp / "config.json", config, dtype, quantization)
+    try:
+        ControlNet.from_pretrained(tmp, dit)  # loads as stored (lazily: nothing is computed)
+    except Exception as e:
+        raise RuntimeError(f"the converted ControlNet does not load ({e}); this is a bug in zimage-mlx convert") from e
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+    mx.clear_cache()
+    return nbytes, f"{args.name}, {dtype}" + (f", {quantize}-bit" if quantize else "")
+
+
+def _fp16_statistics(c: Component, sanitize, model) -> dict:
+    """The DiT's float16 statistics (fp16.statistics), from the source weights before any cast or quantization,
+    read once more one tensor at a time: the loader then needs not compute them."""
+    import mlx.core as mx
+
+    from .fp16 import statistics
+
+    tensors = sanitize(_open(c.files, c.label))
+
+    def weight(key):
+        once = key.endswith(".weight") and not any(k in key for k in ("norm", "adaLN", "t_embedder"))
+        return (tensors.pop(key) if once else tensors[key]).astype(mx.float32)  # the big ones are asked for once
+
+    return statistics(weight, model.args)
 
 
 def _float_dtype(c: Component) -> str:
@@ -605,8 +689,11 @@ BITS = ["2", "3", "4", "5", "6", "8"]
 @click.option("--base", metavar="MODEL", help=f"For single files: the folder or Hub id that gives tokenizer, scheduler "
                                               f"and configs (small files only).  [default: {DEFAULT_BASE}]")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--controlnet", is_flag=True,
+              help="SRC is a ControlNet Union file (or folder, Hub repo/FILE): write a ControlNet folder, quantized "
+                   "with --quantize 4|8 (--base: a checkpoint folder whose DiT it is for; default Z-Image Turbo's).")
 def convert_command(src, dst, quantize, group_size, dtype, transformer_bits, text_encoder_bits, transformer_file,
-                    text_encoder_file, vae_file, base, force):
+                    text_encoder_file, vae_file, base, force, controlnet):
     """Convert a checkpoint into an MLX folder (optionally quantized) that loads directly.
 
     SRC is a diffusers checkpoint (a folder or a Hub id), or ComfyUI single files: a folder holding the DiT,
@@ -617,10 +704,20 @@ def convert_command(src, dst, quantize, group_size, dtype, transformer_bits, tex
       zimage-mlx convert Tongyi-MAI/Z-Image-Turbo z-image-turbo-mlx
       zimage-mlx convert Tongyi-MAI/Z-Image-Turbo z-image-turbo-q4 --quantize 4
       zimage-mlx convert ComfyUI/models/split_files z-image-turbo-mlx
+      zimage-mlx convert --controlnet Z-Image-Turbo-Fun-Controlnet-Union-2.1-lite-2602-8steps.safetensors union-lite-q4 --quantize 4
     """
     from .cli import Progress, expected_errors
 
     progress = Progress()
+    if controlnet:
+        t0 = time.perf_counter()
+        progress.start("Converting the ControlNet")
+        with expected_errors():
+            nbytes, note = convert_controlnet(src, dst, dtype=dtype, quantize=int(quantize) if quantize else None,
+                                              group_size=int(group_size), base=base, force=force, progress=progress)
+        progress.finish()
+        click.echo(f"Wrote {dst} ({nbytes / 1e9:.2f} GB, {note}) in {time.perf_counter() - t0:.0f} s")
+        return
     current = {"name": None}
 
     def report(name, done, total):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -134,14 +135,15 @@ def _attention_f32(q, k, v, scale, mask):
     return mx.concatenate(outs, axis=-2)
 
 
-_STREAMS: list = []
+_STREAMS = threading.local()
 
 
 def _streams() -> list:
-    """CPU streams for row blocks of the softmax, one per core up to 4 (created once)."""
-    if not _STREAMS:
-        _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(max(1, min(4, os.cpu_count() or 1))))
-    return _STREAMS
+    """CPU streams for row blocks of the softmax, one per core up to 4, made once per thread: MLX streams
+    belong to the thread that made them, so a pipeline on a worker thread (a server's) needs its own."""
+    if not hasattr(_STREAMS, "cpu"):
+        _STREAMS.cpu = [mx.new_stream(mx.cpu) for _ in range(max(1, min(4, os.cpu_count() or 1)))]
+    return _STREAMS.cpu
 
 
 def cut(x: mx.array) -> mx.array:
@@ -159,8 +161,9 @@ def cut(x: mx.array) -> mx.array:
         return x
     try:
         mx.eval(x)
-    except ValueError:  # "[eval] Attempting to eval an array during function transformations ..."
-        pass
+    except ValueError as e:  # "[eval] Attempting to eval an array during function transformations ..."
+        if "transformation" not in str(e):
+            raise
     return x
 
 
@@ -180,5 +183,8 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc
         return False
-    m_trim_threshold, m_mmap_max = -1, -4
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+    # One arena: the trim and mmap settings hold in every arena, but a thread that allocates in its own
+    # (a server's worker thread) would otherwise grow a separate arena of its own next to the main one.
+    mallopt(m_arena_max, 1)
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))

@@ -32,8 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-class LoraError(ValueError):
-    """A LoRA file that cannot be applied: unreadable, for another model, or not fitting the DiT."""
+from .errors import LoraError  # noqa: F401  (re-exported: its historical home)
 
 
 class LoraWarning(UserWarning):
@@ -360,6 +359,8 @@ def apply_lora(model: nn.Module, lora: Lora, scale: float, originals: dict, fuse
                                   f"Z-Image DiT and are not applied, e.g. {', '.join(missing[:3])}"), stacklevel=3)
 
     compute_dtype = getattr(model, "dtype", mx.float32)  # the DiT's; side-path factors are kept in it
+    if compute_dtype == mx.float16:
+        _check_float16(lora, scale, todo, layers, fuse)
     for name, layer in todo:
         module = layers[name]
         originals.setdefault(name, (module, module.weight if isinstance(module, nn.Linear) else None))
@@ -376,6 +377,22 @@ def apply_lora(model: nn.Module, lora: Lora, scale: float, originals: dict, fuse
             module.add(layer.down, c * layer.up.astype(mx.float32))
             mx.eval(module.down, module.up)
     return len(todo)
+
+
+def _check_float16(lora: Lora, scale: float, todo: list, layers: dict, fuse: bool) -> None:
+    """Refuse, before anything changes, a LoRA whose merged weights (or scaled factors, beside the layers)
+    would not fit float16: they would turn into inf and every step into NaN."""
+    for name, layer in todo:
+        module, c = layers[name], scale * layer.factor
+        if fuse and isinstance(module, nn.Linear):
+            w = module.weight.astype(mx.float32) + c * (layer.up.astype(mx.float32) @ layer.down.astype(mx.float32))
+        else:
+            w = mx.concatenate([mx.abs(layer.down.astype(mx.float32)).reshape(-1),
+                                mx.abs(c * layer.up.astype(mx.float32)).reshape(-1)])
+        m = mx.abs(w).max().item()
+        if not m < 65504:
+            raise LoraError(f"{lora.name} at scale {scale:g} takes {name} to |w| = {m:g}, beyond float16's 65,504: "
+                            "use a smaller scale, or load the pipeline with dtype='bfloat16'")
 
 
 def restore(model: nn.Module, originals: dict) -> None:

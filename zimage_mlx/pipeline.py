@@ -11,6 +11,7 @@ import math
 import os
 import random
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,10 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from . import kernels
+from . import fp16, kernels
+from .enhance import PromptEnhancer, check_options
+from .errors import InputError
+from .fp16 import Float16OverflowWarning
 from .lora import Lora, apply_lora, read_lora, restore
 from .sampler import (FlowMatchScheduler, apply_cfg, euler_step, guidance_for_step, model_time, scale_noise,
                       strength_start)
@@ -27,7 +31,7 @@ from .text_encoder import TextEncoder
 from .text_encoder import default_bits as text_encoder_bits
 from .transformer import ZImageTransformer
 from .vae import VAE, auto_tile_size, from_pil, to_pil
-from .weights import resolve_model
+from .weights import read_config, resolve_model
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 LATENT_CHANNELS = 16
@@ -78,10 +82,13 @@ class ZImagePipeline:
         self.dtype = dtype
         self.low_memory = low_memory
         self.quantize = quantize
+        self.reason = dtype  # why this dtype (from_pretrained explains "auto")
         self._prompt_cache: OrderedDict[tuple[str, int], mx.array] = OrderedDict()
         self.loras: list[tuple[str, float]] = []  # (name, scale) of the LoRAs applied, in order
         self._lora_originals: dict = {}  # what unload_loras() puts back
+        self._enhancer: PromptEnhancer | None = None  # the LM tail, kept with a resident text encoder
         self._latent_rgb = None  # the fast preview's map, fitted on first use
+        self.controlnet = None  # set by load_controlnet
         self._owner = threading.get_ident()
 
     def _check_thread(self) -> None:
@@ -95,27 +102,48 @@ class ZImagePipeline:
                         low_memory: bool = False) -> "ZImagePipeline":
         """Load a checkpoint folder (diffusers layout, or one written by `zimage-mlx convert`) or a Hub id.
 
-        dtype: "auto" (bfloat16 on an Apple GPU, float32 on CPU), "bfloat16", "float16" or "float32".
+        dtype: "auto", "bfloat16", "float16" or "float32". auto is float32 on the CPU, bfloat16 on a GPU, and
+        float16 on M1/M2 GPUs (no native bfloat16) for a checkpoint that passes the float16 checks (see fp16.py);
+        `reason` on the pipeline says why. float16 runs the DiT's scaled graph, checked after every step (see
+        `denoise`); the text encoder then runs in bfloat16 and the VAE always in float32.
         quantize: 4 or 8 to quantize on the fly with each model's policy: the DiT to that many bits, the text
         encoder to at least 8 (the VAE never is). A folder converted quantized loads as stored without it.
         low_memory: load the text encoder only while encoding and free it before denoising, and decode
         the VAE in tiles; a little slower, a much lower peak.
         """
         root = resolve_model(model)
-        dtype = default_dtype() if dtype == "auto" else dtype
-        if mx.default_device() == mx.cpu:
+        choice = fp16.choose_dtype(dtype, fp16.stored(read_config(root / "transformer")))
+        if mx.default_device() == mx.cpu and os.environ.get("ZIMAGE_MLX_KEEP_FREED_MEMORY", "1") != "0":
             kernels.keep_freed_memory()  # MLX's CPU backend has no buffer cache (see kernels.py)
-        transformer = ZImageTransformer.from_pretrained(root / "transformer", dtype=dtype, quantize=quantize)
+        transformer = ZImageTransformer.from_pretrained(root / "transformer", dtype=choice.dtype, quantize=quantize)
+        if choice.pending:  # M1/M2 and no stored statistics: judged on the float16 weights just loaded
+            choice = fp16.choose_dtype(dtype, transformer.fp16_stats)
+            if choice.dtype != "float16":
+                transformer = None
+                transformer = ZImageTransformer.from_pretrained(root / "transformer", dtype=choice.dtype,
+                                                                quantize=quantize)
+        dtype = choice.dtype
+        if dtype == "float16" and transformer.fp16_stats is not None:
+            ok, why = fp16.verdict(transformer.fp16_stats)
+            if not ok:  # asked for explicitly: honoured, with the guard to catch what overflows
+                choice.reason += f"; the checkpoint fails the float16 checks: {why}"
+                warnings.warn(Float16OverflowWarning(f"float16 was requested but {why}: expect steps redone in "
+                                                     "bfloat16 (dtype='bfloat16' avoids the retries)"), stacklevel=2)
+        # The VAE decodes in float32 whatever the dtype: its config says force_upcast (the FLUX VAE is a known
+        # float16 risk), and on Apple GPUs float32 convolutions cost memory traffic, not ALU rate.
         vae = VAE.from_pretrained(root / "vae")
         scheduler = FlowMatchScheduler.from_pretrained(root / "scheduler")
         pipe = cls(transformer, None, vae, scheduler, root=root, dtype=dtype, low_memory=low_memory,
                    quantize=quantize)
+        pipe.reason = choice.reason
         if not low_memory:
             pipe.text_encoder = pipe._load_text_encoder()
         return pipe
 
     def _load_text_encoder(self) -> TextEncoder:
-        # Qwen3 overflows float16; the text encoder runs once per prompt, so it gets bfloat16 instead.
+        # The text encoder stays bfloat16 when the DiT runs float16: its activations on the real weights are
+        # measured only for the hidden state (13,754 at position 0, 4.8x below float16's limit; fp16.md 1.2),
+        # not for its MLP, and it runs once per prompt, so float16 would save little there.
         dtype = "bfloat16" if self.dtype == "float16" else self.dtype
         return TextEncoder.from_pretrained(self.root, dtype=dtype, cap_feat_dim=self._cap_feat_dim,
                                            quantize=text_encoder_bits(self.quantize))
@@ -149,12 +177,54 @@ class ZImagePipeline:
             self._prompt_cache.popitem(last=False)
         return out
 
+    def enhance_prompt(self, prompt: str | list[str], *, system_prompt: str | None = None, max_tokens: int = 512,
+                       temperature: float = 0.7, seed: int | list[int] | None = None,
+                       callback: Callable[[str], None] | None = None) -> str | list[str]:
+        """Rewrite a short prompt into a detailed one with the text encoder's own Qwen3 run as a chat model
+        (see enhance.py); a list of prompts gives a list.
+
+        system_prompt replaces ours (`enhance.SYSTEM_PROMPT`). temperature 0 decodes greedily; above 0 the
+        sampling draws from mx.random.key(seed) (every prompt of a list: seed, as generate's seed rule; or
+        seed[i] for a list of seeds; a random seed when None). callback(text) receives the decoded text as it is
+        generated, prompt after prompt. The last layer, final norm and LM head are read from the checkpoint for this call
+        (and kept with a resident text encoder until `release_text_encoder`; freed at once in low-memory mode).
+        """
+        self._check_thread()
+        prompts = _check_prompts(prompt, "prompt")
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
+        if len(seeds) != len(prompts):
+            raise InputError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
+        for s in seeds:
+            check_options(max_tokens, temperature, s, MAX_SEED)
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise TypeError(f"system_prompt must be a string, got {type(system_prompt).__name__}")
+        encoder = self.text_encoder or self._load_text_encoder()
+        enhancer = self._enhancer
+        if enhancer is None or enhancer.encoder is not encoder:
+            enhancer = PromptEnhancer.from_text_encoder(encoder, self.root)
+        try:
+            out = [enhancer.enhance(p, system_prompt=system_prompt, max_tokens=max_tokens, temperature=temperature,
+                                    seed=s, callback=callback) for p, s in zip(prompts, seeds)]
+        finally:
+            if self.low_memory or self.text_encoder is None:
+                enhancer.release()
+                self._enhancer = None
+                if self.text_encoder is None:
+                    encoder.release()
+            else:
+                self._enhancer = enhancer
+        return out[0] if isinstance(prompt, str) else out
+
     def release_text_encoder(self) -> None:
-        """Free the text encoder's weights; later prompts load it again for the time they are encoded."""
+        """Free the text encoder's weights (and the prompt enhancer's); later prompts load it again for the time
+        they are encoded."""
         self._check_thread()
         if self.text_encoder is not None:
             self.text_encoder.release()
             self.text_encoder = None
+        if self._enhancer is not None:
+            self._enhancer.release()
+            self._enhancer = None
         mx.clear_cache()
 
     def release_transformer(self) -> None:
@@ -163,6 +233,7 @@ class ZImagePipeline:
         This pipeline cannot denoise afterwards: load another to generate again."""
         self._check_thread()
         self.transformer = None
+        self.controlnet = None  # it runs only beside the DiT
         self._lora_originals = {}
         mx.clear_cache()
 
@@ -172,14 +243,27 @@ class ZImagePipeline:
             raise RuntimeError("this pipeline's DiT was freed by release_transformer(); load the pipeline again")
         return self.transformer
 
-    def sigmas(self, steps: int, height: int, width: int) -> list[float]:
+    def sigmas(self, steps: int, *legacy, width: int | None = None, height: int | None = None) -> list[float]:
+        """The sigmas of a `steps`-step run at this size (steps + 1 values, the last 0): sigmas(8, width=1024,
+        height=768). The old positional form sigmas(steps, height, width) still works, with a warning."""
+        if legacy:
+            import warnings
+
+            if len(legacy) != 2 or width is not None or height is not None:
+                raise TypeError("sigmas() takes the size as keywords: sigmas(steps, width=W, height=H)")
+            warnings.warn("sigmas(steps, height, width) is deprecated: use sigmas(steps, width=W, height=H), the "
+                          "order of generate()", DeprecationWarning, stacklevel=2)
+            height, width = legacy
+        if width is None or height is None:
+            raise TypeError("sigmas() needs width= and height=")
         seq_len = (height // 16) * (width // 16)
         return [float(s) for s in self.scheduler.sigmas(steps, seq_len)]
 
     def denoise(self, prompt_embeds: list[mx.array], latents: mx.array, sigmas: list[float], *,
                 negative_embeds: list[mx.array] | None = None, guidance: float = 0.0,
                 cfg_normalization: float | bool = False, cfg_truncation: float = 1.0, mask: mx.array | None = None,
-                image_latents: mx.array | None = None, noise: mx.array | None = None) -> Iterator[Step]:
+                image_latents: mx.array | None = None, noise: mx.array | None = None,
+                control=None) -> Iterator[Step]:
         """Run the sampler, yielding a `Step` after each DiT step (len(sigmas) - 1 of them).
 
         prompt_embeds: one caption per latent; latents: (B, h, w, 16) float32 latents at sigmas[0] (pure
@@ -190,6 +274,13 @@ class ZImagePipeline:
         `image_latents` (B or 1, h, w, 16) and the `noise` the start was made with, every step ends with
         x = (1 - mask) * scale_noise(image_latents, noise, sigma_next) + mask * x: the kept region follows the
         image, noised to the next sigma, and is the clean image latents after the last step (sigma 0).
+
+        control: a `controlnet.ControlPlan` (made by generate from control images) whose residuals each step adds.
+
+        A float16 DiT (the scaled graph) is checked after every step: if the step's output holds a non-finite
+        value, the step is redone with bfloat16 GEMMs (the float16 weights cast to bfloat16 as each layer
+        runs: no second copy of the DiT, a transient copy of one layer's weight and one extra pass over the
+        weights per step), the rest of the run stays in bfloat16, and a `Float16OverflowWarning` is issued.
         """
         B = latents.shape[0]
         if len(prompt_embeds) != B or (negative_embeds is not None and len(negative_embeds) != B):
@@ -197,22 +288,43 @@ class ZImagePipeline:
         dit = self._dit()
         x = latents.astype(mx.float32)
         total = len(sigmas) - 1
+        guard = dit.scaled and dit.dtype == mx.float16  # one isfinite reduction per step, evaluated with it
+        activations = None  # mx.bfloat16 once a step has overflowed float16
         for i in range(total):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             g = guidance_for_step(guidance, sigma, cfg_truncation) if negative_embeds is not None else 0.0
             t = mx.full((B,), model_time(sigma), dtype=mx.float32)
-            if g > 0:
-                both = dit(mx.concatenate([x, x]), mx.concatenate([t, t]),
-                                        list(prompt_embeds) + list(negative_embeds))
-                pred = apply_cfg(both[:B], both[B:], g, cfg_normalization)
-            else:
-                pred = dit(x, t, prompt_embeds).astype(mx.float32)
-            denoised = x + sigma * pred
-            x = euler_step(x, pred, sigma, sigma_next)
-            if mask is not None:
-                x = (1 - mask) * scale_noise(image_latents, noise, sigma_next) + mask * x
-                denoised = (1 - mask) * image_latents + mask * denoised  # a preview shows the kept region as is
-            mx.eval(x)
+            hook = control.at(i, total) if control is not None else None
+            while True:
+                kw = {} if activations is None else {"activations": activations}
+                if hook is not None:
+                    kw["control"] = hook
+                if g > 0:
+                    both = dit(mx.concatenate([x, x]), mx.concatenate([t, t]),
+                                            list(prompt_embeds) + list(negative_embeds), **kw)
+                    pred = apply_cfg(both[:B], both[B:], g, cfg_normalization)
+                else:
+                    pred = dit(x, t, prompt_embeds, **kw).astype(mx.float32)
+                denoised = x + sigma * pred
+                x_next = euler_step(x, pred, sigma, sigma_next)
+                if mask is not None:
+                    x_next = (1 - mask) * scale_noise(image_latents, noise, sigma_next) + mask * x_next
+                    denoised = (1 - mask) * image_latents + mask * denoised  # a preview shows the kept region as is
+                if not guard:
+                    mx.eval(x_next)
+                    break
+                finite = mx.isfinite(x_next).all()
+                mx.eval(x_next, finite)
+                if finite.item():
+                    break
+                if activations is not None:
+                    raise FloatingPointError(f"step {i + 1} of {total} gives non-finite latents in bfloat16 as well: "
+                                             "the inputs or the checkpoint hold non-finite values")
+                warnings.warn(Float16OverflowWarning(
+                    f"step {i + 1} of {total} overflowed float16; it and the remaining steps run in bfloat16 "
+                    "(dtype='bfloat16' avoids the retry)"), stacklevel=2)
+                activations = mx.bfloat16
+            x = x_next
             yield Step(i, total, sigma, x, denoised)
 
     def decode(self, latents: mx.array, tile_size: int | None = None):
@@ -268,6 +380,13 @@ class ZImagePipeline:
         lora = lora if isinstance(lora, Lora) else read_lora(lora)
         apply_lora(dit, lora, scale, self._lora_originals, fuse=fuse)
         self.loras.append((lora.name, float(scale)))
+        if dit.scaled and dit.dtype == mx.float16:  # the weights changed: check them for float16 again
+            dit.fp16_stats = fp16.statistics(fp16.model_weights(dit), dit.args)
+            ok, why = fp16.verdict(dit.fp16_stats)
+            if not ok:
+                warnings.warn(Float16OverflowWarning(
+                    f"with LoRA {lora.name} the DiT fails the float16 checks ({why}): expect steps redone in "
+                    "bfloat16, or load the pipeline with dtype='bfloat16'"), stacklevel=2)
         return lora
 
     def unload_loras(self) -> None:
@@ -276,19 +395,52 @@ class ZImagePipeline:
         self.loras.clear()
 
     # ------------------------------------------------------------------------------------------
+    # ControlNet
+
+    def load_controlnet(self, controlnet, graph: str | None = None, *, quantize: int | None = None):
+        """Load a Z-Image Turbo Fun ControlNet Union (1.0, 2.0, 2.1, 2.1 lite, Tile 2.1; the layout is read from
+        the weights): a .safetensors file, a folder, a Hub repo id holding one file, or
+        `owner/repo/file.safetensors` (e.g. alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1/
+        Z-Image-Turbo-Fun-Controlnet-Union-2.1-lite-2602-8steps.safetensors). It replaces any loaded one and
+        shares the DiT's modules (no copy). graph: "authors" (default, what the weights were trained with) or
+        "diffusers"; see zimage_mlx.controlnet. quantize: bits (default: the pipeline's on-the-fly bits)."""
+        from .controlnet import ControlNet
+
+        if isinstance(controlnet, ControlNet):
+            net = controlnet
+        else:
+            self.controlnet = None  # free the previous one before reading the next
+            net = ControlNet.from_pretrained(controlnet, self._dit(), graph=graph, dtype=self.dtype,
+                                             quantize=self.quantize if quantize is None else quantize)
+        self.controlnet = net
+        return net
+
+    def unload_controlnet(self) -> None:
+        """Free the ControlNet's weights."""
+        self._check_thread()
+        self.controlnet = None
+        mx.clear_cache()
+
+    # ------------------------------------------------------------------------------------------
     # The one call
 
-    def generate(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+    def generate(self, prompt: str | list[str], *legacy, negative_prompt: str | list[str] | None = None,
                  width: int | None = None, height: int | None = None, steps: int = 8, guidance: float = 0.0,
-                 cfg_normalization: float | bool = False, cfg_truncation: float = 1.0, seed: int | None = None,
+                 cfg_normalization: float | bool = False, cfg_truncation: float = 1.0, seed: int | list[int] | None = None,
                  num_images: int = 1, latents: mx.array | None = None,
-                 callback: Callable[[int, int, mx.array], None] | None = None, max_sequence_length: int = 512, *,
+                 callback: Callable[[int, int, mx.array], None] | None = None, max_sequence_length: int = 512,
                  image=None, mask=None, strength: float | None = None, image_latents: mx.array | None = None,
-                 release_transformer: bool = False, on_step: Callable[[Step], None] | None = None, cancel=None):
+                 release_transformer: bool = False, on_step: Callable[[Step], None] | None = None, cancel=None,
+                 control_image=None, control_scale: float | list[float] | None = None, control_start: float = 0.0,
+                 control_end: float = 1.0):
         """Generate images; returns a list of PIL images, prompt-major (all images of prompt 0 first).
+        Every argument after the prompt is a keyword (positional ones still work, with a DeprecationWarning).
 
-        Image k uses the noise of seed + k, so any image of a batch can be made again alone. With
-        seed=None a seed is drawn; each image's seed is in `image.info["seed"]`. `latents` (B, h, w, 16)
+        The seed rule: image k of every prompt uses the noise of seed + k, so several prompts are compared at
+        the same seeds (as the CLI does) and any image can be made again alone. With seed=None a seed is
+        drawn; each image's seed is in `image.info["seed"]`. `seed` may also be a list, one seed per image of
+        each prompt (num_images is then its length): several seeds run as one batch, each image equal to the one
+        its seed makes alone. `latents` (B, h, w, 16)
         float32 replaces the noise (B = prompts x num_images). `callback(step, total, latents)` runs
         after every step (step counts from 1). width and height default to 1024, or to the image's size.
 
@@ -320,14 +472,46 @@ class ZImagePipeline:
         `threading.Event` another thread sets: it is checked before encoding, after every step and before
         decoding, and a set token raises `Cancelled` there. Nothing is left half-done: the next call (and the
         prompt cache, LoRAs, freed models) behaves as if the cancelled run never happened.
+
+        ControlNet (after `load_controlnet`): `control_image`, a path or PIL image (an edge, depth, pose, line
+        or tile map; the Union model takes any), or a list for several controls, batched into one ControlNet
+        pass per step. `control_scale`: one number or one per image (default: the version's recommended
+        scale, 0.75 for Union 1.0 and 2.0, 0.9 for 2.1). `control_start`/`control_end`: the part of the steps
+        controlled, step i of N when start <= i/N and (i+1)/N <= end. Control images are stretched to the
+        output size (Lanczos, aspect ratio not kept); without an image, width and height follow the first
+        control image like an input image. Works with text-to-image, image-to-image and inpainting; a 2.x
+        ControlNet also gets the mask and the masked image (diffusers' ZImageControlNetInpaintPipeline layout),
+        while the kept region is still reset after every step, as in plain inpainting.
         """
+        if legacy:  # every keyword argument as passed (locals() holds only the arguments at this point)
+            given = {k: v for k, v in locals().items() if k not in ("self", "prompt", "legacy")}
+            return self.generate(prompt, **_from_positional(legacy, given))
         self._check_thread()
         prompts = _check_prompts(prompt, "prompt")
-        init = None
+        init = controls = None
+        if control_image is not None or control_scale is not None:
+            from .controlnet import control_inputs
+
+            if self.controlnet is None:
+                raise InputError("control_image needs a ControlNet: call load_controlnet(...) first")
+            controls = control_inputs(control_image, control_scale, control_start, control_end)
         if image is not None or mask is not None or strength is not None or image_latents is not None:
             init = image_input(image, mask, strength, width, height, image_latents)
             width, height = init.width, init.height
+        elif controls is not None:
+            width, height = output_size(controls.images[0].size, width, height)
         width, height = 1024 if width is None else width, 1024 if height is None else height
+        if isinstance(seed, (list, tuple)):  # one seed per image of each prompt: several seeds in one batch
+            if not seed:
+                raise InputError("seed is an empty list: give at least one seed, or None for a random one")
+            if num_images not in (1, len(seed)):
+                raise InputError(f"{len(seed)} seeds with num_images={num_images}: give num_images={len(seed)} or leave it out")
+            for s in seed:
+                validate(seed=s)
+            num_images, seed_list = len(seed), [int(s) for s in seed]
+            seed = None
+        else:
+            seed_list = None
         validate(width=width, height=height, steps=steps, guidance=guidance, num_images=num_images, seed=seed)
         negatives = None
         if guidance > 0:
@@ -335,27 +519,35 @@ class ZImagePipeline:
             if len(negatives) == 1:
                 negatives = negatives * len(prompts)
             if len(negatives) != len(prompts):
-                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+                raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         elif negative_prompt:
-            raise ValueError("negative_prompt needs guidance > 0 (Turbo runs without CFG; try --guidance 4 with the Base model)")
+            raise InputError("negative_prompt needs guidance > 0 (Turbo runs without CFG; try --guidance 4 with the Base model)")
         h, w = height // 8, width // 8
         B = len(prompts) * num_images
         self._dit().check_sizes(h, w, [1])
-        seed = random.randint(0, MAX_SEED) if seed is None else seed
-        seeds = [(seed + k) % (MAX_SEED + 1) for k in range(B)]
+        if seed_list is None:
+            seed = random.randint(0, MAX_SEED) if seed is None else seed
+            seed_list = [(seed + k) % (MAX_SEED + 1) for k in range(num_images)]
+        seeds = [s for _ in prompts for s in seed_list]
         seeded = latents is None  # then the seed alone gives the image back
         if latents is not None:
             if tuple(latents.shape) != (B, h, w, LATENT_CHANNELS):
-                raise ValueError(f"latents must have shape {(B, h, w, LATENT_CHANNELS)}, got {tuple(latents.shape)}")
+                raise InputError(f"latents must have shape {(B, h, w, LATENT_CHANNELS)}, got {tuple(latents.shape)}")
         else:
             latents = mx.concatenate([noise(s, h, w) for s in seeds])
 
-        sigmas = self.sigmas(steps, height, width)
+        sigmas = self.sigmas(steps, width=width, height=height)
         inpaint = {}
         if init is not None:
             _check_cancel(cancel)
             sigmas, latents, inpaint = self._start_from_image(init, sigmas, latents, seeds)
 
+        control = None
+        if controls is not None and len(sigmas) > 1:
+            from .controlnet import plan
+
+            _check_cancel(cancel)
+            control = plan(self, controls, width, height, init)
         _check_cancel(cancel)
         if len(sigmas) > 1:  # a strength that leaves no step needs no prompt either
             feats = self.encode_prompt(prompts + (negatives or []), max_sequence_length)
@@ -364,7 +556,8 @@ class ZImagePipeline:
             if self.low_memory:
                 self.release_text_encoder()
             for step in self.denoise(pos, latents, sigmas, negative_embeds=neg, guidance=guidance,
-                                     cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation, **inpaint):
+                                     cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation,
+                                     control=control, **inpaint):
                 latents = step.latents
                 if callback is not None:
                     callback(step.index + 1, step.total, latents)
@@ -388,7 +581,7 @@ class ZImagePipeline:
             return sigmas, noise, {}  # pure noise: the image latents would be multiplied by 1 - 1 = 0
         z = init.latents if init.latents is not None else self._encode(init.image, init.width, init.height, seeds)
         if z.shape[0] not in (1, noise.shape[0]):
-            raise ValueError(f"image_latents hold {z.shape[0]} images for a batch of {noise.shape[0]}: give 1 or {noise.shape[0]}")
+            raise InputError(f"image_latents hold {z.shape[0]} images for a batch of {noise.shape[0]}: give 1 or {noise.shape[0]}")
         latents = scale_noise(z, noise, sigmas[0])
         inpaint = {}
         if init.mask is not None:
@@ -447,11 +640,11 @@ def image_input(image, mask=None, strength: float | None = None, width: int | No
                 height: int | None = None, image_latents: mx.array | None = None) -> ImageInput:
     """Check an image-to-image / inpainting request and settle the output size by generate's resize policy.
 
-    Opens paths (no model needed: the CLI calls it before loading one); raises ValueError or TypeError with a
+    Opens paths (no model needed: the CLI calls it before loading one); raises InputError or TypeError with a
     one-line reason: no image, an unreadable file, a mask of another size, a strength outside [0, 1].
     """
     if image is None and image_latents is None:
-        raise ValueError(f"{'mask' if mask is not None else 'strength'} needs an image to start from (image=...)")
+        raise InputError(f"{'mask' if mask is not None else 'strength'} needs an image to start from (image=...)")
     validate(width=width, height=height, strength=strength)
     image = open_image(image, "image") if image is not None else None
     mask = open_image(mask, "mask") if mask is not None else None
@@ -462,11 +655,11 @@ def image_input(image, mask=None, strength: float | None = None, width: int | No
     else:
         size = (image_latents.shape[2] * 8, image_latents.shape[1] * 8)
     if mask is not None and mask.size != size:
-        raise ValueError(f"the mask is {mask.width}x{mask.height} but the image is {size[0]}x{size[1]}: "
+        raise InputError(f"the mask is {mask.width}x{mask.height} but the image is {size[0]}x{size[1]}: "
                          "they must have the same size")
     width, height = output_size(size, width, height)
     if image_latents is not None and tuple(image_latents.shape[1:]) != (height // 8, width // 8, LATENT_CHANNELS):
-        raise ValueError(f"image_latents must have shape (1 or B, {height // 8}, {width // 8}, {LATENT_CHANNELS}) "
+        raise InputError(f"image_latents must have shape (1 or B, {height // 8}, {width // 8}, {LATENT_CHANNELS}) "
                          f"for a {width}x{height} image, got {tuple(image_latents.shape)}")
     if strength is None:
         strength = 1.0 if mask is not None else 0.6  # diffusers' defaults
@@ -480,9 +673,9 @@ def output_size(size: tuple[int, int], width: int | None = None, height: int | N
     if width is None and height is None:
         width, height = W // 16 * 16, H // 16 * 16
         if not width or not height:
-            raise ValueError(f"the image is {W}x{H} pixels; it must be at least 16x16")
+            raise InputError(f"the image is {W}x{H} pixels; it must be at least 16x16")
         if max(width, height) > 8192:
-            raise ValueError(f"the image is {W}x{H} pixels, above the model's limit of 8192 a side: give a smaller width and height")
+            raise InputError(f"the image is {W}x{H} pixels, above the model's limit of 8192 a side: give a smaller width and height")
     elif height is None:
         height = max(16, round(width * H / W / 16) * 16)
     elif width is None:
@@ -492,7 +685,7 @@ def output_size(size: tuple[int, int], width: int | None = None, height: int | N
 
 
 def open_image(value, what: str = "image"):
-    """A PIL image as is, or a path opened like diffusers' load_image (EXIF orientation applied); ValueError
+    """A PIL image as is, or a path opened like diffusers' load_image (EXIF orientation applied); InputError
     for a missing or unreadable file, TypeError for anything else. `what` names it in messages."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -506,11 +699,11 @@ def open_image(value, what: str = "image"):
             im.load()
             return ImageOps.exif_transpose(im)
     except FileNotFoundError:
-        raise ValueError(f"{what} {path}: no such file") from None
+        raise InputError(f"{what} {path}: no such file") from None
     except UnidentifiedImageError:
-        raise ValueError(f"{what} {path} is not an image Pillow can read") from None
+        raise InputError(f"{what} {path} is not an image Pillow can read") from None
     except (OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+        raise InputError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def mask_latents(mask, width: int, height: int, scale: int = 8) -> mx.array:
@@ -527,27 +720,53 @@ def mask_latents(mask, width: int, height: int, scale: int = 8) -> mx.array:
 
 def _check_prompts(prompt, what: str) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"{what} must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"{what} must be a string or a list of strings, got {type(prompt).__name__}")
+    if not prompts:
+        raise InputError(f"{what} is an empty list: pass at least one prompt (use \"\" for an empty prompt)")
     return list(prompts)
 
 
+# generate's arguments in their order before they became keyword-only (0.1.0), for old positional calls.
+_POSITIONAL = ("negative_prompt", "width", "height", "steps", "guidance", "cfg_normalization", "cfg_truncation",
+               "seed", "num_images", "latents", "callback", "max_sequence_length")
+_DEFAULTS = dict(negative_prompt=None, width=None, height=None, steps=8, guidance=0.0, cfg_normalization=False,
+                 cfg_truncation=1.0, seed=None, num_images=1, latents=None, callback=None, max_sequence_length=512)
+
+
+def _from_positional(values: tuple, given: dict) -> dict:
+    """generate's keyword arguments from an old positional call (with a DeprecationWarning)."""
+    import warnings
+
+    if len(values) > len(_POSITIONAL):
+        raise TypeError(f"generate() takes at most {len(_POSITIONAL) + 1} positional arguments, got {len(values) + 1}")
+    warnings.warn("pass generate()'s arguments after the prompt by keyword (e.g. width=1024); positional "
+                  "arguments are deprecated", DeprecationWarning, stacklevel=3)
+    out = dict(given)
+    for name, value in zip(_POSITIONAL, values):
+        default, passed = _DEFAULTS[name], given[name]
+        if not (passed is default or (type(passed) in (int, float, bool) and passed == default)):
+            raise TypeError(f"generate() got {name} both by position and by keyword")
+        out[name] = value
+    return out
+
+
 def validate(*, width=None, height=None, steps=None, guidance=None, num_images=None, seed=None, strength=None) -> None:
-    """Check user-facing generation arguments; raise ValueError with a one-line reason."""
+    """Check user-facing generation arguments; raise InputError with a one-line reason."""
     for name, v in (("width", width), ("height", height)):
         if v is None:
             continue
         if not isinstance(v, int) or isinstance(v, bool) or v < 16 or v % 16:
-            raise ValueError(f"{name} must be a positive multiple of 16, got {v!r}")
+            raise InputError(f"{name} must be a positive multiple of 16, got {v!r}")
         if v > 8192:
-            raise ValueError(f"{name} {v} is above the model's limit of 8192 pixels")
+            raise InputError(f"{name} {v} is above the model's limit of 8192 pixels")
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        raise InputError(f"steps must be an integer >= 1, got {steps!r}")
     if guidance is not None and not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
-        raise ValueError(f"guidance must be a number >= 0, got {guidance!r}")
+        raise InputError(f"guidance must be a number >= 0, got {guidance!r}")
     if num_images is not None and (not isinstance(num_images, int) or num_images < 1):
-        raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
+        raise InputError(f"num_images must be an integer >= 1, got {num_images!r}")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED):
-        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+        raise InputError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
     if strength is not None and (isinstance(strength, bool) or not (isinstance(strength, (int, float)) and 0 <= strength <= 1)):
-        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+        raise InputError(f"strength must be a number in [0, 1], got {strength!r}")

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .errors import InputError
 from .weights import CheckpointError, read_config
 
 # Scheduler options that change the sigma grid and that this sampler does not implement.
@@ -47,7 +48,7 @@ class FlowMatchScheduler:
     def sigmas(self, steps: int, image_seq_len: int | None = None) -> np.ndarray:
         """The steps + 1 sigmas (float32, the last one 0) for `steps` DiT forwards."""
         if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
+            raise InputError(f"steps must be at least 1, got {steps}")
         s = linspace_f32(1.0, 1.0 / steps, steps)
         if self.use_dynamic_shifting:
             if image_seq_len is None:

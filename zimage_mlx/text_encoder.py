@@ -19,6 +19,8 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.qwen3 import ModelArgs, TransformerBlock
 from transformers import AutoTokenizer
 
+from .errors import InputError
+
 from . import kernels
 from .weights import (CheckpointError, check_quantization, load_into, load_safetensors, quantize_as_stored,
                       read_config, to_dtype)
@@ -105,7 +107,7 @@ def _check_prompts(prompts) -> list[str]:
     if not isinstance(prompts, (list, tuple)):
         raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
     if not prompts:
-        raise ValueError("prompts is an empty list: pass at least one prompt (use \"\" for an empty prompt)")
+        raise InputError("prompts is an empty list: pass at least one prompt (use \"\" for an empty prompt)")
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(f"prompts[{i}] must be a string, got {type(p).__name__}")
@@ -114,7 +116,7 @@ def _check_prompts(prompts) -> list[str]:
 
 def _check_max_length(n) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"max_sequence_length must be a positive integer, got {n!r}")
+        raise InputError(f"max_sequence_length must be a positive integer, got {n!r}")
     return n
 
 

@@ -9,6 +9,10 @@ adaLN linear (the final layer has one), each branch has a pre- and a post-norm, 
 interleaved pairs over three axes, the patch vector is (ph, pw, c) with c fastest, image tokens sit at
 t-position (padded caption length + 1), and both streams are padded to multiples of 32 with learned
 pad tokens that are attended to, not masked.
+
+float16 (M1/M2 Macs, where it is the fast type) runs a scaled graph that never overflows; see `V_SCALE`,
+`FFN_SCALE` and `TransformerBlock.scaled` (the recipe, with its sources, is shared/docs/fp16.md section 4).
+float32 and bfloat16 run the plain graph, unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import kernels
+from .errors import InputError
 from .weights import (CheckpointError, check_quantization, load_into, load_safetensors, quantize_as_stored, quantize_model,
                       read_config, to_dtype)
 
@@ -29,6 +34,20 @@ SEQ_MULTI_OF = 32
 ADALN_EMBED_DIM = 256
 FREQ_EMBED_DIM = 256
 T_MLP_DIM = 1024
+
+# The float16 graph ("scaled"): float16 weights and GEMMs, float32 residual stream, modulation vectors,
+# timestep embedding and RoPE. Inside a block the only tensors that can exceed float16's 65,504 are those
+# stored between a sublayer's pre-norm and its post-norm (fp16.md 1.3): the SwiGLU product silu(w1 x) * w3 x
+# (measured at 284,507 on the release over an 8-step 1024x1024 run, 64,695 at step 1) and the FFN output,
+# and, as a precaution, the attention value path and its output. Both paths end in an RMSNorm (attention_norm2,
+# ffn_norm2), and RMSNorm(c y; c^2 eps) = RMSNorm(y; eps) for any c > 0, so dividing them by a constant and
+# multiplying that norm's epsilon by c^2 changes nothing in real arithmetic. Powers of two also make the
+# scaling exact in floating point (only the exponent changes, except for values pushed into float16's
+# subnormal range: below 2^-14 / c in magnitude, negligible next to an RMSNorm over thousands of channels).
+# The constants are Draw Things' defaults for Turbo (fp16.md 2.6, 4.3): 284,507 / 32 = 8,891 leaves 7.4x
+# headroom, and the pipeline redoes a step in bfloat16 if it ever overflows anyway.
+V_SCALE = 2.0**-2  # the value projection's input: v, the attention output and to_out's output are 1/4
+FFN_SCALE = 2.0**-5  # the SwiGLU product (w3's output is scaled before the multiply): w2's output is 1/32
 
 
 @dataclass
@@ -115,6 +134,42 @@ def _rope(x, cos, sin):  # one fused loop instead of eight passes over q and k
     return out.reshape(B, L, H, D).astype(x.dtype)
 
 
+@mx.compile
+def _silu_mul_scaled(a, b):
+    """silu(a) * b * FFN_SCALE for float16/bfloat16 a, b: computed in float32 registers and rounded once at
+    the store, so the product exists only at 1/32 of its size in memory."""
+    af = a.astype(mx.float32)
+    return (af * mx.sigmoid(af) * (b.astype(mx.float32) * FFN_SCALE)).astype(a.dtype)
+
+
+def _norm_scaled(norm: nn.RMSNorm, h: mx.array, scale: float) -> mx.array:
+    """norm(h / scale) for h already multiplied by scale (a power of two): the epsilon is multiplied by
+    scale^2, which makes it exact; float32 output (the weight is upcast: 1 x dim) for the float32 stream."""
+    return mx.fast.rms_norm(h, norm.weight.astype(mx.float32), norm.eps * scale * scale)
+
+
+def _linear(layer: nn.Module, x: mx.array) -> mx.array:
+    """layer(x), with the GEMM in x's dtype even when the weights are in another: a float16 model redoes an
+    overflowing step in bfloat16 by casting each weight (or a quantized layer's scales and biases) as it is
+    used. Nothing is kept: the cost is a transient copy of one layer's weight and one pass over the weights."""
+    dt = x.dtype
+    if "base" in layer:  # a LoRA beside the layer (lora.LoraLinear)
+        y = _linear(layer["base"], x)
+        return y + (x @ layer.down.astype(dt).T) @ layer.up.astype(dt).T
+    if isinstance(layer, nn.QuantizedLinear):
+        if layer["scales"].dtype == dt:
+            return layer(x)
+        biases = layer.get("biases")
+        y = mx.quantized_matmul(x, layer["weight"], scales=layer["scales"].astype(dt),
+                                biases=None if biases is None else biases.astype(dt), transpose=True,
+                                group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+    else:
+        if layer.weight.dtype == dt:
+            return layer(x)
+        y = x @ layer.weight.astype(dt).T
+    return y + layer["bias"].astype(dt) if "bias" in layer else y
+
+
 # Element-wise tails of a block, each one fused loop. tanh(gate) is taken outside: inside a fused kernel it
 # would be evaluated once per element of the (B, L, dim) output instead of once per channel.
 _modulate = mx.compile(lambda xn, scale: xn * (1 + scale))
@@ -149,9 +204,11 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.mlp = [nn.Linear(FREQ_EMBED_DIM, T_MLP_DIM), nn.SiLU(), nn.Linear(T_MLP_DIM, out_dim)]
 
-    def __call__(self, t: mx.array) -> mx.array:
+    def __call__(self, t: mx.array, dtype: mx.Dtype | None = None) -> mx.array:
+        """dtype: compute the MLP in it (float32 for the scaled graph: float16 weights are upcast as used);
+        by default in the weights' dtype."""
         first = self.mlp[0]  # its weight is uint32 if quantized; the scales carry the compute dtype then
-        x = timestep_embedding(t).astype(first.scales.dtype if "scales" in first else first.weight.dtype)
+        x = timestep_embedding(t).astype(dtype or (first.scales.dtype if "scales" in first else first.weight.dtype))
         for layer in self.mlp:
             x = layer(x)
         return x
@@ -183,6 +240,23 @@ class Attention(nn.Module):
         o = kernels.attention(q, k, v, self.scale, mask)
         return self.to_out[0](o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
+    def scaled(self, x: mx.array, rope: tuple[mx.array, mx.array], mask: mx.array | None) -> mx.array:
+        """The scaled graph's attention: every GEMM in x's dtype, and the value path divided by 4 (the input of
+        to_v; the output is then V_SCALE times the true one). q and k are not scaled: Turbo's are not at risk
+        (fp16.md 1.3), and after the qk-norm they and the logits (accumulated in float32 by SDPA) are bounded,
+        |logit| <= sqrt(head_dim) max|w_norm_q| max|w_norm_k|."""
+        B, L, _ = x.shape
+        q = _linear(self.to_q, x).reshape(B, L, self.n_heads, -1)  # (B, L, H, D)
+        k = _linear(self.to_k, x).reshape(B, L, self.n_heads, -1)
+        v = _linear(self.to_v, x * V_SCALE).reshape(B, L, self.n_heads, -1)
+        if "norm_q" in self:  # weights in q's dtype: float16 ones would promote a bfloat16 redo to float32
+            q = mx.fast.rms_norm(q, self.norm_q.weight.astype(q.dtype), self.norm_q.eps)
+            k = mx.fast.rms_norm(k, self.norm_k.weight.astype(k.dtype), self.norm_k.eps)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # rotated in float32, stored in x's dtype
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (B, H, L, D)
+        o = kernels.attention(q, k, v, self.scale, mask)
+        return _linear(self.to_out[0], o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -193,6 +267,15 @@ class FeedForward(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.w2(kernels.silu_mul(self.w1(x), self.w3(x)))
+
+    def scaled(self, x: mx.array) -> mx.array:
+        """The scaled graph's FFN: w2(silu(w1 x) * (w3 x) * FFN_SCALE), every GEMM in x's dtype."""
+        a, b = _linear(self.w1, x), _linear(self.w3, x)
+        if a.dtype == mx.float32:  # the scaled graph run in float32 (tests): the same kernel as the plain graph
+            p = kernels.silu_mul(a, b * FFN_SCALE)
+        else:
+            p = _silu_mul_scaled(a, b)
+        return _linear(self.w2, p)
 
 
 class TransformerBlock(nn.Module):
@@ -215,7 +298,9 @@ class TransformerBlock(nn.Module):
         """scale_msa, gate_msa, scale_mlp, gate_mlp, each (B, 1, dim), in this order."""
         return mx.split(self.adaLN_modulation[0](adaln)[:, None, :], 4, axis=-1)
 
-    def __call__(self, x, rope, mask=None, adaln=None):
+    def __call__(self, x, rope, mask=None, adaln=None, act=None):
+        if act is not None:
+            return self.scaled(x, rope, mask, adaln, act)
         if "adaLN_modulation" not in self:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
@@ -225,6 +310,22 @@ class TransformerBlock(nn.Module):
         h = self.feed_forward(_modulate(self.ffn_norm1(x), scale_mlp))
         return _gated_add(x, mx.tanh(gate_mlp), self.ffn_norm2(h))
 
+    def scaled(self, x, rope, mask, adaln, act):
+        """The scaled graph (float16): x, the modulation and the norms' outputs in float32; each sublayer's
+        input is cast to `act` (float16, or bfloat16 when the pipeline redoes a step) at the one cast point, its
+        GEMMs run in act, its output is V_SCALE / FFN_SCALE times the true one, and the post-norm's epsilon is
+        compensated (see V_SCALE). In real arithmetic this is the plain graph."""
+        if "adaLN_modulation" in self:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.modulation(adaln)  # float32 (adaln is)
+            h = self.attention.scaled(_modulate(self.attention_norm1(x), scale_msa).astype(act), rope, mask)
+            x = _gated_add(x, mx.tanh(gate_msa), _norm_scaled(self.attention_norm2, h, V_SCALE))
+            h = self.feed_forward.scaled(_modulate(self.ffn_norm1(x), scale_mlp).astype(act))
+            return _gated_add(x, mx.tanh(gate_mlp), _norm_scaled(self.ffn_norm2, h, FFN_SCALE))
+        h = self.attention.scaled(self.attention_norm1(x).astype(act), rope, mask)
+        x = x + _norm_scaled(self.attention_norm2, h, V_SCALE)
+        h = self.feed_forward.scaled(self.ffn_norm1(x).astype(act))
+        return x + _norm_scaled(self.ffn_norm2, h, FFN_SCALE)
+
 
 class FinalLayer(nn.Module):
     def __init__(self, args: TransformerArgs):
@@ -232,10 +333,29 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(args.dim, args.patch_dim)
         self.adaLN_modulation = [nn.SiLU(), nn.Linear(args.adaln_dim, args.dim)]
 
-    def __call__(self, x: mx.array, adaln: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, adaln: mx.array, act: mx.Dtype | None = None) -> mx.array:
+        """act (the scaled graph): x and adaln are float32, the LayerNorm and the modulation stay float32 and
+        only the 64-wide linear's input is cast to act."""
         silu, linear = self.adaLN_modulation
         scale = 1 + linear(silu(adaln))[:, None, :]
+        if act is not None:
+            return _linear(self.linear, (mx.fast.layer_norm(x, None, None, 1e-6) * scale).astype(act))
         return self.linear(mx.fast.layer_norm(x, None, None, 1e-6) * scale)
+
+
+def _blocks(blocks, x, rope, mask, adaln, residuals=None, **kw):
+    """Run blocks in order, one graph per block (see kernels.cut). residuals: None, or an iterator of
+    (block index, array) with increasing indices, each array added to that block's output; it is advanced
+    only when its next residual is due, so a side network can compute one residual at a time. kw: the
+    scaled graph's per-call options (`act`), passed to every block."""
+    due = next(residuals, None) if residuals is not None else None
+    for i, block in enumerate(blocks):
+        x = block(x, rope, mask, adaln, **kw)
+        if due is not None and due[0] == i:
+            x = x + due[1]
+            due = next(residuals, None)
+        x = kernels.cut(x)
+    return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,26 +403,37 @@ class ZImageTransformer(nn.Module):
         self.x_pad_token = mx.zeros((1, args.dim))
         self.cap_pad_token = mx.zeros((1, args.dim))
         self.layers = [TransformerBlock(args, modulation=True) for _ in range(args.n_layers)]
+        # "auto": the scaled graph for float16 weights, the plain one otherwise; "plain" runs float16 naively
+        # (it overflows: the tests' negative control); "scaled" runs the scaled graph in any dtype.
+        self.graph = "auto"
+        self.fp16_stats: dict | None = None  # fp16_stats.statistics() of these weights, when known
 
     @property
     def dtype(self) -> mx.Dtype:
         return self.x_pad_token.dtype
 
+    @property
+    def scaled(self) -> bool:
+        """Whether forwards run the scaled graph (see V_SCALE)."""
+        if self.graph not in ("auto", "plain", "scaled"):
+            raise ValueError(f"graph must be 'auto', 'plain' or 'scaled', got {self.graph!r}")
+        return self.graph == "scaled" or (self.graph == "auto" and self.dtype == mx.float16)
+
     def check_sizes(self, h: int, w: int, cap_lens: list[int]) -> None:
-        """Raise ValueError if the latent size or a caption length falls outside the RoPE tables."""
+        """Raise InputError if the latent size or a caption length falls outside the RoPE tables."""
         lens = self.args.axes_lens
         if h % 2 or w % 2 or h < 2 or w < 2:
-            raise ValueError(f"latent size {h}x{w} must be even and positive (image sides multiples of 16)")
+            raise InputError(f"latent size {h}x{w} must be even and positive (image sides multiples of 16)")
         if h // 2 > lens[1] or w // 2 > lens[2]:
-            raise ValueError(
+            raise InputError(
                 f"latent {h}x{w} is too large: at most {2 * lens[1]}x{2 * lens[2]} latent pixels "
                 f"({16 * lens[1]}x{16 * lens[2]} image pixels)"
             )
         longest = max(padded(n) for n in cap_lens)
         if longest + 1 >= lens[0]:
-            raise ValueError(f"caption of {max(cap_lens)} tokens is too long for the RoPE table ({lens[0]})")
+            raise InputError(f"caption of {max(cap_lens)} tokens is too long for the RoPE table ({lens[0]})")
         if min(cap_lens) < 1:
-            raise ValueError("every caption needs at least one token")
+            raise InputError("every caption needs at least one token")
 
     @staticmethod
     def positions(h: int, w: int, cap_len: int) -> np.ndarray:
@@ -319,12 +450,22 @@ class ZImageTransformer(nn.Module):
         cap = np.stack([1 + np.arange(cap_len_padded), np.zeros(cap_len_padded), np.zeros(cap_len_padded)], -1)
         return np.concatenate([img, pads, cap.astype(np.int64)], axis=0)
 
-    def __call__(self, x: mx.array, t: mx.array, cap_feats: list[mx.array]) -> mx.array:
+    def __call__(self, x: mx.array, t: mx.array, cap_feats: list[mx.array], control=None,
+                 activations: mx.Dtype | None = None) -> mx.array:
         """One DiT forward.
 
         x: (B, h, w, C) latents (any float dtype); t: (B,) model time 1 - sigma in [0, 1];
         cap_feats: B caption features (L_i, cap_feat_dim), valid tokens only. Returns (B, h, w, C) in
         the compute dtype: the prediction x0 - noise.
+
+        control: optional residuals from a side network (a ControlNet's per-step `controlnet.Control`).
+        `control.refiner(self, img, rope, adaln)` is called with the embedded image tokens before the noise
+        refiner, `control.main(self, unified, rope, mask, adaln)` with the unified sequence before the main
+        layers; each returns None or an iterator of (block index, residual), indices increasing, and each
+        residual is added to that block's output.
+
+        activations: for the scaled graph only, the GEMMs' dtype for this call (default: the weights'):
+        mx.bfloat16 redoes a float16 step that overflowed, casting each weight as it is used.
         """
         B, h, w, _ = x.shape
         if len(cap_feats) != B:
@@ -332,14 +473,24 @@ class ZImageTransformer(nn.Module):
         cap_lens = [int(c.shape[0]) for c in cap_feats]
         self.check_sizes(h, w, cap_lens)
         dtype, dim = self.dtype, self.args.dim
-        adaln = self.t_embedder(t * self.args.t_scale).astype(dtype)  # (B, adaln_dim)
+        if self.scaled:
+            # GEMMs in act; the residual stream, the timestep embedding and the modulation in float32.
+            act, kw = activations or dtype, {"act": activations or dtype}
+            adaln = self.t_embedder(t * self.args.t_scale, mx.float32)  # (B, adaln_dim)
+            gemm, dtype = act, mx.float32
+        else:
+            if activations is not None and activations != dtype:
+                raise ValueError("activations applies to the scaled (float16) graph only")
+            kw, gemm = {}, dtype
+            adaln = self.t_embedder(t * self.args.t_scale).astype(dtype)  # (B, adaln_dim)
 
         # Image tokens, padded to a multiple of 32 with the learned x_pad_token.
         N = (h // 2) * (w // 2)
         n_pad = padded(N) - N
-        img = self.all_x_embedder["2-1"](patchify(x.astype(dtype)))  # (B, N, dim)
+        img = _linear(self.all_x_embedder["2-1"], patchify(x.astype(gemm))).astype(dtype)  # (B, N, dim)
         if n_pad:
-            img = mx.concatenate([img, mx.broadcast_to(self.x_pad_token, (B, n_pad, dim))], axis=1)
+            pad = self.x_pad_token.astype(dtype)
+            img = mx.concatenate([img, mx.broadcast_to(pad, (B, n_pad, dim))], axis=1)
 
         # RoPE for every item's unified sequence [image, caption]; items differ only through caption length.
         cap_padded = [padded(n) for n in cap_lens]
@@ -350,28 +501,29 @@ class ZImageTransformer(nn.Module):
         cos, sin = rope_angles(pos, self.args.axes_dims, self.args.rope_theta)  # (B, L_max, head_dim/2)
         n_img = N + n_pad
 
-        for layer in self.noise_refiner:
-            img = kernels.cut(layer(img, (cos[:, :n_img], sin[:, :n_img]), None, adaln))
+        img_rope = (cos[:, :n_img], sin[:, :n_img])
+        extra = control.refiner(self, img, img_rope, adaln) if control is not None else None
+        img = _blocks(self.noise_refiner, img, img_rope, None, adaln, extra, **kw)
 
         # Caption tokens: embed, pad with the learned cap_pad_token, refine (no modulation).
         caps = []
         for i, (feats, n, lc) in enumerate(zip(cap_feats, cap_lens, cap_padded)):
-            c = self.cap_embedder[1](self.cap_embedder[0](feats.astype(dtype)))
+            c = _linear(self.cap_embedder[1], self.cap_embedder[0](feats.astype(dtype)).astype(gemm)).astype(dtype)
             if lc > n:
-                c = mx.concatenate([c, mx.broadcast_to(self.cap_pad_token, (lc - n, dim))], axis=0)
+                c = mx.concatenate([c, mx.broadcast_to(self.cap_pad_token.astype(dtype), (lc - n, dim))], axis=0)
             caps.append(c)
         if len(set(cap_padded)) == 1:
             cap = mx.stack(caps)
             rope = (cos[:, n_img:], sin[:, n_img:])
             for layer in self.context_refiner:
-                cap = layer(cap, rope)
+                cap = layer(cap, rope, **kw)
             caps = list(cap)
         else:  # ragged: refine each caption alone rather than pay for padding and masks
             for i in range(B):
                 rope = (cos[i : i + 1, n_img : n_img + cap_padded[i]], sin[i : i + 1, n_img : n_img + cap_padded[i]])
                 c = caps[i][None]
                 for layer in self.context_refiner:
-                    c = layer(c, rope)
+                    c = layer(c, rope, **kw)
                 caps[i] = c[0]
 
         # Unified sequence: image first, then caption. Ragged items are right-padded and masked as keys.
@@ -388,10 +540,10 @@ class ZImageTransformer(nn.Module):
             valid = np.arange(L_max)[None, :] < (n_img + np.array(cap_padded))[:, None]
             mask = mx.array(valid)[:, None, None, :]  # (B, 1, 1, L): True = attend
 
-        for layer in self.layers:  # one graph per block: see kernels.cut
-            unified = kernels.cut(layer(unified, (cos, sin), mask, adaln))
+        extra = control.main(self, unified, (cos, sin), mask, adaln) if control is not None else None
+        unified = _blocks(self.layers, unified, (cos, sin), mask, adaln, extra, **kw)
 
-        out = self.all_final_layer["2-1"](unified[:, :N], adaln)  # (B, N, 4C)
+        out = self.all_final_layer["2-1"](unified[:, :N], adaln, **kw)  # (B, N, 4C)
         return unpatchify(out, h, w)
 
     # ------------------------------------------------------------------------------------------
@@ -436,6 +588,8 @@ class ZImageTransformer(nn.Module):
 
         quantize: bits to quantize a float folder to on the fly with this model's policy (`quant_predicate`);
         a folder stored quantized loads as stored and refuses other bits.
+        float16 runs the scaled graph (see V_SCALE); its statistics (fp16.statistics), from config.json when
+        `zimage-mlx convert` stored them or else computed from the loaded weights, are in `fp16_stats`.
         """
         folder, what = Path(folder), f"transformer ({folder})"
         config = read_config(folder)
@@ -448,4 +602,8 @@ class ZImageTransformer(nn.Module):
         del weights  # else the file arrays would stay alive once read
         if quantize is not None and stored is None:
             quantize_model(model, quant_predicate(quantize, group_size))
+        if to_dtype(dtype) == mx.float16:
+            from . import fp16
+
+            model.fp16_stats = fp16.stored(config) or fp16.statistics(fp16.model_weights(model), model.args)
         return model

@@ -9,11 +9,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .errors import CheckpointError, InputError  # noqa: F401  (CheckpointError: re-exported, its historical home)
+
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or file is missing, incomplete or not what it claims to be."""
 
 
 def to_dtype(dtype) -> mx.Dtype:
@@ -21,7 +19,7 @@ def to_dtype(dtype) -> mx.Dtype:
     if isinstance(dtype, mx.Dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -151,9 +149,9 @@ GROUP_SIZES = (32, 64, 128)
 def check_quantization(bits, group_size) -> None:
     """Raise ValueError unless MLX can quantize with these bits and group size."""
     if bits not in QUANT_BITS or isinstance(bits, bool):
-        raise ValueError(f"quantization bits must be one of {', '.join(map(str, QUANT_BITS))}, got {bits!r}")
+        raise InputError(f"quantization bits must be one of {', '.join(map(str, QUANT_BITS))}, got {bits!r}")
     if group_size not in GROUP_SIZES or isinstance(group_size, bool):
-        raise ValueError(f"quantization group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
+        raise InputError(f"quantization group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
 
 
 def quantize_as_stored(model: nn.Module, weights: dict[str, mx.array], config: dict, what: str,

@@ -1,0 +1,226 @@
+"""The page of `zimage-mlx serve` in a real browser: Debian's Chromium driven by Playwright, against uvicorn on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    pytest.skip("no chromium on PATH (Debian: apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the test extra) is not installed")
+httpx = pytest.importorskip("httpx", reason="httpx (the test extra) is not installed")
+pytest.importorskip("uvicorn", reason="uvicorn (the serve extra) is not installed")
+
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture()
+def page(browser):
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    pg = ctx.new_page()
+    pg.set_default_timeout(20_000)
+    yield pg
+    ctx.close()
+
+
+def live_server(engine_factory, **cfg):
+    """The real app around a started JobRunner, served by uvicorn on 127.0.0.1 port 0 (tests/server_fakes.py)."""
+    from server_fakes import LiveServer
+
+    from zimage_mlx.server import ServerConfig
+    from zimage_mlx.server_engine import JobRunner
+
+    runner = JobRunner(engine_factory, queue_size=8)
+    runner.start(timeout=120)
+    return LiveServer(runner, ServerConfig(default_width=64, default_height=64, default_steps=4, **cfg))
+
+
+def get(server, path, key=None):
+    return httpx.get(server.url + path, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=10).json()
+
+
+@pytest.fixture(scope="module")
+def server(reference_checkpoint):
+    """The real app with the real pipeline on the tiny reference checkpoint."""
+    from zimage_mlx.pipeline import ZImagePipeline
+
+    with live_server(lambda: ZImagePipeline.from_pretrained(reference_checkpoint, dtype="float32")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def slow_server():
+    """The real app with a fake engine whose steps take 0.25 s, so the live test's timing does not depend on how
+    fast this machine is."""
+    from server_fakes import FakeEngine
+
+    with live_server(lambda: FakeEngine(step_delay=0.25)) as s:
+        yield s
+
+
+def posted_jobs(page):
+    """Every POST /v1/jobs the page makes: (request body, response JSON), in order."""
+    seen = []
+
+    def on_response(resp):
+        if resp.request.method == "POST" and resp.url.endswith("/v1/jobs"):
+            seen.append((json.loads(resp.request.post_data), resp.json()))
+    page.on("response", on_response)
+    return seen
+
+
+def screenshot(page, tmp_path, name):
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 1000
+    if os.environ.get("ZIMAGE_SCREENSHOT_DIR"):
+        out = Path(os.environ["ZIMAGE_SCREENSHOT_DIR"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, out / name)
+    return path
+
+
+def test_generate_shows_previews_and_gallery(page, server, tmp_path):
+    jobs = posted_jobs(page)
+    errors, requests = [], []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(server.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent !== 'connecting…'")
+    page.fill("#prompt", "a lighthouse at dusk")
+    page.select_option("#width", "64")
+    page.select_option("#height", "64")
+    page.fill("#steps", "4")
+    page.fill("#seed", "7")
+    # Record every src the preview takes, from inside the page.
+    page.evaluate("""() => { window.srcs = []; new MutationObserver(() => window.srcs.push(
+        document.getElementById('preview').getAttribute('src'))).observe(document.getElementById('preview'),
+        {attributes: true, attributeFilter: ['src']}); }""")
+    page.click("#generate")
+    card = page.locator("#gallery .card")
+    sync_api.expect(card).to_have_count(1, timeout=120_000)  # the first preview may fit the latent->RGB map
+    srcs = page.evaluate("window.srcs")
+    assert any(s.startswith("data:image/jpeg;base64,") for s in srcs), srcs  # at least one step preview
+    assert len(set(srcs)) >= 2  # the preview changed (steps, then the final image)
+    assert card.get_attribute("data-prompt") == "a lighthouse at dusk"
+    assert card.get_attribute("data-seed") == "7"
+    sync_api.expect(card.locator(".nums")).to_contain_text("64×64 · 4 steps · seed 7")
+    ((body, created),) = jobs
+    assert body == {"prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 4, "seed": 7, "previews": True}
+    link = card.locator("a[download]")
+    assert link.get_attribute("href") == f"/v1/jobs/{created['id']}/images/0"
+    assert link.get_attribute("download").endswith(".png")
+    # The gallery image really loaded from the server.
+    assert page.evaluate("document.querySelector('#gallery .card img').naturalWidth") == 64
+    assert get(server, f"/v1/jobs/{created['id']}")["status"] == "completed"
+    sync_api.expect(page.locator("#error")).to_have_text("")
+    assert not errors
+    assert requests and all(u.startswith(server.url + "/") for u in requests), requests  # no CDN, works offline
+    screenshot(page, tmp_path, "page-generate.png")
+
+
+def test_live_mode_keeps_only_the_last_text(page, slow_server, tmp_path):
+    """Typing twice quickly in live mode: the first text's job is cancelled, one finished image for the last text.
+    Drafts (half size, half steps) only feed the preview; the full settings follow after a pause."""
+    jobs = posted_jobs(page)
+    page.goto(slow_server.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent !== 'connecting…'")
+    page.select_option("#width", "128")
+    page.select_option("#height", "128")
+    page.fill("#steps", "6")
+    page.check("#live")
+    assert page.input_value("#seed") != ""  # live mode fixes the seed so only the prompt changes the image
+    first, second = "a red fox in snow", "a blue bird on a wire"
+    with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/v1/jobs")):
+        page.fill("#prompt", first)  # the draft for the first text goes out after the debounce ...
+    page.fill("#prompt", second)  # ... and typing on cancels it
+    card = page.locator("#gallery .card")
+    sync_api.expect(card).to_have_count(1)
+    page.wait_for_timeout(500)  # nothing else arrives: no card, and the server has nothing left to run
+    sync_api.expect(card).to_have_count(1)
+    assert get(slow_server, "/v1/status")["queue"] == []
+    assert card.get_attribute("data-prompt") == second
+    status = {created["id"]: get(slow_server, f"/v1/jobs/{created['id']}") for _, created in jobs}
+    firsts = [status[c["id"]] for b, c in jobs if b["prompt"] == first]
+    assert firsts and all(j["status"] == "cancelled" for j in firsts)
+    full = [status[c["id"]] for b, c in jobs if b["prompt"] == second and b["width"] == 128 and b["steps"] == 6]
+    assert [j["status"] for j in full] == ["completed"]
+    drafts = [b for b, _ in jobs if b["prompt"] == second and b["width"] != 128]
+    assert all(b["width"] == b["height"] == 64 and b["steps"] == 3 for b in drafts)  # half size, half steps
+    assert get(slow_server, "/v1/status")["running"] is None
+    screenshot(page, tmp_path, "page-live.png")
+
+
+def test_enhance_toggle_shows_the_rewrite(page, slow_server, tmp_path):
+    """The Enhance switch sends enhance: true; the rewrite appears under the preview and on the gallery card."""
+    jobs = posted_jobs(page)
+    page.goto(slow_server.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent !== 'connecting…'")
+    page.fill("#steps", "2")
+    page.fill("#seed", "11")
+    page.fill("#prompt", "a quiet harbour")
+    page.check("#enhance")
+    page.click("#generate")
+    rewrite = "a quiet harbour, rewritten with seed 11"  # the fake engine's rewrite (tests/server_fakes.py)
+    sync_api.expect(page.locator("#revised")).to_contain_text(rewrite)
+    card = page.locator("#gallery .card")
+    sync_api.expect(card).to_have_count(1)
+    sync_api.expect(card.locator(".prompt")).to_have_text(rewrite)
+    assert jobs[0][0]["enhance"] is True
+    screenshot(page, tmp_path, "page-enhance.png")
+
+
+def test_api_key_and_cancel(page, tmp_path):
+    """With a key configured the page reads it from its field (kept in localStorage) and sends it on every call,
+    event stream and image included. Generate while a job runs queues another (the queue is shown); Cancel
+    stops the running one."""
+    from server_fakes import FakeEngine
+
+    with live_server(lambda: FakeEngine(step_delay=0.25), api_key="sesame") as s:
+        jobs = posted_jobs(page)
+        page.goto(s.url + "/")
+        sync_api.expect(page.locator("#error")).to_contain_text("API key")  # the envelope's message, no alert
+        page.click("header summary")
+        page.fill("#apikey", "sesame")
+        page.click("#prompt")  # leaving the field commits it (a change event)
+        sync_api.expect(page.locator("#error")).to_have_text("")
+        assert page.evaluate("localStorage.getItem('zimage-mlx.apiKey')") == "sesame"
+        page.select_option("#width", "64")
+        page.select_option("#height", "64")
+        page.fill("#steps", "20")
+        page.fill("#prompt", "a paper boat")
+        page.click("#generate")
+        page.fill("#steps", "2")
+        page.fill("#prompt", "a paper plane")
+        page.click("#generate")  # the page stays usable: a second job queues behind the first
+        queue = page.locator("#queue li")
+        sync_api.expect(queue).to_have_count(2)
+        sync_api.expect(queue.nth(1)).to_contain_text("queued · next")
+        sync_api.expect(page.locator("#progress")).to_contain_text(re.compile(r"step \d+/20 · 1 more queued"))
+        page.click("#cancel")  # stops the running job; the queued one runs next
+        card = page.locator("#gallery .card")
+        sync_api.expect(card).to_have_count(1)
+        assert card.get_attribute("data-prompt") == "a paper plane"
+        (_, boat), (_, plane) = jobs
+        boat = get(s, f"/v1/jobs/{boat['id']}", key="sesame")
+        assert boat["status"] == "cancelled" and boat["step"] < 20
+        assert get(s, f"/v1/jobs/{plane['id']}", key="sesame")["status"] == "completed"
+        # The image came through fetch() with the key, as a blob.
+        assert page.evaluate("document.querySelector('#gallery .card img').naturalWidth") == 64
+        assert card.locator("a[download]").get_attribute("href").startswith("blob:")
+        screenshot(page, tmp_path, "page-api-key.png")
