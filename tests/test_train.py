@@ -175,7 +175,7 @@ def colour_distance(pipe, dataset, cache) -> float:
     dists = []
     for i, ex in enumerate(dataset.examples):
         x = noise(7, SIZE // 8, SIZE // 8)
-        for step in pipe.denoise([cache.features[ex.caption]], x, pipe.sigmas(4, SIZE, SIZE)):
+        for step in pipe.denoise([cache.features[ex.caption]], x, pipe.sigmas(4, width=SIZE, height=SIZE)):
             x = step.latents
         made = np.asarray(pipe.decode(x)[0], np.float32).mean((0, 1))
         target = np.asarray(pipe.decode(cache.latents[i])[0], np.float32).mean((0, 1))

@@ -47,6 +47,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import __version__, kernels
+from .errors import ZImageError
 from .lora import LoraLinear, apply_lora, layer_dims, linear_layers, read_lora
 from .pipeline import Cancelled  # also raised by Trainer.run when its cancel token is set
 from .transformer import ZImageTransformer
@@ -68,7 +69,7 @@ TARGET_PRESETS = {
 }
 
 
-class TrainError(ValueError):
+class TrainError(ZImageError):
     """A training request that cannot run: bad dataset, bad option, incompatible checkpoint."""
 
 
@@ -699,7 +700,7 @@ def sample_images(pipe, trainer: Trainer, prompts: list[str], features: dict, si
     try:
         images = []
         h = w = size // 8
-        sigmas = pipe.sigmas(steps, size, size)
+        sigmas = pipe.sigmas(steps, width=size, height=size)
         for k, prompt in enumerate(prompts):
             x = noise(seed + k, h, w)
             for step in pipe.denoise([features[prompt]], x, sigmas):
