@@ -1019,3 +1019,8 @@ def serve(model, quantize, low_memory, dtype, host, port, api_key, queue_size, l
     # destructors once a worker thread has used it (exit code 134), so the process ends here with code 0.
     sys.stdout.flush(), sys.stderr.flush()
     os._exit(0)
+
+
+from .train_cli import train_command  # noqa: E402
+
+main.add_command(train_command, "train")
