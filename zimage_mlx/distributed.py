@@ -111,7 +111,7 @@ def working_degrees(n_heads: int) -> list[int]:
 
 
 def check_degree(n_heads: int, size: int) -> None:
-    """Raise ValueError unless `size` ranks can split n_heads heads, naming the degrees that can."""
+    """Raise InputError unless `size` ranks can split n_heads heads, naming the degrees that can."""
     if n_heads % size:
         ok = [str(d) for d in working_degrees(n_heads)]
         ok = ok[0] if len(ok) == 1 else f"{', '.join(ok[:-1])} or {ok[-1]}"
