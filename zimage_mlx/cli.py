@@ -217,7 +217,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
         width = width or saved.get("width")
         height = height or saved.get("height")
         model = model if given("model") else saved.get("model", model)
-        quantize = quantize if given("quantize") else saved.get("quantization", quantize)
+        # "quantize" (the on-the-fly bits) since the PNG also records a converted folder's own quantization
+        quantize = quantize if given("quantize") else saved.get("quantize", saved.get("quantization", quantize))
         dtype = dtype if given("dtype") else saved.get("dtype", dtype)
         loras = loras if given("lora_specs") else saved.get("loras", loras)
         if not given("control_specs") and not given("controlnet"):
@@ -359,7 +360,9 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
                 info = png_info(dict(prompt=prompts[p], negative_prompt=negative_prompt or "", seed=s, steps=steps,
                                      guidance=guidance, cfg_normalization=cfg_normalization,
                                      cfg_truncation=cfg_truncation, width=width, height=height, model=model_name,
-                                     quantization=pipe.quantize, dtype=pipe.dtype, **image_settings,
+                                     quantization=pipe.quantization["transformer"],
+                                     text_encoder_quantization=pipe.quantization["text_encoder"],
+                                     quantize=pipe.quantize, dtype=pipe.dtype, **image_settings,
                                      original_prompt=originals[i],
                                      loras=[(model_label(name), scale) for name, scale in loras], **control_info))
             save_png(image, paths[i], info, overwrite)
@@ -635,7 +638,10 @@ def png_info(settings: dict):
         "width": str(settings["width"]),
         "height": str(settings["height"]),
         "model": settings["model"],
-        "quantization": str(quant) if quant else "none",
+        "quantization": str(quant) if quant else "none",  # what the DiT runs at, stored or on the fly
+        **({"text_encoder_quantization": str(settings["text_encoder_quantization"] or "none"),
+            "quantize": str(settings.get("quantize") or "none")}  # the on-the-fly bits: what a replay asks for
+           if "text_encoder_quantization" in settings else {}),
         "dtype": settings["dtype"],
         **({"image": settings["image"], "strength": format_number(settings["strength"])} if settings.get("image") else {}),
         **({"mask": settings["mask"]} if settings.get("mask") else {}),
@@ -667,6 +673,8 @@ def a1111_parameters(s: dict) -> str:
         fields["CFG truncation"] = format_number(s["cfg_truncation"])
     if s["quantization"]:
         fields["Quantization"] = f"{s['quantization']}-bit"
+    if s.get("text_encoder_quantization") and s["text_encoder_quantization"] != s["quantization"]:
+        fields["Text encoder quantization"] = f"{s['text_encoder_quantization']}-bit"
     if s.get("loras"):
         fields["LoRA"] = ", ".join(f"{n}:{format_number(v)}" for n, v in s["loras"])
     if s.get("image"):
@@ -726,7 +734,7 @@ def read_image_settings(path: str) -> dict:
     text = {k: v for k, v in text.items() if isinstance(v, str)}
     if "prompt" in text and "seed" in text:
         raw = {k: text[k] for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "cfg_normalization",
-                                    "cfg_truncation", "width", "height", "model", "quantization", "dtype",
+                                    "cfg_truncation", "width", "height", "model", "quantization", "quantize", "dtype",
                                     "loras", "image", "mask", "strength", "original_prompt", "controlnet", "controls",
                                     "control_type", "control_start", "control_end", "controlnet_graph") if k in text}
     elif "parameters" in text:
@@ -749,7 +757,7 @@ def read_image_settings(path: str) -> dict:
                 settings[key] = int(value)
             elif key in ("guidance", "cfg_normalization", "cfg_truncation", "strength", "control_start", "control_end"):
                 settings[key] = float(value)
-            elif key == "quantization":
+            elif key in ("quantization", "quantize"):
                 settings[key] = None if value in ("", "none") else int(value)
             elif key == "loras":
                 settings[key] = saved_loras(path, value)
@@ -808,12 +816,22 @@ def save_png(image, path: Path, info, overwrite: bool) -> None:
 
 
 def describe_pipeline(pipe) -> str:
-    parts = [pipe.dtype]
-    if pipe.quantize:
-        parts.append(f"{pipe.quantize}-bit")
+    """`float32, 4-bit`, `float32 (stored bfloat16), DiT 4-bit, text encoder 8-bit`, ...: what really runs."""
+    stored = getattr(pipe, "stored_dtype", None)
+    parts = [pipe.dtype + (f" (stored {stored})" if stored and stored != pipe.dtype else "")]
+    parts += describe_quantization(getattr(pipe, "quantization", None) or {"transformer": pipe.quantize})
     if pipe.low_memory:
         parts.append("low memory")
     return ", ".join(parts)
+
+
+def describe_quantization(q: dict) -> list[str]:
+    dit, te = q.get("transformer"), q.get("text_encoder")
+    if dit and te and dit != te:
+        return [f"DiT {dit}-bit", f"text encoder {te}-bit"]
+    if dit:
+        return [f"{dit}-bit" if te == dit or "text_encoder" not in q else f"DiT {dit}-bit"]
+    return [f"text encoder {te}-bit"] if te else []
 
 
 def show_warnings(caught: list, shown: set, quiet: bool) -> None:

@@ -154,6 +154,12 @@ def check_quantization(bits, group_size) -> None:
         raise InputError(f"quantization group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
 
 
+def stored_bits(config: dict) -> int | None:
+    """The bits a component's config.json records it was converted to (`zimage-mlx convert --quantize`), or None."""
+    q = config.get("quantization")
+    return q.get("bits") if isinstance(q, dict) else None
+
+
 def quantize_as_stored(model: nn.Module, weights: dict[str, mx.array], config: dict, what: str,
                        requested: int | None = None) -> dict | None:
     """Before strict loading from a quantized folder: quantize the modules whose `<path>.scales` are in the
