@@ -198,13 +198,14 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     loras = [parse_lora(spec) for spec in lora_specs]
     replayed_original = None
     controls = [parse_control(spec) for spec in control_specs]
+    model_path, lora_paths, controlnet_path = None, None, None  # what --from-image found in the HF cache
     if from_image is not None:
         saved = read_image_settings(from_image)
         if given("init_image"):  # a new image brings its own size; the stored one would resize it
             saved.pop("width", None), saved.pop("height", None)
         else:
-            init_image = saved.get("image")
-            mask = mask if given("mask") else saved.get("mask")
+            init_image = saved_file(from_image, saved.get("image"))
+            mask = mask if given("mask") else saved_file(from_image, saved.get("mask"))
         strength = strength if given("strength") else saved.get("strength")
         if not prompts and "original_prompt" in saved:  # an enhanced image: replay its rewrite, no LLM run
             replayed_original = saved["original_prompt"]
@@ -221,8 +222,9 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
         quantize = quantize if given("quantize") else saved.get("quantize", saved.get("quantization", quantize))
         dtype = dtype if given("dtype") else saved.get("dtype", dtype)
         loras = loras if given("lora_specs") else saved.get("loras", loras)
-        if not given("control_specs") and not given("controlnet"):
-            controlnet, controls = saved.get("controlnet", controlnet), saved.get("controls", controls)
+        if not given("control_specs"):  # --controlnet alone names where the stored ControlNet is
+            controlnet = controlnet if given("controlnet") else saved.get("controlnet", controlnet)
+            controls = [(saved_file(from_image, n), v) for n, v in saved.get("controls", controls)]
             control_type = control_type if given("control_type") else saved.get("control_type", control_type)
             control_start = control_start if given("control_start") else saved.get("control_start", control_start)
             control_end = control_end if given("control_end") else saved.get("control_end", control_end)
@@ -230,6 +232,14 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
                                                                                              controlnet_graph)
         if not given("negative_prompt") and guidance > 0:  # a stored negative prompt only matters with CFG
             negative_prompt = saved.get("negative_prompt")
+        if (given("model") and "#" in str(saved.get("model", "")) and model_label(model) != saved["model"]
+                and not quiet):
+            click.echo(f"Note: the image was made with {saved['model']}; the configs of --model {model_label(model)} "
+                       "differ", err=True)
+        model_path, lora_paths, controlnet_path = replay_sources(
+            from_image, model, given("model"), loras, given("lora_specs"), controlnet,
+            given("controlnet") or given("control_specs"),
+            lambda line: None if quiet else click.echo(line, err=True))
     if not prompts:
         raise UserError("no prompt: pass it as an argument, with --prompt or --prompt-file, or use --from-image")
     init = None
@@ -240,8 +250,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
             init = image_input(open_image(init_image, "--image"), open_image(mask, "--mask") if mask else None,
                                strength, width, height)
         width, height = init.width, init.height
-    control = control_settings(controlnet, controls, control_type, control_start, control_end, width, height,
-                               init is not None)
+    control = control_settings(controlnet_path or controlnet, controls, control_type, control_start, control_end,
+                               width, height, init is not None)
     if control:
         width, height = control["width"], control["height"]
     width, height = width or 1024, height or 1024
@@ -267,14 +277,15 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     source, image_settings, denoising_steps = {}, {}, steps
     if init is not None:
         source = dict(image=init.image, mask=init.mask, strength=init.strength)
-        image_settings = dict(image=str(Path(init_image).expanduser().resolve()), strength=init.strength,
-                              mask=str(Path(mask).expanduser().resolve()) if mask else None)
+        image_settings = dict(image=Path(init_image).name, strength=init.strength,  # names only: no local path
+                              mask=Path(mask).name if mask else None)
         denoising_steps = steps - strength_start(steps, init.strength)  # the strength skips the first ones
     model_name = model_label(model)
+    lora_labels = [model_label(name) for name, _ in loras]
     with expected_errors():  # a missing, unreadable or foreign LoRA fails here, before the model loads
         from .lora import LoraWarning, read_lora
 
-        lora_files = [(read_lora(name), scale) for name, scale in loras]
+        lora_files = [(read_lora(name), scale) for name, scale in (lora_paths or loras)]
 
     # 2. The model, once for all images.
     from .pipeline import ZImagePipeline
@@ -291,7 +302,7 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     mx.reset_peak_memory()
     t_start = time.perf_counter()
     with expected_errors():
-        root = resolve_model(model)  # a Hub download shows its own progress bars
+        root = resolve_model(model_path or model)  # a Hub download shows its own progress bars
         progress.status(f"Loading {model_name} ...")  # on a terminal only, so that a failure stays one line
         try:
             with warnings.catch_warnings(record=True) as load_warnings:  # float16 forced on a failing checkpoint
@@ -364,7 +375,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
                                      text_encoder_quantization=pipe.quantization["text_encoder"],
                                      quantize=pipe.quantize, dtype=pipe.dtype, **image_settings,
                                      original_prompt=originals[i],
-                                     loras=[(model_label(name), scale) for name, scale in loras], **control_info))
+                                     loras=[(n, scale) for n, (_, scale) in zip(lora_labels, loras)],
+                                     **control_info))
             save_png(image, paths[i], info, overwrite)
             steps_done += denoising_steps
             step_seconds += progress.step_seconds
@@ -530,7 +542,7 @@ def control_settings(controlnet, controls, control_type, start, end, width, heig
         maps = [control_map(im, control_type, width, height) for im in inputs.images]
     files = controlnet if Path(controlnet).expanduser().exists() else files[0]  # a Hub id: the file downloaded
     return dict(files=files, maps=maps, scales=inputs.scales, width=width, height=height,
-                paths=[str(Path(p).expanduser().resolve()) for p, _ in controls])
+                paths=[Path(p).name for p, _ in controls])  # names only: no local path in the metadata
 
 
 def open_control(path):
@@ -540,10 +552,71 @@ def open_control(path):
 
 
 def model_label(model: str) -> str:
-    """How the model is named in metadata: a folder as an absolute path (so --from-image works from anywhere),
-    a Hub id as given."""
+    """How a model, LoRA or ControlNet is named in metadata, without any local path: a Hub id as given; a
+    folder by its name and a short hash of its configs (`my-folder#1a2b3c4d`, which --from-image compares
+    with the --model folder); a file by its name."""
     path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else str(model)
+    if path.is_dir():
+        return f"{path.resolve().name}#{config_hash(path)}"
+    return path.name if path.exists() else str(model)
+
+
+def config_hash(folder: Path) -> str:
+    """8 hex digits of SHA-256 over a folder's top-level and per-component JSON configs (names and contents)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.json")) + sorted(folder.glob("*/*config*.json")):
+        h.update(f.relative_to(folder).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:8]
+
+
+def replay_sources(png: str, model, model_given: bool, loras, loras_given: bool, controlnet, controlnet_given: bool,
+                   say) -> tuple[str | None, list, str | None]:
+    """For --from-image: the model, LoRAs and ControlNet to load, without fetching anything the command
+    line did not name. What comes from the PNG is used only when the local Hugging Face cache holds it (a
+    Hub id); a local folder or file it names must be given again (--model, --lora, --controlnet). Returns
+    the local path to load for each of them (None: the name as given), after saying what will be loaded."""
+    from .weights import hub_cached, is_hub_id
+
+    def local(name, what, option, patterns=None):
+        if is_hub_id(name):
+            found = hub_cached(name, **({"patterns": patterns} if patterns else {}))
+            if found is None:
+                raise UserError(f"--from-image {png} was made with the {what} {name}, which is not in the local "
+                                f"Hugging Face cache; name it to download it: {option} {name}")
+            if found.is_dir() and patterns is None:  # a LoRA/ControlNet repo: the one .safetensors in it
+                files = sorted(found.rglob("*.safetensors"))
+                if len(files) != 1:
+                    raise UserError(f"--from-image {png}: the cached {what} {name} holds {len(files)} .safetensors "
+                                    f"files; name one with {option}")
+                found = files[0]
+            return str(found)
+        raise UserError(f"--from-image {png} was made with the local {what} {name}; give it again with {option} "
+                        f"{'FOLDER' if '#' in str(name) else 'FILE'}")
+
+    from .weights import HUB_PATTERNS
+
+    model_path = None if model_given else local(model, "model", "--model", HUB_PATTERNS)
+    lora_paths = list(loras) if loras_given else [(local(name, "LoRA", "--lora"), scale) for name, scale in loras]
+    controlnet_path = controlnet
+    if controlnet and not controlnet_given:
+        controlnet_path = local(controlnet, "ControlNet", "--controlnet")
+    cached = " (from the Hugging Face cache)"
+    say(f"From {Path(png).name}: model {model}" + (cached if model_path else ""))
+    for name, scale in loras:
+        say(f"From {Path(png).name}: LoRA {name} at scale {format_number(scale)}" + ("" if loras_given else cached))
+    if controlnet:
+        say(f"From {Path(png).name}: ControlNet {controlnet}" + ("" if controlnet_given else cached))
+    return model_path, lora_paths, controlnet_path
+
+
+def saved_file(png: str, name: str | None) -> str | None:
+    """An input image the PNG names (by file name): next to the PNG, else in the current folder."""
+    if not name:
+        return name
+    beside = Path(png).expanduser().parent / name
+    return str(beside) if beside.exists() else name
 
 
 def plan_outputs(template: str | None, jobs: list[tuple[int, int]], overwrite: bool) -> list[Path]:

@@ -127,6 +127,30 @@ def resolve_model(name) -> Path:
     return folder
 
 
+def is_hub_id(name) -> bool:
+    """`owner/repo` or `owner/repo/path/file`: a name the Hub could resolve (not a local-looking path)."""
+    name = str(name)
+    parts = name.split("/")
+    return len(parts) >= 2 and all(parts) and not name.startswith((".", "/", "~")) and "\\" not in name
+
+
+def hub_cached(name, patterns=HUB_PATTERNS) -> Path | None:
+    """Where the local Hugging Face cache already holds `name`, without any network access: a repo's snapshot
+    folder (`owner/repo`, the files of `patterns`), or a file (`owner/repo/path/file`); None if it is not
+    there."""
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
+
+    parts = str(name).split("/")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        if filename:
+            found = try_to_load_from_cache(repo, filename)
+            return Path(found) if isinstance(found, str) else None
+        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError), a bad name: the same for the caller
+        return None
+
+
 def check_checkpoint_folder(folder: Path) -> None:
     """Fail early, naming what is missing, if folder is not a Z-Image checkpoint in the diffusers layout."""
     index = read_config(folder, "model_index.json")
