@@ -320,15 +320,17 @@ def test_truncated_prompt_is_one_warning_line(ckpt, loads, tmp_path):
     assert text(tmp_path / "0.png")["prompt"] == long_prompt  # the metadata keeps what the user asked for
 
 
-def test_quantize_is_passed_on_or_refused_in_one_line(ckpt, loads, tmp_path):
-    r = generate("a cat", "-m", ckpt, "--size", 32, "--steps", 1, "--quantize", 8, "-o", tmp_path / "q.png")
+def test_quantize_is_passed_on(ckpt, loads, tmp_path):
+    import mlx.nn as nn
+
+    r = ok("a cat", "-m", ckpt, "--size", 32, "--steps", 1, "--quantize", 8, "-o", tmp_path / "q.png")
     assert loads[-1] == (ckpt, "auto", 8, False)
-    if r.exit_code == 2:  # on-the-fly quantization not implemented yet (or refused for the tiny model)
-        assert_one_line_error(r, "")
-        assert not (tmp_path / "q.png").exists()
-    else:
-        assert r.exit_code == 0, r.output
-        assert text(tmp_path / "q.png")["quantization"] == "8"
+    assert "Loaded " in r.stderr and "(float32, 8-bit)" in r.stderr
+    meta = text(tmp_path / "q.png")
+    assert (meta["quantization"], meta["text_encoder_quantization"], meta["quantize"]) == ("8", "8", "8")
+    pipe = ZImagePipeline.from_pretrained(ckpt, dtype="auto", quantize=8)  # the cached one the CLI ran
+    assert sum(isinstance(m, nn.QuantizedLinear) for _, m in pipe.transformer.named_modules()) > 0
+    assert cli.read_image_settings(str(tmp_path / "q.png"))["quantize"] == 8  # a replay quantizes the same way
 
 
 # ------------------------------------------------------------------------------------------------

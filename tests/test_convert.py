@@ -385,3 +385,16 @@ def test_standalone_script(reference_checkpoint, tmp_path):
     script = Path(__file__).resolve().parents[1] / "convert" / "convert.py"
     out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "SRC" in out.stdout and "--quantize" in out.stdout
+    # A real conversion, from another folder (the script finds the package from its own path).
+    dst = tmp_path / "q8"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, str(script), str(reference_checkpoint), str(dst), "--quantize", "8",
+                          "--group-size", str(GROUP), "--dtype", "float32"], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1].startswith(f"Wrote {dst}")
+    assert json.loads((dst / "transformer" / "config.json").read_text())["quantization"]["bits"] == 8
+    pipe = ZImagePipeline.from_pretrained(dst, dtype="float32")
+    assert pipe.quantization == {"transformer": 8, "text_encoder": 8}
+    assert_same(params(pipe.transformer), params(ZImageTransformer.from_pretrained(
+        reference_checkpoint / "transformer", quantize=8, group_size=GROUP)))
