@@ -102,7 +102,22 @@ def subprocesses(reference_checkpoint, tmp_path_factory):
                             "--out-dir", "preview"],
         "low_memory.py": [sys.executable, EXAMPLES / "low_memory.py", *small, "--steps", "1",
                           "--output", "low.png"],
+        "img2img.py": [sys.executable, EXAMPLES / "img2img.py", "photo.png", "a fox", "--model", model, "--steps", "2",
+                       "--strength", "0.5", "--output", "img2img.png"],
+        "inpainting.py": [sys.executable, EXAMPLES / "inpainting.py", "photo.png", "mask.png", "a fox", "--model", model,
+                          "--steps", "1", "--output", "inpainting.png"],
+        "lora.py": [sys.executable, EXAMPLES / "lora.py", "style.safetensors:0.8", *small, "--steps", "1",
+                    "--output", "lora.png", "--without", "plain.png"],
     }
+    # Their inputs: a 32x32 photo, a mask (right half white), a LoRA on the tiny DiT's first query projection.
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(out / "photo.png")
+    Image.fromarray(np.repeat(np.array([0, 255], np.uint8), 16)[None].repeat(32, 0)).save(out / "mask.png")
+    from safetensors.numpy import save_file
+
+    save_file({"transformer.layers.0.attention.to_q.lora_A.weight": rng.normal(0, 0.5, (4, 96)).astype(np.float32),
+               "transformer.layers.0.attention.to_q.lora_B.weight": rng.normal(0, 0.5, (96, 4)).astype(np.float32)},
+              str(out / "style.safetensors"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     procs = {name: subprocess.Popen([str(c) for c in cmd], cwd=out, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True) for name, cmd in commands.items()}
@@ -426,6 +441,9 @@ def test_console_script(subprocesses, reference_checkpoint):
     ("batch_prompts.py", [f"batch/prompt{p}-seed{s}.png" for p in range(3) for s in (0, 1)]),
     ("step_preview.py", ["preview/step-01-of-02.png", "preview/step-02-of-02.png", "preview/final.png"]),
     ("low_memory.py", ["low.png"]),
+    ("img2img.py", ["img2img.png"]),
+    ("inpainting.py", ["inpainting.png"]),
+    ("lora.py", ["lora.png", "plain.png"]),
 ])
 def test_example(subprocesses, name, files):
     out, wait = subprocesses
@@ -434,6 +452,9 @@ def test_example(subprocesses, name, files):
         with Image.open(out / f) as im:
             assert im.size == (32, 32), f
     assert stdout.strip()
+    if name == "lora.py":
+        assert "LoRA style.safetensors at scale 0.8" in stdout
+        assert not np.array_equal(np.asarray(Image.open(out / "lora.png")), np.asarray(Image.open(out / "plain.png")))
 
 
 def test_text_encoder_is_freed_before_denoising(ckpt, tmp_path, monkeypatch):
