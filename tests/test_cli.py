@@ -310,6 +310,20 @@ def test_from_image_never_fetches_what_the_command_line_did_not_name(ckpt, loads
     assert text(tmp_path / "a.png")["model"] == "someone/z-image-x" and all(local for _, local in fetched)
 
 
+def test_slow_blas_hint_once_per_process(ckpt, loads, tmp_path, monkeypatch):
+    bundled = "7f00-7f01 r-xp 0 08:01 1 /venv/site-packages/mlx_cpu.libs/libblas-bd8a282c.so.3.10.0\n"
+    openblas = "7f02-7f03 r-xp 0 08:01 2 /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblasp-r0.3.21.so\n"
+    assert cli.reference_blas(bundled) and not cli.reference_blas(bundled + openblas)
+    assert not cli.reference_blas("7f00-7f01 r-xp 0 08:01 1 /usr/lib/libmkl_rt.so.2\n")
+    # this process: MLX's bundled BLAS unless a fast one was preloaded
+    expected = cli.reference_blas(Path("/proc/self/maps").read_text())
+    monkeypatch.setattr(cli, "_blas_hint_shown", False)
+    runs = [ok("a cat", "-m", ckpt, "--size", 32, "--steps", 1, "-o", tmp_path / f"{i}.png").stderr for i in range(2)]
+    assert [cli.BLAS_HINT in e for e in runs] == [expected, False]
+    if expected:
+        assert runs[0].splitlines()[1] == cli.BLAS_HINT  # right after the Loaded line
+
+
 def test_never_overwrites_and_overwrite_replaces(ckpt, loads, tmp_path):
     path = tmp_path / "taken.png"
     path.write_bytes(b"keep me")

@@ -312,6 +312,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     show_warnings(load_warnings, set(), quiet)
     t_loaded = time.perf_counter()
     say(f"Loaded {model_name} in {t_loaded - t_start:.1f} s ({describe_pipeline(pipe)})")
+    if not quiet:
+        slow_blas_hint()
     if verbose:
         say(f"Dtype: {pipe.reason}")
     for lora_file, scale in lora_files:
@@ -907,6 +909,38 @@ def describe_quantization(q: dict) -> list[str]:
     return [f"text encoder {te}-bit"] if te else []
 
 
+BLAS_HINT = ("Note: MLX's CPU backend runs on its bundled reference BLAS, which is slow; for several times the "
+             "speed: apt-get install libopenblas0-pthread, then run with "
+             "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
+_blas_hint_shown = False
+
+
+def reference_blas(maps: str) -> bool:
+    """Whether a process's memory map (/proc/self/maps) holds a BLAS but no optimized one (OpenBLAS, MKL, BLIS)."""
+    libs = {line.split()[-1].lower() for line in maps.splitlines() if "/" in line}
+    fast = any(k in p for p in libs for k in ("openblas", "mkl", "blis"))
+    return not fast and any("libblas" in p.rsplit("/", 1)[-1] for p in libs)
+
+
+def slow_blas_hint() -> None:
+    """Once per process, on stderr: how to get a fast BLAS when MLX runs on the CPU with the reference one
+    (Linux: MLX's CPU wheel bundles netlib's libblas). The library stays silent; only the CLI says this."""
+    global _blas_hint_shown
+    if _blas_hint_shown or not sys.platform.startswith("linux"):
+        return
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        return
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return
+    _blas_hint_shown = True
+    if reference_blas(maps):
+        click.echo(BLAS_HINT, err=True)
+
+
 def show_warnings(caught: list, shown: set, quiet: bool) -> None:
     """Prompt truncation and float16 overflow as one `Warning:` line (once per message); other warnings as
     Python shows them."""
@@ -1047,6 +1081,7 @@ def serve(model, quantize, low_memory, dtype, host, port, api_key, queue_size, l
     click.echo(f"Loading {model} ...", err=True)
     with expected_errors():
         runner.start()
+    slow_blas_hint()
     run_server(runner, cfg, host, port, announce=lambda line: click.echo(line) or sys.stdout.flush())
     # Shut down cleanly (jobs answered, worker stopped). MLX 0.32 on Linux aborts now and then in its static
     # destructors once a worker thread has used it (exit code 134), so the process ends here with code 0.
