@@ -34,6 +34,8 @@ from typing import Callable, Iterator
 
 import click
 
+from .cli_common import Command, Progress, expected_errors
+
 DEFAULT_BASE = "Tongyi-MAI/Z-Image-Turbo"
 DEFAULT_SHARD_SIZE = 2 * 2**30
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
@@ -657,22 +659,10 @@ def _float_dtype(c: Component) -> str:
 # The command
 
 
-class _Command(click.Command):
-    """Bad options as one `Error:` line with exit code 2, like the other zimage-mlx commands."""
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except click.UsageError as e:
-            from .cli import UserError
-
-            raise UserError(e.format_message()) from None
-
-
 BITS = ["2", "3", "4", "5", "6", "8"]
 
 
-@click.command("convert", cls=_Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("convert", cls=Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("src")
 @click.argument("dst")
 @click.option("--quantize", type=click.Choice(["4", "8"]),
@@ -706,7 +696,6 @@ def convert_command(src, dst, quantize, group_size, dtype, transformer_bits, tex
       zimage-mlx convert ComfyUI/models/split_files z-image-turbo-mlx
       zimage-mlx convert --controlnet Z-Image-Turbo-Fun-Controlnet-Union-2.1-lite-2602-8steps.safetensors union-lite-q4 --quantize 4
     """
-    from .cli import Progress, expected_errors
 
     progress = Progress()
     if controlnet:
