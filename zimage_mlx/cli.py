@@ -525,7 +525,7 @@ def replay_sources(png: str, model, model_given: bool, loras, loras_given: bool,
 
     def local(name, what, option, patterns=None):
         if is_hub_id(name):
-            found = hub_cached(name, **({"patterns": patterns} if patterns else {}))
+            found = hub_cached(name, patterns or ["*.safetensors"])
             if found is None:
                 raise UserError(f"--from-image {png} was made with the {what} {name}, which is not in the local "
                                 f"Hugging Face cache; name it to download it: {option} {name}")

@@ -123,7 +123,7 @@ def _check_kind(name: str, tensors: dict, label: str) -> None:
 
 def _resolve(name, weights: tuple[str, ...]) -> Path:
     """A diffusers checkpoint folder, or a Hub id with the small files plus the weights of `weights` only."""
-    from .weights import CheckpointError, check_checkpoint_folder, resolve_model
+    from .weights import CheckpointError, check_checkpoint_folder, hub_fetch, resolve_model
 
     path = Path(name).expanduser()
     if path.exists() or set(weights) == set(WEIGHTS):
@@ -131,16 +131,10 @@ def _resolve(name, weights: tuple[str, ...]) -> Path:
     name = str(name)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointError(f"{name} does not exist (and it is not a Hub repo id like {DEFAULT_BASE})")
-    from huggingface_hub import snapshot_download
-
     patterns = SMALL_FILES + [p for c in weights for p in (f"{c}/*.safetensors", f"{c}/*.safetensors.index.json")]
-    try:
-        folder = Path(snapshot_download(name, allow_patterns=patterns))
-    except Exception as e:  # offline, unknown repo, gated, network: all end the same way for the user
-        raise CheckpointError(
-            f"cannot get {name} from the Hugging Face Hub ({type(e).__name__}); if you are offline, download it once "
-            f"(hf download {name}) and pass the folder"
-        ) from None
+    folder = hub_fetch(name, patterns=patterns, fail=lambda reason: CheckpointError(
+        f"cannot get {name} from the Hugging Face Hub ({reason}); if you are offline, download it once "
+        f"(hf download {name}) and pass the folder"))
     check_checkpoint_folder(folder)
     return folder
 

@@ -113,16 +113,9 @@ def resolve_model(name) -> Path:
     name = str(name)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointError(f"model folder {name} does not exist (and it is not a Hub repo id like Tongyi-MAI/Z-Image-Turbo)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
-    except Exception as e:  # offline, unknown repo, gated, network: all end the same way for the user
-        reason = type(e).__name__
-        raise CheckpointError(
-            f"cannot get {name} from the Hugging Face Hub ({reason}); if you are offline or the repo is private, "
-            f"download it once (hf download {name}) or pass a local folder with --model / from_pretrained(path)"
-        ) from None
+    folder = hub_fetch(name, patterns=HUB_PATTERNS, fail=lambda reason: CheckpointError(
+        f"cannot get {name} from the Hugging Face Hub ({reason}); if you are offline or the repo is private, "
+        f"download it once (hf download {name}) or pass a local folder with --model / from_pretrained(path)"))
     check_checkpoint_folder(folder)
     return folder
 
@@ -134,20 +127,32 @@ def is_hub_id(name) -> bool:
     return len(parts) >= 2 and all(parts) and not name.startswith((".", "/", "~")) and "\\" not in name
 
 
+def hub_fetch(name: str, *, patterns: list[str] | None = None, filename: str | None = None,
+              local_only: bool = False, fail=None) -> Path:
+    """The one way to the Hugging Face Hub (models, converter sources, LoRAs, ControlNets): the snapshot
+    folder of repo `name` holding the files that match `patterns`, or the path of one `filename` in it; from
+    the local HF cache, downloaded into it first unless local_only. Any failure (offline, unknown or gated
+    repo, not in the cache) raises fail(reason) (default: a CheckpointError naming the repo)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        if filename is not None:
+            return Path(hf_hub_download(name, filename, local_files_only=local_only))
+        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=local_only))
+    except Exception as e:  # offline, unknown repo, gated, network: all end the same way for the user
+        reason = type(e).__name__
+    raise (fail or (lambda r: CheckpointError(f"cannot get {name} from the Hugging Face Hub ({r})")))(reason) from None
+
+
 def hub_cached(name, patterns=HUB_PATTERNS) -> Path | None:
     """Where the local Hugging Face cache already holds `name`, without any network access: a repo's snapshot
     folder (`owner/repo`, the files of `patterns`), or a file (`owner/repo/path/file`); None if it is not
     there."""
-    from huggingface_hub import snapshot_download, try_to_load_from_cache
-
     parts = str(name).split("/")
-    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
     try:
-        if filename:
-            found = try_to_load_from_cache(repo, filename)
-            return Path(found) if isinstance(found, str) else None
-        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
-    except Exception:  # not cached (LocalEntryNotFoundError), a bad name: the same for the caller
+        return hub_fetch(repo, patterns=patterns, filename=filename, local_only=True)
+    except CheckpointError:
         return None
 
 
