@@ -222,24 +222,21 @@ def choose_dtype(requested: str, stats: dict | None, gpu: tuple[str, str] | None
     if stored == "float32":
         return DtypeChoice("float32", "float32: the folder was converted in float32")
     if stored == "float16":
-        if stats is None:
-            return DtypeChoice("float16", "float16: the folder was converted in float16; its float16 statistics "
-                                          "are checked at load", pending=True)
-        ok, why = verdict(stats)
-        if ok:
-            return DtypeChoice("float16", f"float16: the folder was converted in float16 and passes the float16 "
-                                          f"checks ({why})")
-        return DtypeChoice("bfloat16", f"bfloat16: the folder was converted in float16, but {why}")
+        return _float16_if_safe(stats, "the folder was converted in float16", "the folder was converted in float16")
     if gpu is None:
         return DtypeChoice("bfloat16", "bfloat16: the GPU is not an Apple one (float16 pays only on M1/M2)")
     name, arch = gpu
     if not is_m1_or_m2(name, arch):
         return DtypeChoice("bfloat16", f"bfloat16: {name} has native bfloat16 (float16 pays only on M1/M2)")
+    return _float16_if_safe(stats, f"{name} has no native bfloat16", f"{name} would run float16 faster")
+
+
+def _float16_if_safe(stats: dict | None, because: str, otherwise: str) -> DtypeChoice:
+    """float16 (for `because`) when the statistics pass, `pending` while they are unknown; else bfloat16."""
     if stats is None:
-        return DtypeChoice("float16", f"float16: {name} has no native bfloat16; the checkpoint's float16 "
-                                      "statistics are checked at load", pending=True)
+        return DtypeChoice("float16", f"float16: {because}; the checkpoint's float16 statistics are checked at load",
+                           pending=True)
     ok, why = verdict(stats)
     if ok:
-        return DtypeChoice("float16", f"float16: {name} has no native bfloat16 and the checkpoint passes the "
-                                      f"float16 checks ({why})")
-    return DtypeChoice("bfloat16", f"bfloat16: {name} would run float16 faster, but {why}")
+        return DtypeChoice("float16", f"float16: {because} and the checkpoint passes the float16 checks ({why})")
+    return DtypeChoice("bfloat16", f"bfloat16: {otherwise}, but {why}")
