@@ -100,6 +100,10 @@ class FakeEngine:
         self._record("unload_loras")
         self.loras.clear()
 
+    def enhance_prompt(self, prompt, *, seed=None, **kw):
+        self._record("enhance_prompt")
+        return f"{prompt}, rewritten with seed {seed}"
+
     def threads(self) -> set[int]:
         return {t for _, t in self.calls}
 

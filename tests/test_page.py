@@ -166,6 +166,25 @@ def test_live_mode_keeps_only_the_last_text(page, slow_server, tmp_path):
     screenshot(page, tmp_path, "page-live.png")
 
 
+def test_enhance_toggle_shows_the_rewrite(page, slow_server, tmp_path):
+    """The Enhance switch sends enhance: true; the rewrite appears under the preview and on the gallery card."""
+    jobs = posted_jobs(page)
+    page.goto(slow_server.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent !== 'connecting…'")
+    page.fill("#steps", "2")
+    page.fill("#seed", "11")
+    page.fill("#prompt", "a quiet harbour")
+    page.check("#enhance")
+    page.click("#generate")
+    rewrite = "a quiet harbour, rewritten with seed 11"  # the fake engine's rewrite (tests/server_fakes.py)
+    sync_api.expect(page.locator("#revised")).to_contain_text(rewrite)
+    card = page.locator("#gallery .card")
+    sync_api.expect(card).to_have_count(1)
+    sync_api.expect(card.locator(".prompt")).to_have_text(rewrite)
+    assert jobs[0][0]["enhance"] is True
+    screenshot(page, tmp_path, "page-enhance.png")
+
+
 def test_api_key_and_cancel(page, tmp_path):
     """With a key configured the page reads it from its field (kept in localStorage) and sends it on every call,
     event stream and image included. Generate while a job runs queues another (the queue is shown); Cancel

@@ -785,3 +785,33 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(_runner, _cf
 def test_openapi_schemathesis(case):
     case.call_and_validate(checks=[not_a_server_error, status_code_conformance, content_type_conformance,
                                    response_schema_conformance])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompt enhancement (issue 21)
+
+
+def test_enhance_rewrites_per_image_seed_and_reports_the_rewrites(app_factory):
+    engine = FakeEngine()
+    client, _, _ = app_factory(engine)
+    r = client.post("/v1/images/generations", json={"prompt": "a fox", "size": "64x64", "seed": 7, "n": 2,
+                                                     "enhance": True})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    rewrites = ["a fox, rewritten with seed 7", "a fox, rewritten with seed 8"]
+    assert [d["revised_prompt"] for d in data] == rewrites  # OpenAI's field for a rewritten prompt
+    for d, rewrite, seed in zip(data, rewrites, (7, 8)):  # each image is made from its own rewrite and seed
+        assert d["seed"] == seed and same_pixels(png(d["b64_json"]), fake_image(rewrite, seed, 64, 64))
+    assert all(t == engine.calls[0][1] for _, t in engine.calls)  # on the worker thread, as everything
+
+    job = client.post("/v1/jobs", json={"prompt": "a fox", "width": 64, "height": 64, "seed": 3, "enhance": True})
+    events = client.get(job.json()["events_url"]).text
+    assert "event: enhanced" in events and "a fox, rewritten with seed 3" in events
+    done = client.get(f"/v1/jobs/{job.json()['id']}").json()
+    assert done["images"][0]["revised_prompt"] == "a fox, rewritten with seed 3"
+
+    plain = client.post("/v1/images/generations", json={"prompt": "a fox", "size": "64x64", "seed": 7})
+    assert plain.json()["data"][0]["revised_prompt"] is None
+    bad = client.post("/v1/jobs", json={"prompt": "a fox", "enhance": "yes"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "enhance"
+

@@ -76,6 +76,20 @@ def test_openai_sdk_generate_is_pixel_identical(live, reference):
     assert live.runner.engine._owner == live.runner.thread_ident  # the worker thread owns the pipeline
 
 
+def test_enhance_is_the_pipelines_rewrite_then_its_image(live, reference):
+    """enhance: true runs the text encoder's Qwen3 on the worker thread, seeded by the image seed; the image is
+    exactly the pipeline's for that rewrite and seed."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+    result = client.images.generate(prompt="a lighthouse", size=f"{SIZE}x{SIZE}",
+                                    extra_body={"seed": 77, "steps": STEPS, "enhance": True})
+    rewrite = reference.enhance_prompt("a lighthouse", seed=77)
+    assert result.data[0].revised_prompt == rewrite
+    expected = reference.generate(rewrite, width=SIZE, height=SIZE, steps=STEPS, seed=77)[0]
+    assert_identical(decode(result.data[0].b64_json), expected)
+
+
 def test_openai_sdk_edit_with_mask_is_pixel_identical(live, reference):
     from openai import OpenAI
 

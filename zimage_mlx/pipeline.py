@@ -437,7 +437,7 @@ class ZImagePipeline:
 
     def generate(self, prompt: str | list[str], *legacy, negative_prompt: str | list[str] | None = None,
                  width: int | None = None, height: int | None = None, steps: int = 8, guidance: float = 0.0,
-                 cfg_normalization: float | bool = False, cfg_truncation: float = 1.0, seed: int | None = None,
+                 cfg_normalization: float | bool = False, cfg_truncation: float = 1.0, seed: int | list[int] | None = None,
                  num_images: int = 1, latents: mx.array | None = None,
                  callback: Callable[[int, int, mx.array], None] | None = None, max_sequence_length: int = 512,
                  image=None, mask=None, strength: float | None = None, image_latents: mx.array | None = None,
@@ -449,7 +449,9 @@ class ZImagePipeline:
 
         The seed rule: image k of every prompt uses the noise of seed + k, so several prompts are compared at
         the same seeds (as the CLI does) and any image can be made again alone. With seed=None a seed is
-        drawn; each image's seed is in `image.info["seed"]`. `latents` (B, h, w, 16)
+        drawn; each image's seed is in `image.info["seed"]`. `seed` may also be a list, one seed per image of
+        each prompt (num_images is then its length): several seeds run as one batch, each image equal to the one
+        its seed makes alone. `latents` (B, h, w, 16)
         float32 replaces the noise (B = prompts x num_images). `callback(step, total, latents)` runs
         after every step (step counts from 1). width and height default to 1024, or to the image's size.
 
@@ -510,6 +512,17 @@ class ZImagePipeline:
         elif controls is not None:
             width, height = output_size(controls.images[0].size, width, height)
         width, height = 1024 if width is None else width, 1024 if height is None else height
+        if isinstance(seed, (list, tuple)):  # one seed per image of each prompt: several seeds in one batch
+            if not seed:
+                raise InputError("seed is an empty list: give at least one seed, or None for a random one")
+            if num_images not in (1, len(seed)):
+                raise InputError(f"{len(seed)} seeds with num_images={num_images}: give num_images={len(seed)} or leave it out")
+            for s in seed:
+                validate(seed=s)
+            num_images, seed_list = len(seed), [int(s) for s in seed]
+            seed = None
+        else:
+            seed_list = None
         validate(width=width, height=height, steps=steps, guidance=guidance, num_images=num_images, seed=seed)
         negatives = None
         if guidance > 0:
@@ -523,8 +536,10 @@ class ZImagePipeline:
         h, w = height // 8, width // 8
         B = len(prompts) * num_images
         self._dit().check_sizes(h, w, [1])
-        seed = random.randint(0, MAX_SEED) if seed is None else seed
-        seeds = [(seed + k) % (MAX_SEED + 1) for _ in prompts for k in range(num_images)]
+        if seed_list is None:
+            seed = random.randint(0, MAX_SEED) if seed is None else seed
+            seed_list = [(seed + k) % (MAX_SEED + 1) for k in range(num_images)]
+        seeds = [s for _ in prompts for s in seed_list]
         seeded = latents is None  # then the seed alone gives the image back
         if latents is not None:
             if tuple(latents.shape) != (B, h, w, LATENT_CHANNELS):

@@ -61,7 +61,7 @@ OPENAI_REFUSED = ("sampler", "sampler_name", "scheduler", "cfg_normalization", "
 # A1111 samplers: ours is the flow-match Euler sampler; "Euler a" (ancestral) and others would differ.
 A1111_SAMPLERS = {"euler", "euler (flow match)", "flow match euler", "euler flow match"}
 A1111_SCHEDULERS = {"automatic", "simple"}
-NATIVE_FIELDS = {"prompt", "negative_prompt", "width", "height", "size", "steps", "seed", "n", "guidance", "loras",
+NATIVE_FIELDS = {"prompt", "negative_prompt", "width", "height", "size", "steps", "seed", "n", "guidance", "loras", "enhance",
                  "output_format", "previews"}
 
 
@@ -422,7 +422,8 @@ def parse_openai(f: Fields, cfg: ServerConfig, *, any_model: bool, edit: bool = 
     partial = f.int("partial_images", default=0, lo=0, hi=3)
     params = Params(prompt=prompt, width=size[0] if size else None, height=size[1] if size else None, steps=steps,
                     seed=read_seed(f, "seed", "rng_seed"), n=n, guidance=guidance, negative_prompt=negative or None,
-                    loras=read_loras(f, cfg), output_format=output_format, output_compression=compression)
+                    loras=read_loras(f, cfg), output_format=output_format, output_compression=compression,
+                    enhance=f.bool("enhance"))
     if edit:
         params.strength = f.float("strength", "denoising_strength", lo=0.0, hi=1.0)
     if stream and partial:
@@ -457,7 +458,7 @@ def parse_native(body: dict, cfg: ServerConfig) -> Params:
                   steps=f.int("steps", default=cfg.default_steps, lo=1, hi=cfg.max_steps), seed=read_seed(f, "seed"),
                   n=f.int("n", default=1, lo=1, hi=cfg.max_n), guidance=guidance, negative_prompt=negative or None,
                   loras=read_loras(f, cfg), output_format=f.choice("output_format", ("png", "jpeg", "webp"), "png"),
-                  previews=f.bool("previews", True))
+                  previews=f.bool("previews", True), enhance=f.bool("enhance"))
 
 
 def parse_a1111(body: dict, cfg: ServerConfig, *, img2img: bool) -> Params:
@@ -773,8 +774,9 @@ class Server:
     def openai_body(self, job: Job, meta: dict) -> dict:
         p = job.params
         w, h = job.sizes[0]
-        data = [{"b64_json": base64.b64encode(b).decode(), "revised_prompt": None, "seed": s}
-                for b, s in zip(job.images, job.seeds)]
+        revised = job.revised_prompts or [None] * len(job.images)  # OpenAI's own field for a rewritten prompt
+        data = [{"b64_json": base64.b64encode(b).decode(), "revised_prompt": r, "seed": s}
+                for b, s, r in zip(job.images, job.seeds, revised)]
         out = {"created": int(time.time()), "data": data, "background": "opaque", "output_format": p.output_format,
                "usage": ZERO_USAGE}
         if f"{w}x{h}" in OPENAI_SIZES:

@@ -29,7 +29,7 @@ from typing import Callable
 log = logging.getLogger("zimage_mlx.server")
 
 from .errors import ZImageError
-from .pipeline import Cancelled
+from .pipeline import MAX_SEED, Cancelled
 
 TERMINAL = ("done", "failed", "cancelled")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -70,6 +70,7 @@ class Params:
     output_compression: int | None = None  # 0..100 for jpeg/webp
     previews: bool = False  # a JPEG preview with every step event
     partial_steps: frozenset = frozenset()  # steps (1-based) after which a partial image is sent
+    enhance: bool = False  # rewrite the prompt first with the text encoder's Qwen3 (one rewrite per image seed)
 
     def generate_kwargs(self) -> dict:
         kw = dict(width=self.width, height=self.height, steps=self.steps, guidance=self.guidance, seed=self.seed,
@@ -93,7 +94,7 @@ class Params:
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "width": self.width,
                 "height": self.height, "steps": self.steps, "seed": self.seed, "n": self.n,
                 "guidance": self.guidance, "loras": [{"name": n, "scale": s} for n, _, s in self.loras],
-                "output_format": self.output_format, "previews": self.previews}
+                "output_format": self.output_format, "previews": self.previews, "enhance": self.enhance}
 
 
 class Job:
@@ -110,6 +111,7 @@ class Job:
         self.step = 0
         self.total = params.denoising_steps()
         self.images: list[bytes] = []
+        self.revised_prompts: list[str] = []  # with enhance: the rewrite each image was made from
         self.seeds: list[int] = []
         self.sizes: list[tuple[int, int]] = []
         self.error: dict | None = None  # the envelope's inner object
@@ -187,8 +189,11 @@ class Job:
 
     # -- views ----------------------------------------------------------------------------------------
     def image_entries(self) -> list[dict]:
-        return [{"url": f"/v1/jobs/{self.id}/images/{k}", "seed": s, "width": w, "height": h}
-                for k, (s, (w, h)) in enumerate(zip(self.seeds, self.sizes))]
+        entries = [{"url": f"/v1/jobs/{self.id}/images/{k}", "seed": s, "width": w, "height": h}
+                   for k, (s, (w, h)) in enumerate(zip(self.seeds, self.sizes))]
+        for entry, revised in zip(entries, self.revised_prompts):
+            entry["revised_prompt"] = revised
+        return entries
 
     def to_json(self) -> dict:
         return {"id": self.id, "status": self.status, "queue_position": self.position, "step": self.step,
@@ -354,7 +359,10 @@ class JobRunner:
         t0 = time.perf_counter()
         try:
             self._apply_loras(p.loras)
-            images = engine.generate(p.prompt, **p.generate_kwargs(), cancel=job.cancel, on_step=on_step)
+            if p.enhance:
+                images = self._enhanced(job, engine, on_step)
+            else:
+                images = engine.generate(p.prompt, **p.generate_kwargs(), cancel=job.cancel, on_step=on_step)
             t1 = time.perf_counter()
             encoded = [encode_image(im, p.output_format, p.output_compression) for im in images]
             job.timings.update(generate_s=round(t1 - t0, 4), encode_s=round(time.perf_counter() - t1, 4))
@@ -386,6 +394,21 @@ class JobRunner:
         job.emit("done", {"images": job.image_entries(), "seconds": round(job.finished - job.started, 4)})
         log.info("job %s done: %dx%d steps=%d n=%d seed=%d in %.2f s", job.id, *job.sizes[0], p.steps, p.n,
                  p.seed, job.finished - job.started)
+
+    def _enhanced(self, job: Job, engine, on_step) -> list:
+        """Rewrite the prompt once per image, seeded by that image's seed (as `zimage-mlx generate --enhance`),
+        and make each image from its rewrite; an `enhanced` event carries each rewrite as it is ready."""
+        p, images = job.params, []
+        kwargs = dict(p.generate_kwargs(), num_images=1)
+        for k in range(p.n):
+            seed = (p.seed + k) % (MAX_SEED + 1)
+            if job.cancel.is_set():
+                raise Cancelled("generation cancelled")
+            revised = engine.enhance_prompt(p.prompt, seed=seed)
+            job.revised_prompts.append(revised)
+            job.emit("enhanced", {"index": k, "seed": seed, "prompt": revised})
+            images += engine.generate(revised, **dict(kwargs, seed=seed), cancel=job.cancel, on_step=on_step)
+        return images
 
     def _apply_loras(self, loras: list) -> None:
         want = [(str(path), float(scale)) for _, path, scale in loras]
