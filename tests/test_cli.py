@@ -102,7 +102,22 @@ def subprocesses(reference_checkpoint, tmp_path_factory):
                             "--out-dir", "preview"],
         "low_memory.py": [sys.executable, EXAMPLES / "low_memory.py", *small, "--steps", "1",
                           "--output", "low.png"],
+        "img2img.py": [sys.executable, EXAMPLES / "img2img.py", "photo.png", "a fox", "--model", model, "--steps", "2",
+                       "--strength", "0.5", "--output", "img2img.png"],
+        "inpainting.py": [sys.executable, EXAMPLES / "inpainting.py", "photo.png", "mask.png", "a fox", "--model", model,
+                          "--steps", "1", "--output", "inpainting.png"],
+        "lora.py": [sys.executable, EXAMPLES / "lora.py", "style.safetensors:0.8", *small, "--steps", "1",
+                    "--output", "lora.png", "--without", "plain.png"],
     }
+    # Their inputs: a 32x32 photo, a mask (right half white), a LoRA on the tiny DiT's first query projection.
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(out / "photo.png")
+    Image.fromarray(np.repeat(np.array([0, 255], np.uint8), 16)[None].repeat(32, 0)).save(out / "mask.png")
+    from safetensors.numpy import save_file
+
+    save_file({"transformer.layers.0.attention.to_q.lora_A.weight": rng.normal(0, 0.5, (4, 96)).astype(np.float32),
+               "transformer.layers.0.attention.to_q.lora_B.weight": rng.normal(0, 0.5, (96, 4)).astype(np.float32)},
+              str(out / "style.safetensors"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     procs = {name: subprocess.Popen([str(c) for c in cmd], cwd=out, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True) for name, cmd in commands.items()}
@@ -139,12 +154,13 @@ def test_writes_png_with_settings_and_pixels_of_the_pipeline(ckpt, loads, tmp_pa
     assert {k: meta[k] for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height",
                                  "model", "quantization", "dtype", "version", "Software")} == dict(
         prompt="a red fox in the snow, 一只狐狸", negative_prompt="", seed="7", steps="2", guidance="0", width="48",
-        height="32", model=str(Path(ckpt).resolve()), quantization="none", dtype="float32", version=__version__,
+        height="32", model=folder_label(ckpt), quantization="none", dtype="float32", version=__version__,
         Software=f"zimage-mlx {__version__}")
     assert meta["parameters"] == (
         "a red fox in the snow, 一只狐狸\n"
-        f"Steps: 2, Sampler: Euler (flow match), CFG scale: 0, Seed: 7, Size: 48x32, Model: {Path(ckpt).resolve()}, "
+        f"Steps: 2, Sampler: Euler (flow match), CFG scale: 0, Seed: 7, Size: 48x32, Model: {folder_label(ckpt)}, "
         f"Dtype: float32, Version: zimage-mlx {__version__}")
+    assert not any(str(Path(ckpt).parent) in v or str(tmp_path) in v for v in meta.values())  # no local path
 
     # The CLI adds nothing to the pipeline's image.
     pipe = ZImagePipeline.from_pretrained(ckpt, dtype="auto")
@@ -207,13 +223,18 @@ def test_guidance_settings_and_from_image_regenerates_the_same_image(ckpt, loads
     assert "CFG scale: 2.5, " in meta["parameters"] and "CFG truncation: 0.6" in meta["parameters"]
 
     again = tmp_path / "again.png"
-    ok("--from-image", first, "-o", again)  # prompt, negative, seed, steps, CFG, size and model from the PNG
+    n_loads = len(loads)
+    # A local folder is found only through --model: the PNG holds its name and configs' hash, no path.
+    assert_one_line_error(generate("--from-image", first, "-o", again), "give it again with --model FOLDER")
+    assert len(loads) == n_loads and not again.exists()
+    r = ok("--from-image", first, "-m", ckpt, "-o", again)  # prompt, negative, seed, steps, CFG, size from the PNG
+    assert r.stderr.startswith(f"From first.png: model {ckpt}\n")  # what it loads, said before loading
     np.testing.assert_array_equal(pixels(again), pixels(first))
     assert text(again) == meta
 
     # Explicit flags override the stored settings.
     changed = tmp_path / "changed.png"
-    ok("--from-image", first, "--seed", 12, "--steps", 1, "--guidance", 0, "--negative-prompt", "", "-o", changed)
+    ok("--from-image", first, "-m", ckpt, "--seed", 12, "--steps", 1, "--guidance", 0, "--negative-prompt", "", "-o", changed)
     new = text(changed)
     assert (new["seed"], new["steps"], new["guidance"], new["prompt"], new["width"]) == ("12", "1", "0", "a castle", "48")
     assert not np.array_equal(pixels(changed), pixels(first))
@@ -230,6 +251,77 @@ def test_from_image_reads_an_a1111_parameters_chunk(ckpt, loads, tmp_path):
     # Prompt, seed and size come over; another tool's steps, CFG scale and model do not apply to Z-Image.
     assert (meta["prompt"], meta["seed"], meta["width"], meta["height"]) == ("a quiet harbor, boats", "99", "32", "48")
     assert (meta["steps"], meta["guidance"], meta["negative_prompt"]) == ("8", "0", "")
+
+
+def folder_label(folder) -> str:
+    """`name#hash`: the folder's name and 8 hex digits of SHA-256 over its JSON configs (computed here)."""
+    import hashlib
+
+    folder = Path(folder).resolve()
+    files = sorted(folder.glob("*.json")) + sorted(folder.glob("*/*config*.json"))
+    h = hashlib.sha256(b"".join(f.relative_to(folder).as_posix().encode() + b"\0" + f.read_bytes() + b"\0"
+                                for f in files))
+    assert files and (folder / "transformer" / "config.json") in files
+    return f"{folder.name}#{h.hexdigest()[:8]}"
+
+
+def fake_hub_cache(cache: Path, repo: str, folder: Path) -> None:
+    """The Hugging Face cache layout (refs/main -> snapshots/<commit>/...) holding a copy of `folder`."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, root / "snapshots" / commit)
+
+
+def test_from_image_never_fetches_what_the_command_line_did_not_name(ckpt, loads, tmp_path, monkeypatch):
+    """A PNG naming a Hub model is replayed only from the local HF cache; nothing is downloaded."""
+    from huggingface_hub import constants
+
+    import huggingface_hub
+
+    fetched = []
+    real = huggingface_hub.snapshot_download
+
+    def no_network(*a, local_files_only=False, **kw):
+        fetched.append((a, local_files_only))
+        if not local_files_only:
+            raise AssertionError("a download was attempted")
+        return real(*a, local_files_only=True, **kw)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    info = PngInfo()
+    for k, v in dict(prompt="a boat", seed="3", steps="1", width="32", height="32", model="someone/z-image-x").items():
+        info.add_text(k, v)
+    Image.new("RGB", (8, 8)).save(tmp_path / "web.png", pnginfo=info)
+    n_loads = len(loads)
+    assert_one_line_error(generate("--from-image", tmp_path / "web.png", "-o", tmp_path / "a.png"),
+                          "someone/z-image-x, which is not in the local Hugging Face cache; name it to download "
+                          "it: --model someone/z-image-x")
+    assert len(loads) == n_loads and all(local for _, local in fetched)
+    info.add_text("loras", '[{"name": "someone/lora/style.safetensors", "scale": 0.5}]')
+    Image.new("RGB", (8, 8)).save(tmp_path / "web-lora.png", pnginfo=info)
+    fake_hub_cache(tmp_path / "hub", "someone/z-image-x", Path(ckpt))  # now in the cache: used, but not the LoRA
+    assert_one_line_error(generate("--from-image", tmp_path / "web-lora.png", "-o", tmp_path / "a.png"),
+                          "LoRA someone/lora/style.safetensors, which is not in the local Hugging Face cache")
+    r = ok("--from-image", tmp_path / "web.png", "-o", tmp_path / "a.png")
+    assert "From web.png: model someone/z-image-x (from the Hugging Face cache)" in r.stderr
+    assert text(tmp_path / "a.png")["model"] == "someone/z-image-x" and all(local for _, local in fetched)
+
+
+def test_slow_blas_hint_once_per_process(ckpt, loads, tmp_path, monkeypatch):
+    bundled = "7f00-7f01 r-xp 0 08:01 1 /venv/site-packages/mlx_cpu.libs/libblas-bd8a282c.so.3.10.0\n"
+    openblas = "7f02-7f03 r-xp 0 08:01 2 /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblasp-r0.3.21.so\n"
+    assert cli.reference_blas(bundled) and not cli.reference_blas(bundled + openblas)
+    assert not cli.reference_blas("7f00-7f01 r-xp 0 08:01 1 /usr/lib/libmkl_rt.so.2\n")
+    # this process: MLX's bundled BLAS unless a fast one was preloaded
+    expected = cli.reference_blas(Path("/proc/self/maps").read_text())
+    monkeypatch.setattr(cli, "_blas_hint_shown", False)
+    runs = [ok("a cat", "-m", ckpt, "--size", 32, "--steps", 1, "-o", tmp_path / f"{i}.png").stderr for i in range(2)]
+    assert [cli.BLAS_HINT in e for e in runs] == [expected, False]
+    if expected:
+        assert runs[0].splitlines()[1] == cli.BLAS_HINT  # right after the Loaded line
 
 
 def test_never_overwrites_and_overwrite_replaces(ckpt, loads, tmp_path):
@@ -257,15 +349,17 @@ def test_truncated_prompt_is_one_warning_line(ckpt, loads, tmp_path):
     assert text(tmp_path / "0.png")["prompt"] == long_prompt  # the metadata keeps what the user asked for
 
 
-def test_quantize_is_passed_on_or_refused_in_one_line(ckpt, loads, tmp_path):
-    r = generate("a cat", "-m", ckpt, "--size", 32, "--steps", 1, "--quantize", 8, "-o", tmp_path / "q.png")
+def test_quantize_is_passed_on(ckpt, loads, tmp_path):
+    import mlx.nn as nn
+
+    r = ok("a cat", "-m", ckpt, "--size", 32, "--steps", 1, "--quantize", 8, "-o", tmp_path / "q.png")
     assert loads[-1] == (ckpt, "auto", 8, False)
-    if r.exit_code == 2:  # on-the-fly quantization not implemented yet (or refused for the tiny model)
-        assert_one_line_error(r, "")
-        assert not (tmp_path / "q.png").exists()
-    else:
-        assert r.exit_code == 0, r.output
-        assert text(tmp_path / "q.png")["quantization"] == "8"
+    assert "Loaded " in r.stderr and "(float32, 8-bit)" in r.stderr
+    meta = text(tmp_path / "q.png")
+    assert (meta["quantization"], meta["text_encoder_quantization"], meta["quantize"]) == ("8", "8", "8")
+    pipe = ZImagePipeline.from_pretrained(ckpt, dtype="auto", quantize=8)  # the cached one the CLI ran
+    assert sum(isinstance(m, nn.QuantizedLinear) for _, m in pipe.transformer.named_modules()) > 0
+    assert cli.read_image_settings(str(tmp_path / "q.png"))["quantize"] == 8  # a replay quantizes the same way
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,7 +447,7 @@ def test_console_script(subprocesses, reference_checkpoint):
     assert stdout.startswith("Saved cli/fox-5.png (seed 5, 2 steps at ")
     assert stderr.startswith("Loaded ") and "peak memory" in stderr
     meta = text(path)
-    assert (meta["prompt"], meta["seed"], meta["model"]) == ("a red fox", "5", str(Path(reference_checkpoint).resolve()))
+    assert (meta["prompt"], meta["seed"], meta["model"]) == ("a red fox", "5", folder_label(reference_checkpoint))
 
 
 @pytest.mark.parametrize("name,files", [
@@ -361,6 +455,9 @@ def test_console_script(subprocesses, reference_checkpoint):
     ("batch_prompts.py", [f"batch/prompt{p}-seed{s}.png" for p in range(3) for s in (0, 1)]),
     ("step_preview.py", ["preview/step-01-of-02.png", "preview/step-02-of-02.png", "preview/final.png"]),
     ("low_memory.py", ["low.png"]),
+    ("img2img.py", ["img2img.png"]),
+    ("inpainting.py", ["inpainting.png"]),
+    ("lora.py", ["lora.png", "plain.png"]),
 ])
 def test_example(subprocesses, name, files):
     out, wait = subprocesses
@@ -369,6 +466,9 @@ def test_example(subprocesses, name, files):
         with Image.open(out / f) as im:
             assert im.size == (32, 32), f
     assert stdout.strip()
+    if name == "lora.py":
+        assert "LoRA style.safetensors at scale 0.8" in stdout
+        assert not np.array_equal(np.asarray(Image.open(out / "lora.png")), np.asarray(Image.open(out / "plain.png")))
 
 
 def test_text_encoder_is_freed_before_denoising(ckpt, tmp_path, monkeypatch):

@@ -499,11 +499,14 @@ def test_cli_generates_records_and_replays(pipe, base, files, tmp_path):
     assert got.size == (48, 32)  # the size of the control image
     assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(want))
     text = got.text
-    assert text["controlnet"] == str((folder / "2.1.safetensors").resolve()) and text["controlnet_graph"] == "authors"
-    assert json.loads(text["controls"]) == [{"image": str(control.resolve()), "scale": 0.7}]
+    assert text["controlnet"] == "2.1.safetensors" and text["controlnet_graph"] == "authors"  # names, no paths
+    assert json.loads(text["controls"]) == [{"image": "edges.png", "scale": 0.7}]
     assert (text["control_start"], text["control_end"]) == ("0", "0.5")
     again = tmp_path / "again.png"
-    r = run_cli("--from-image", out, "-o", again)
+    r = run_cli("--from-image", out, "-m", base, "-o", again)  # a local ControlNet file must be named again
+    assert r.exit_code == 2 and "the local ControlNet 2.1.safetensors; give it again with --controlnet" in r.stderr
+    # the control image is found next to the PNG; the ControlNet where --controlnet says
+    r = run_cli("--from-image", out, "-m", base, "--controlnet", folder / "2.1.safetensors", "-o", again)
     assert r.exit_code == 0, r.output
     assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), np.asarray(want))
     # the default scale is the version's recommended one (2.1: 0.9), and it is recorded

@@ -322,6 +322,46 @@ def test_bad_quantization_arguments(reference_checkpoint, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+def test_a_converted_folder_reports_its_quantization_and_dtype(converted, tmp_path):
+    """The bits and dtype a folder was converted to show in `pipe`, the CLI's Loaded line and the PNG, without
+    --quantize (a converted 4-bit folder once said "none")."""
+    from PIL import Image
+
+    from zimage_mlx import fp16
+
+    dst = converted("bfloat16", 4)
+    pipe = ZImagePipeline.from_pretrained(dst)  # auto, on this CPU: float32 (upcast)
+    assert pipe.quantize is None and pipe.quantization == {"transformer": 4, "text_encoder": 8}
+    assert (pipe.dtype, pipe.stored_dtype) == ("float32", "bfloat16")
+    assert cli.describe_pipeline(pipe) == "float32 (stored bfloat16), DiT 4-bit, text encoder 8-bit"
+    out = tmp_path / "q.png"
+    r = CliRunner().invoke(cli.main, ["generate", "a fox", "-m", str(dst), "--size", "32", "--steps", "1", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "(float32 (stored bfloat16), DiT 4-bit, text encoder 8-bit)" in r.stderr
+    with Image.open(out) as im:
+        text = im.text
+    assert (text["quantization"], text["text_encoder_quantization"], text["quantize"]) == ("4", "8", "none")
+    assert "Quantization: 4-bit" in text["parameters"] and "Text encoder quantization: 8-bit" in text["parameters"]
+    assert cli.read_image_settings(str(out))["quantize"] is None  # a replay loads the folder as stored
+    # On the fly, every model is reported too.
+    on_the_fly = ZImagePipeline.from_pretrained(converted("float32"), quantize=8)
+    assert on_the_fly.quantization == {"transformer": 8, "text_encoder": 8} and on_the_fly.stored_dtype == "float32"
+    assert cli.describe_pipeline(on_the_fly) == "float32, 8-bit"
+
+    # dtype="auto" honours the folder's dtype on a GPU; the CPU stays float32.
+    passing = {"max_abs_weight": 14.0, "max_abs_weight_layer": "x", "ffn_norm1_std": 0.1, "ffn_norm1_std_key": "k"}
+    m3, m1 = ("Apple M3 Max", "applegpu_g15s"), ("Apple M1", "applegpu_g13g")
+    assert fp16.choose_dtype("auto", passing, gpu=m3, stored="float16").dtype == "float16"
+    assert fp16.choose_dtype("auto", passing, gpu=m1, stored="float32").dtype == "float32"
+    assert fp16.choose_dtype("auto", passing, gpu=m3, stored="bfloat16").dtype == "bfloat16"
+    assert fp16.choose_dtype("auto", passing, gpu=m1, stored="bfloat16").dtype == "float16"  # bfloat16 emulated there
+    failing = dict(passing, ffn_norm1_std=0.5)
+    assert fp16.choose_dtype("auto", failing, gpu=m3, stored="float16").dtype == "bfloat16"
+    assert fp16.choose_dtype("auto", None, gpu=m3, stored="float16").pending
+    assert fp16.choose_dtype("auto", passing, gpu=None, stored="float16").dtype == "float32"  # this CPU
+    assert fp16.choose_dtype("float16", failing, gpu=None, stored="float32").dtype == "float16"  # asked: honoured
+
+
 # Command line
 
 
@@ -345,3 +385,16 @@ def test_standalone_script(reference_checkpoint, tmp_path):
     script = Path(__file__).resolve().parents[1] / "convert" / "convert.py"
     out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "SRC" in out.stdout and "--quantize" in out.stdout
+    # A real conversion, from another folder (the script finds the package from its own path).
+    dst = tmp_path / "q8"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, str(script), str(reference_checkpoint), str(dst), "--quantize", "8",
+                          "--group-size", str(GROUP), "--dtype", "float32"], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1].startswith(f"Wrote {dst}")
+    assert json.loads((dst / "transformer" / "config.json").read_text())["quantization"]["bits"] == 8
+    pipe = ZImagePipeline.from_pretrained(dst, dtype="float32")
+    assert pipe.quantization == {"transformer": 8, "text_encoder": 8}
+    assert_same(params(pipe.transformer), params(ZImageTransformer.from_pretrained(
+        reference_checkpoint / "transformer", quantize=8, group_size=GROUP)))

@@ -539,12 +539,15 @@ def test_cli_lora_flag(reference_checkpoint, pipe, dims, tmp_path):
     with Image.open(out) as im:
         np.testing.assert_array_equal(np.asarray(im.convert("RGB")), np.asarray(expected))
         meta = dict(im.text)
-    assert json.loads(meta["loras"]) == [{"name": str(first.resolve()), "scale": 0.7},
-                                         {"name": str(second.resolve()), "scale": 1.0}]
-    assert f'LoRA: "{first.resolve()}:0.7, {second.resolve()}:1"' in meta["parameters"]
+    assert json.loads(meta["loras"]) == [{"name": first.name, "scale": 0.7},  # file names only: no local path
+                                         {"name": second.name, "scale": 1.0}]
+    assert f'LoRA: "{first.name}:0.7, {second.name}:1"' in meta["parameters"]
 
-    again = tmp_path / "again.png"  # --from-image brings the LoRAs back
-    r = generate("--from-image", out, "-o", again)
+    again = tmp_path / "again.png"  # --from-image asks for local LoRA files again, and takes them
+    r = generate("--from-image", out, "-m", reference_checkpoint, "-o", again)
+    assert r.exit_code == 2 and f"the local LoRA {first.name}; give it again with --lora FILE" in r.stderr
+    r = generate("--from-image", out, "-m", reference_checkpoint, "--lora", f"{first}:0.7", "--lora", second,
+                 "-o", again)
     assert r.exit_code == 0, r.output
     with Image.open(out) as a, Image.open(again) as b:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

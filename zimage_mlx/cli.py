@@ -16,7 +16,7 @@ import secrets
 import sys
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -31,65 +31,8 @@ DEFAULT_OUTPUT = "zimage-{seed}.png"
 DEFAULT_OUTPUTS = (DEFAULT_OUTPUT, "zimage-{prompt_index}-{seed}.png", "zimage-{index}-{seed}.png")
 SAMPLER_NAME = "Euler (flow match)"
 
-
-class UserError(click.ClickException):
-    """A mistake the user can fix: click prints `Error: <message>` on one line and exits with code 2."""
-
-    exit_code = 2
-
-    def __init__(self, message):
-        super().__init__(" ".join(str(message).split()))
-
-
-class Command(click.Command):
-    """Reports bad options (a bad --steps, an unknown flag) as one line too, without the usage block."""
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except click.UsageError as e:
-            raise UserError(e.format_message()) from None
-
-
-class Group(click.Group):
-    command_class = Command
-
-
-@contextmanager
-def expected_errors():
-    """Turn what a user can fix (zimage_mlx.errors: a bad value, a bad checkpoint or LoRA; an unreadable or
-    unwritable file; a size too big for the machine) into a one-line error. Anything else is a bug of ours:
-    it keeps its traceback, followed by a line that says so."""
-    from .errors import ZImageError
-
-    try:
-        yield
-    except ZImageError as e:
-        raise UserError(str(e) or type(e).__name__) from None
-    except OSError as e:
-        raise UserError(describe_os_error(e)) from None
-    except RuntimeError as e:  # MLX reports failed allocations as RuntimeError
-        if "malloc" not in str(e) and "memory" not in str(e).lower():
-            report_bug()
-            raise
-        raise UserError(f"out of memory ({e}); try --low-memory, a smaller size or --quantize 8") from None
-    except (click.ClickException, KeyboardInterrupt):
-        raise
-    except Exception:
-        report_bug()
-        raise
-
-
-def report_bug() -> None:
-    click.echo(f"zimage-mlx {__version__} failed on an internal error, not on a mistake in your command: please "
-               "report it to the zimage-mlx issue tracker with the traceback below and the command you ran.",
-               err=True)
-
-
-def describe_os_error(e: OSError) -> str:
-    if e.filename is not None and e.strerror:
-        return f"{e.filename}: {e.strerror}"
-    return str(e)
+from .cli_common import (Command, Group, Progress, UserError, describe_os_error, expected_errors,  # noqa: E402,F401
+                         report_bug)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -205,13 +148,14 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     loras = [parse_lora(spec) for spec in lora_specs]
     replayed_original = None
     controls = [parse_control(spec) for spec in control_specs]
+    model_path, lora_paths, controlnet_path = None, None, None  # what --from-image found in the HF cache
     if from_image is not None:
         saved = read_image_settings(from_image)
         if given("init_image"):  # a new image brings its own size; the stored one would resize it
             saved.pop("width", None), saved.pop("height", None)
         else:
-            init_image = saved.get("image")
-            mask = mask if given("mask") else saved.get("mask")
+            init_image = saved_file(from_image, saved.get("image"))
+            mask = mask if given("mask") else saved_file(from_image, saved.get("mask"))
         strength = strength if given("strength") else saved.get("strength")
         if not prompts and "original_prompt" in saved:  # an enhanced image: replay its rewrite, no LLM run
             replayed_original = saved["original_prompt"]
@@ -224,11 +168,13 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
         width = width or saved.get("width")
         height = height or saved.get("height")
         model = model if given("model") else saved.get("model", model)
-        quantize = quantize if given("quantize") else saved.get("quantization", quantize)
+        # "quantize" (the on-the-fly bits) since the PNG also records a converted folder's own quantization
+        quantize = quantize if given("quantize") else saved.get("quantize", saved.get("quantization", quantize))
         dtype = dtype if given("dtype") else saved.get("dtype", dtype)
         loras = loras if given("lora_specs") else saved.get("loras", loras)
-        if not given("control_specs") and not given("controlnet"):
-            controlnet, controls = saved.get("controlnet", controlnet), saved.get("controls", controls)
+        if not given("control_specs"):  # --controlnet alone names where the stored ControlNet is
+            controlnet = controlnet if given("controlnet") else saved.get("controlnet", controlnet)
+            controls = [(saved_file(from_image, n), v) for n, v in saved.get("controls", controls)]
             control_type = control_type if given("control_type") else saved.get("control_type", control_type)
             control_start = control_start if given("control_start") else saved.get("control_start", control_start)
             control_end = control_end if given("control_end") else saved.get("control_end", control_end)
@@ -236,6 +182,14 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
                                                                                              controlnet_graph)
         if not given("negative_prompt") and guidance > 0:  # a stored negative prompt only matters with CFG
             negative_prompt = saved.get("negative_prompt")
+        if (given("model") and "#" in str(saved.get("model", "")) and model_label(model) != saved["model"]
+                and not quiet):
+            click.echo(f"Note: the image was made with {saved['model']}; the configs of --model {model_label(model)} "
+                       "differ", err=True)
+        model_path, lora_paths, controlnet_path = replay_sources(
+            from_image, model, given("model"), loras, given("lora_specs"), controlnet,
+            given("controlnet") or given("control_specs"),
+            lambda line: None if quiet else click.echo(line, err=True))
     if not prompts:
         raise UserError("no prompt: pass it as an argument, with --prompt or --prompt-file, or use --from-image")
     init = None
@@ -246,8 +200,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
             init = image_input(open_image(init_image, "--image"), open_image(mask, "--mask") if mask else None,
                                strength, width, height)
         width, height = init.width, init.height
-    control = control_settings(controlnet, controls, control_type, control_start, control_end, width, height,
-                               init is not None)
+    control = control_settings(controlnet_path or controlnet, controls, control_type, control_start, control_end,
+                               width, height, init is not None)
     if control:
         width, height = control["width"], control["height"]
     width, height = width or 1024, height or 1024
@@ -288,14 +242,15 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     source, image_settings, denoising_steps = {}, {}, steps
     if init is not None:
         source = dict(image=init.image, mask=init.mask, strength=init.strength)
-        image_settings = dict(image=str(Path(init_image).expanduser().resolve()), strength=init.strength,
-                              mask=str(Path(mask).expanduser().resolve()) if mask else None)
+        image_settings = dict(image=Path(init_image).name, strength=init.strength,  # names only: no local path
+                              mask=Path(mask).name if mask else None)
         denoising_steps = steps - strength_start(steps, init.strength)  # the strength skips the first ones
     model_name = model_label(model)
+    lora_labels = [model_label(name) for name, _ in loras]
     with expected_errors():  # a missing, unreadable or foreign LoRA fails here, before the model loads
         from .lora import LoraWarning, read_lora
 
-        lora_files = [(read_lora(name), scale) for name, scale in loras]
+        lora_files = [(read_lora(name), scale) for name, scale in (lora_paths or loras)]
 
     # 2. The model, once for all images.
     from .pipeline import ZImagePipeline
@@ -312,7 +267,7 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     mx.reset_peak_memory()
     t_start = time.perf_counter()
     with expected_errors():
-        root = resolve_model(model)  # a Hub download shows its own progress bars
+        root = resolve_model(model_path or model)  # a Hub download shows its own progress bars
         progress.status(f"Loading {model_name} ...")  # on a terminal only, so that a failure stays one line
         try:
             with warnings.catch_warnings(record=True) as load_warnings:  # float16 forced on a failing checkpoint
@@ -323,6 +278,8 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
     show_warnings(load_warnings, set(), quiet)
     t_loaded = time.perf_counter()
     say(f"Loaded {model_name} in {t_loaded - t_start:.1f} s ({describe_pipeline(pipe)})")
+    if not quiet:
+        slow_blas_hint()
     if verbose:
         say(f"Dtype: {pipe.reason}")
     for lora_file, scale in lora_files:
@@ -358,9 +315,11 @@ def generate(ctx, prompt, prompt_option, prompt_file, negative_prompt, model, qu
         p, s = jobs[i]
         return png_info(dict(prompt=prompts[p], negative_prompt=negative_prompt or "", seed=s, steps=steps,
                              guidance=guidance, cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation,
-                             width=width, height=height, model=model_name, quantization=pipe.quantize,
+                             width=width, height=height, model=model_name,
+                             quantization=pipe.quantization["transformer"],
+                             text_encoder_quantization=pipe.quantization["text_encoder"], quantize=pipe.quantize,
                              dtype=pipe.dtype, **image_settings, original_prompt=originals[i],
-                             loras=[(model_label(name), scale) for name, scale in loras], **control_info))
+                             loras=[(n, scale) for n, (_, scale) in zip(lora_labels, loras)], **control_info))
 
     if mode == "data":
         from .distributed import generate_files
@@ -618,7 +577,7 @@ def control_settings(controlnet, controls, control_type, start, end, width, heig
         maps = [control_map(im, control_type, width, height) for im in inputs.images]
     files = controlnet if Path(controlnet).expanduser().exists() else files[0]  # a Hub id: the file downloaded
     return dict(files=files, maps=maps, scales=inputs.scales, width=width, height=height,
-                paths=[str(Path(p).expanduser().resolve()) for p, _ in controls])
+                paths=[Path(p).name for p, _ in controls])  # names only: no local path in the metadata
 
 
 def open_control(path):
@@ -628,10 +587,71 @@ def open_control(path):
 
 
 def model_label(model: str) -> str:
-    """How the model is named in metadata: a folder as an absolute path (so --from-image works from anywhere),
-    a Hub id as given."""
+    """How a model, LoRA or ControlNet is named in metadata, without any local path: a Hub id as given; a
+    folder by its name and a short hash of its configs (`my-folder#1a2b3c4d`, which --from-image compares
+    with the --model folder); a file by its name."""
     path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else str(model)
+    if path.is_dir():
+        return f"{path.resolve().name}#{config_hash(path)}"
+    return path.name if path.exists() else str(model)
+
+
+def config_hash(folder: Path) -> str:
+    """8 hex digits of SHA-256 over a folder's top-level and per-component JSON configs (names and contents)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.json")) + sorted(folder.glob("*/*config*.json")):
+        h.update(f.relative_to(folder).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:8]
+
+
+def replay_sources(png: str, model, model_given: bool, loras, loras_given: bool, controlnet, controlnet_given: bool,
+                   say) -> tuple[str | None, list, str | None]:
+    """For --from-image: the model, LoRAs and ControlNet to load, without fetching anything the command
+    line did not name. What comes from the PNG is used only when the local Hugging Face cache holds it (a
+    Hub id); a local folder or file it names must be given again (--model, --lora, --controlnet). Returns
+    the local path to load for each of them (None: the name as given), after saying what will be loaded."""
+    from .weights import hub_cached, is_hub_id
+
+    def local(name, what, option, patterns=None):
+        if is_hub_id(name):
+            found = hub_cached(name, patterns or ["*.safetensors"])
+            if found is None:
+                raise UserError(f"--from-image {png} was made with the {what} {name}, which is not in the local "
+                                f"Hugging Face cache; name it to download it: {option} {name}")
+            if found.is_dir() and patterns is None:  # a LoRA/ControlNet repo: the one .safetensors in it
+                files = sorted(found.rglob("*.safetensors"))
+                if len(files) != 1:
+                    raise UserError(f"--from-image {png}: the cached {what} {name} holds {len(files)} .safetensors "
+                                    f"files; name one with {option}")
+                found = files[0]
+            return str(found)
+        raise UserError(f"--from-image {png} was made with the local {what} {name}; give it again with {option} "
+                        f"{'FOLDER' if '#' in str(name) else 'FILE'}")
+
+    from .weights import HUB_PATTERNS
+
+    model_path = None if model_given else local(model, "model", "--model", HUB_PATTERNS)
+    lora_paths = list(loras) if loras_given else [(local(name, "LoRA", "--lora"), scale) for name, scale in loras]
+    controlnet_path = controlnet
+    if controlnet and not controlnet_given:
+        controlnet_path = local(controlnet, "ControlNet", "--controlnet")
+    cached = " (from the Hugging Face cache)"
+    say(f"From {Path(png).name}: model {model}" + (cached if model_path else ""))
+    for name, scale in loras:
+        say(f"From {Path(png).name}: LoRA {name} at scale {format_number(scale)}" + ("" if loras_given else cached))
+    if controlnet:
+        say(f"From {Path(png).name}: ControlNet {controlnet}" + ("" if controlnet_given else cached))
+    return model_path, lora_paths, controlnet_path
+
+
+def saved_file(png: str, name: str | None) -> str | None:
+    """An input image the PNG names (by file name): next to the PNG, else in the current folder."""
+    if not name:
+        return name
+    beside = Path(png).expanduser().parent / name
+    return str(beside) if beside.exists() else name
 
 
 def plan_outputs(template: str | None, jobs: list[tuple[int, int]], overwrite: bool) -> list[Path]:
@@ -726,7 +746,10 @@ def png_info(settings: dict):
         "width": str(settings["width"]),
         "height": str(settings["height"]),
         "model": settings["model"],
-        "quantization": str(quant) if quant else "none",
+        "quantization": str(quant) if quant else "none",  # what the DiT runs at, stored or on the fly
+        **({"text_encoder_quantization": str(settings["text_encoder_quantization"] or "none"),
+            "quantize": str(settings.get("quantize") or "none")}  # the on-the-fly bits: what a replay asks for
+           if "text_encoder_quantization" in settings else {}),
         "dtype": settings["dtype"],
         **({"image": settings["image"], "strength": format_number(settings["strength"])} if settings.get("image") else {}),
         **({"mask": settings["mask"]} if settings.get("mask") else {}),
@@ -758,6 +781,8 @@ def a1111_parameters(s: dict) -> str:
         fields["CFG truncation"] = format_number(s["cfg_truncation"])
     if s["quantization"]:
         fields["Quantization"] = f"{s['quantization']}-bit"
+    if s.get("text_encoder_quantization") and s["text_encoder_quantization"] != s["quantization"]:
+        fields["Text encoder quantization"] = f"{s['text_encoder_quantization']}-bit"
     if s.get("loras"):
         fields["LoRA"] = ", ".join(f"{n}:{format_number(v)}" for n, v in s["loras"])
     if s.get("image"):
@@ -817,7 +842,7 @@ def read_image_settings(path: str) -> dict:
     text = {k: v for k, v in text.items() if isinstance(v, str)}
     if "prompt" in text and "seed" in text:
         raw = {k: text[k] for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "cfg_normalization",
-                                    "cfg_truncation", "width", "height", "model", "quantization", "dtype",
+                                    "cfg_truncation", "width", "height", "model", "quantization", "quantize", "dtype",
                                     "loras", "image", "mask", "strength", "original_prompt", "controlnet", "controls",
                                     "control_type", "control_start", "control_end", "controlnet_graph") if k in text}
     elif "parameters" in text:
@@ -840,7 +865,7 @@ def read_image_settings(path: str) -> dict:
                 settings[key] = int(value)
             elif key in ("guidance", "cfg_normalization", "cfg_truncation", "strength", "control_start", "control_end"):
                 settings[key] = float(value)
-            elif key == "quantization":
+            elif key in ("quantization", "quantize"):
                 settings[key] = None if value in ("", "none") else int(value)
             elif key == "loras":
                 settings[key] = saved_loras(path, value)
@@ -906,14 +931,56 @@ def distributed_launch() -> bool:
 
 
 def describe_pipeline(pipe) -> str:
-    parts = [pipe.dtype]
+    """`float32, 4-bit`, `float32 (stored bfloat16), DiT 4-bit, text encoder 8-bit`, ...: what really runs."""
+    stored = getattr(pipe, "stored_dtype", None)
+    parts = [pipe.dtype + (f" (stored {stored})" if stored and stored != pipe.dtype else "")]
+    parts += describe_quantization(getattr(pipe, "quantization", None) or {"transformer": pipe.quantize})
     if getattr(pipe, "parallel", None) is not None:
         parts.append(f"{pipe.parallel.mode}-parallel over {pipe.parallel.size} ranks")
-    if pipe.quantize:
-        parts.append(f"{pipe.quantize}-bit")
     if pipe.low_memory:
         parts.append("low memory")
     return ", ".join(parts)
+
+
+def describe_quantization(q: dict) -> list[str]:
+    dit, te = q.get("transformer"), q.get("text_encoder")
+    if dit and te and dit != te:
+        return [f"DiT {dit}-bit", f"text encoder {te}-bit"]
+    if dit:
+        return [f"{dit}-bit" if te == dit or "text_encoder" not in q else f"DiT {dit}-bit"]
+    return [f"text encoder {te}-bit"] if te else []
+
+
+BLAS_HINT = ("Note: MLX's CPU backend runs on its bundled reference BLAS, which is slow; for several times the "
+             "speed: apt-get install libopenblas0-pthread, then run with "
+             "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
+_blas_hint_shown = False
+
+
+def reference_blas(maps: str) -> bool:
+    """Whether a process's memory map (/proc/self/maps) holds a BLAS but no optimized one (OpenBLAS, MKL, BLIS)."""
+    libs = {line.split()[-1].lower() for line in maps.splitlines() if "/" in line}
+    fast = any(k in p for p in libs for k in ("openblas", "mkl", "blis"))
+    return not fast and any("libblas" in p.rsplit("/", 1)[-1] for p in libs)
+
+
+def slow_blas_hint() -> None:
+    """Once per process, on stderr: how to get a fast BLAS when MLX runs on the CPU with the reference one
+    (Linux: MLX's CPU wheel bundles netlib's libblas). The library stays silent; only the CLI says this."""
+    global _blas_hint_shown
+    if _blas_hint_shown or not sys.platform.startswith("linux"):
+        return
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        return
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return
+    _blas_hint_shown = True
+    if reference_blas(maps):
+        click.echo(BLAS_HINT, err=True)
 
 
 def show_warnings(caught: list, shown: set, quiet: bool) -> None:
@@ -931,43 +998,7 @@ def show_warnings(caught: list, shown: set, quiet: bool) -> None:
             click.echo(f"Warning: {w.message}", err=True)
 
 
-class Progress:
-    """The pipeline callback: a one-line bar with time per step on a terminal's stderr, nothing elsewhere.
-
-    After `finish()`, `step_seconds` is the time spent in denoising steps and `total_seconds` the image's
-    whole time (decoding included).
-    """
-
-    width = 24
-
-    def __init__(self, enabled: bool = True):
-        self.live = enabled and sys.stderr.isatty()
-        self.label = ""
-
-    def status(self, line: str) -> None:
-        """Show a transient line on a terminal; an empty one clears it."""
-        if self.live:
-            click.echo(f"\r{line}\033[K", nl=False, err=True)
-
-    def start(self, label: str) -> None:
-        self.label = label
-        self.t0 = time.perf_counter()
-        self.step_seconds = self.total_seconds = 0.0
-        self.status(f"{label}  starting ...")
-
-    def __call__(self, step: int, total: int, latents=None) -> None:
-        self.step_seconds = time.perf_counter() - self.t0
-        done = round(self.width * step / total)
-        per_step = self.step_seconds / step
-        self.status(f"{self.label}  [{'#' * done}{'.' * (self.width - done)}] {step}/{total}  "
-                    f"{per_step:.2f} s/step  eta {per_step * (total - step):.0f} s")
-
-    def finish(self) -> None:
-        self.total_seconds = time.perf_counter() - self.t0
-        self.status("")
-
-
-# Registered last: zimage_mlx.convert imports only click at module level (MLX loads when it runs).
+# zimage_mlx.convert imports only click and cli_common at module level (MLX loads when it runs).
 from .convert import convert_command  # noqa: E402
 
 main.add_command(convert_command, "convert")
@@ -1056,6 +1087,7 @@ def serve(model, quantize, low_memory, dtype, host, port, api_key, queue_size, l
     click.echo(f"Loading {model} ...", err=True)
     with expected_errors():
         runner.start()
+    slow_blas_hint()
     run_server(runner, cfg, host, port, announce=lambda line: click.echo(line) or sys.stdout.flush())
     # Shut down cleanly (jobs answered, worker stopped). MLX 0.32 on Linux aborts now and then in its static
     # destructors once a worker thread has used it (exit code 134), so the process ends here with code 0.

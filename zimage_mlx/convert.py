@@ -34,6 +34,8 @@ from typing import Callable, Iterator
 
 import click
 
+from .cli_common import Command, Progress, expected_errors
+
 DEFAULT_BASE = "Tongyi-MAI/Z-Image-Turbo"
 DEFAULT_SHARD_SIZE = 2 * 2**30
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
@@ -121,7 +123,7 @@ def _check_kind(name: str, tensors: dict, label: str) -> None:
 
 def _resolve(name, weights: tuple[str, ...]) -> Path:
     """A diffusers checkpoint folder, or a Hub id with the small files plus the weights of `weights` only."""
-    from .weights import CheckpointError, check_checkpoint_folder, resolve_model
+    from .weights import CheckpointError, check_checkpoint_folder, hub_fetch, resolve_model
 
     path = Path(name).expanduser()
     if path.exists() or set(weights) == set(WEIGHTS):
@@ -129,16 +131,10 @@ def _resolve(name, weights: tuple[str, ...]) -> Path:
     name = str(name)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointError(f"{name} does not exist (and it is not a Hub repo id like {DEFAULT_BASE})")
-    from huggingface_hub import snapshot_download
-
     patterns = SMALL_FILES + [p for c in weights for p in (f"{c}/*.safetensors", f"{c}/*.safetensors.index.json")]
-    try:
-        folder = Path(snapshot_download(name, allow_patterns=patterns))
-    except Exception as e:  # offline, unknown repo, gated, network: all end the same way for the user
-        raise CheckpointError(
-            f"cannot get {name} from the Hugging Face Hub ({type(e).__name__}); if you are offline, download it once "
-            f"(hf download {name}) and pass the folder"
-        ) from None
+    folder = hub_fetch(name, patterns=patterns, fail=lambda reason: CheckpointError(
+        f"cannot get {name} from the Hugging Face Hub ({reason}); if you are offline, download it once "
+        f"(hf download {name}) and pass the folder"))
     check_checkpoint_folder(folder)
     return folder
 
@@ -657,22 +653,10 @@ def _float_dtype(c: Component) -> str:
 # The command
 
 
-class _Command(click.Command):
-    """Bad options as one `Error:` line with exit code 2, like the other zimage-mlx commands."""
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except click.UsageError as e:
-            from .cli import UserError
-
-            raise UserError(e.format_message()) from None
-
-
 BITS = ["2", "3", "4", "5", "6", "8"]
 
 
-@click.command("convert", cls=_Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("convert", cls=Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("src")
 @click.argument("dst")
 @click.option("--quantize", type=click.Choice(["4", "8"]),
@@ -706,7 +690,6 @@ def convert_command(src, dst, quantize, group_size, dtype, transformer_bits, tex
       zimage-mlx convert ComfyUI/models/split_files z-image-turbo-mlx
       zimage-mlx convert --controlnet Z-Image-Turbo-Fun-Controlnet-Union-2.1-lite-2602-8steps.safetensors union-lite-q4 --quantize 4
     """
-    from .cli import Progress, expected_errors
 
     progress = Progress()
     if controlnet:

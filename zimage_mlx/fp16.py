@@ -29,6 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 STATS_VERSION = 1
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0**-14
 STD_GATE = 0.42  # ComfyUI's allow_fp16 threshold on std(layers.{n-2}.ffn_norm1.weight, population)
@@ -200,26 +201,42 @@ class DtypeChoice:
     pending: bool = False  # float16 chosen on the chip alone: the statistics, not stored, must be checked at load
 
 
-def choose_dtype(requested: str, stats: dict | None, gpu: tuple[str, str] | None = ...) -> DtypeChoice:
+def choose_dtype(requested: str, stats: dict | None, gpu: tuple[str, str] | None = ...,
+                 stored: str | None = None) -> DtypeChoice:
     """The compute dtype for `requested` ("auto" or a dtype name) and why.
 
-    auto: float32 on the CPU (MLX's bfloat16 and float16 matmuls are slow there); float16 on an M1/M2 GPU
-    when the statistics pass (`pending` when they are not known yet); bfloat16 otherwise."""
+    auto, the rule:
+    - on the CPU, float32 whatever the folder holds: MLX's bfloat16 and float16 matmuls are slow there (a
+      folder written in a half type is upcast as it loads);
+    - on a GPU, a folder converted in float32 runs float32 and one converted in float16 runs float16 when the
+      statistics pass (else bfloat16); `stored` is the dtype its config.json records (`zimage-mlx convert`);
+    - otherwise (bfloat16 or unrecorded): float16 on an M1/M2 GPU when the statistics pass (`pending` when
+      they are not known yet; bfloat16 is emulated there), bfloat16 on any other GPU."""
     if requested != "auto":
         return DtypeChoice(requested, f"{requested} (requested)")
     gpu = gpu_name() if gpu is ... else gpu
+    on_gpu = gpu is not None or mx.default_device().type == mx.DeviceType.gpu
+    if not on_gpu:
+        return DtypeChoice("float32", "float32: running on the CPU, where MLX's bfloat16 and float16 matmuls are slow"
+                           + (f" (the folder's {stored} weights are upcast)" if stored not in (None, "float32") else ""))
+    if stored == "float32":
+        return DtypeChoice("float32", "float32: the folder was converted in float32")
+    if stored == "float16":
+        return _float16_if_safe(stats, "the folder was converted in float16", "the folder was converted in float16")
     if gpu is None:
-        if mx.default_device().type == mx.DeviceType.gpu:
-            return DtypeChoice("bfloat16", "bfloat16: the GPU is not an Apple one (float16 pays only on M1/M2)")
-        return DtypeChoice("float32", "float32: running on the CPU, where MLX's bfloat16 and float16 matmuls are slow")
+        return DtypeChoice("bfloat16", "bfloat16: the GPU is not an Apple one (float16 pays only on M1/M2)")
     name, arch = gpu
     if not is_m1_or_m2(name, arch):
         return DtypeChoice("bfloat16", f"bfloat16: {name} has native bfloat16 (float16 pays only on M1/M2)")
+    return _float16_if_safe(stats, f"{name} has no native bfloat16", f"{name} would run float16 faster")
+
+
+def _float16_if_safe(stats: dict | None, because: str, otherwise: str) -> DtypeChoice:
+    """float16 (for `because`) when the statistics pass, `pending` while they are unknown; else bfloat16."""
     if stats is None:
-        return DtypeChoice("float16", f"float16: {name} has no native bfloat16; the checkpoint's float16 "
-                                      "statistics are checked at load", pending=True)
+        return DtypeChoice("float16", f"float16: {because}; the checkpoint's float16 statistics are checked at load",
+                           pending=True)
     ok, why = verdict(stats)
     if ok:
-        return DtypeChoice("float16", f"float16: {name} has no native bfloat16 and the checkpoint passes the "
-                                      f"float16 checks ({why})")
-    return DtypeChoice("bfloat16", f"bfloat16: {name} would run float16 faster, but {why}")
+        return DtypeChoice("float16", f"float16: {because} and the checkpoint passes the float16 checks ({why})")
+    return DtypeChoice("bfloat16", f"bfloat16: {otherwise}, but {why}")

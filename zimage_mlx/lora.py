@@ -256,25 +256,24 @@ def resolve_lora(source) -> Path:
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
     if filename is not None and not filename.endswith(".safetensors"):
         raise LoraError(f"LoRA {name}: name a .safetensors file in the repo {repo}, or the repo alone")
-    from huggingface_hub import hf_hub_download, list_repo_files, snapshot_download
+    from huggingface_hub import list_repo_files
 
-    try:
-        if filename is None:
-            try:
-                files = [f for f in list_repo_files(repo) if f.endswith(".safetensors")]
-            except Exception:  # offline: whatever of the repo is in the local cache
-                folder = Path(snapshot_download(repo, allow_patterns=["*.safetensors"], local_files_only=True))
-                files = [str(f.relative_to(folder)) for f in folder.rglob("*.safetensors")]
-            if len(files) != 1:
-                raise LoraError(f"the Hub repo {repo} has {len(files)} .safetensors files; name one as "
-                                f"{repo}/FILE.safetensors" + (f" (e.g. {', '.join(sorted(files)[:3])})" if files else ""))
-            filename = files[0]
-        return Path(hf_hub_download(repo, filename))
-    except LoraError:
-        raise
-    except Exception as e:  # offline, unknown repo or file, gated: all end the same way for the user
-        raise LoraError(f"LoRA {name} is not a local file and cannot be fetched from the Hugging Face Hub "
-                        f"({type(e).__name__})") from None
+    from .weights import hub_fetch
+
+    def fail(reason):
+        return LoraError(f"LoRA {name} is not a local file and cannot be fetched from the Hugging Face Hub ({reason})")
+
+    if filename is None:
+        try:
+            files = [f for f in list_repo_files(repo) if f.endswith(".safetensors")]
+        except Exception:  # offline: whatever of the repo is in the local cache
+            folder = hub_fetch(repo, patterns=["*.safetensors"], local_only=True, fail=fail)
+            files = [str(f.relative_to(folder)) for f in folder.rglob("*.safetensors")]
+        if len(files) != 1:
+            raise LoraError(f"the Hub repo {repo} has {len(files)} .safetensors files; name one as "
+                            f"{repo}/FILE.safetensors" + (f" (e.g. {', '.join(sorted(files)[:3])})" if files else ""))
+        filename = files[0]
+    return hub_fetch(repo, filename=filename, fail=fail)
 
 
 # ----------------------------------------------------------------------------------------------

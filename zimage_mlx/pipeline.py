@@ -31,7 +31,7 @@ from .text_encoder import TextEncoder
 from .text_encoder import default_bits as text_encoder_bits
 from .transformer import ZImageTransformer
 from .vae import VAE, auto_tile_size, from_pil, to_pil
-from .weights import read_config, resolve_model
+from .weights import read_config, resolve_model, stored_bits
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 LATENT_CHANNELS = 16
@@ -72,7 +72,7 @@ class ZImagePipeline:
 
     def __init__(self, transformer: ZImageTransformer, text_encoder: TextEncoder | None, vae: VAE,
                  scheduler: FlowMatchScheduler, *, root: Path, dtype: str, low_memory: bool = False,
-                 quantize: int | None = None):
+                 quantize: int | None = None, quantization: dict | None = None, stored_dtype: str | None = None):
         self.transformer = transformer
         self._cap_feat_dim = transformer.args.cap_feat_dim
         self.text_encoder = text_encoder
@@ -81,7 +81,12 @@ class ZImagePipeline:
         self.root = Path(root)
         self.dtype = dtype
         self.low_memory = low_memory
-        self.quantize = quantize
+        self.quantize = quantize  # the on-the-fly bits asked for (None for a folder loaded as stored)
+        # What each model really runs at: {"transformer": bits or None, "text_encoder": bits or None}, from the
+        # folder's config.json when it was converted quantized, else from `quantize`.
+        self.quantization = quantization if quantization is not None else {
+            "transformer": quantize, "text_encoder": text_encoder_bits(quantize)}
+        self.stored_dtype = stored_dtype  # the dtype a converted folder was written in (None: not recorded)
         self.reason = dtype  # why this dtype (from_pretrained explains "auto")
         self._prompt_cache: OrderedDict[tuple[str, int], mx.array] = OrderedDict()
         self.loras: list[tuple[str, float]] = []  # (name, scale) of the LoRAs applied, in order
@@ -104,12 +109,14 @@ class ZImagePipeline:
                         timeout: float | None = None) -> "ZImagePipeline":
         """Load a checkpoint folder (diffusers layout, or one written by `zimage-mlx convert`) or a Hub id.
 
-        dtype: "auto", "bfloat16", "float16" or "float32". auto is float32 on the CPU, bfloat16 on a GPU, and
-        float16 on M1/M2 GPUs (no native bfloat16) for a checkpoint that passes the float16 checks (see fp16.py);
-        `reason` on the pipeline says why. float16 runs the DiT's scaled graph, checked after every step (see
+        dtype: "auto", "bfloat16", "float16" or "float32". auto is float32 on the CPU; on a GPU the dtype a
+        converted folder was written in (float16 only if it passes the float16 checks), else bfloat16, or
+        float16 on M1/M2 GPUs (no native bfloat16) for a checkpoint that passes them (fp16.choose_dtype);
+        `reason` on the pipeline says why, `stored_dtype` what the folder holds. float16 runs the DiT's scaled graph, checked after every step (see
         `denoise`); the text encoder then runs in bfloat16 and the VAE always in float32.
         quantize: 4 or 8 to quantize on the fly with each model's policy: the DiT to that many bits, the text
         encoder to at least 8 (the VAE never is). A folder converted quantized loads as stored without it.
+        `quantization` on the pipeline gives the bits each model really runs at, stored or on the fly.
         low_memory: load the text encoder only while encoding and free it before denoising, and decode
         the VAE in tiles; a little slower, a much lower peak.
         group: an `mx.distributed` group of several ranks (`zimage_mlx.distributed.init()` under mlx.launch) to
@@ -118,7 +125,9 @@ class ZImagePipeline:
         without progress before a rank gives up on the others. See `zimage_mlx.distributed`.
         """
         root = resolve_model(model)
-        choice = fp16.choose_dtype(dtype, fp16.stored(read_config(root / "transformer")))
+        dit_config = read_config(root / "transformer")
+        stored_dtype = dit_config.get("dtype") if dit_config.get("dtype") in fp16.DTYPE_NAMES else None
+        choice = fp16.choose_dtype(dtype, fp16.stored(dit_config), stored=stored_dtype)
         par = None
         if group is not None and group.size() > 1:
             from . import distributed
@@ -131,7 +140,7 @@ class ZImagePipeline:
         else:
             transformer = ZImageTransformer.from_pretrained(root / "transformer", dtype=choice.dtype, quantize=quantize)
         if choice.pending:  # M1/M2 and no stored statistics: judged on the float16 weights just loaded
-            choice = fp16.choose_dtype(dtype, transformer.fp16_stats)
+            choice = fp16.choose_dtype(dtype, transformer.fp16_stats, stored=stored_dtype)
             if choice.dtype != "float16":
                 transformer = None
                 if par is not None:
@@ -150,8 +159,10 @@ class ZImagePipeline:
         # float16 risk), and on Apple GPUs float32 convolutions cost memory traffic, not ALU rate.
         vae = VAE.from_pretrained(root / "vae")
         scheduler = FlowMatchScheduler.from_pretrained(root / "scheduler")
+        quantization = {"transformer": stored_bits(dit_config) or quantize,
+                        "text_encoder": stored_bits(read_config(root / "text_encoder")) or text_encoder_bits(quantize)}
         pipe = cls(transformer, None, vae, scheduler, root=root, dtype=dtype, low_memory=low_memory,
-                   quantize=quantize)
+                   quantize=quantize, quantization=quantization, stored_dtype=stored_dtype)
         pipe.parallel = par
         pipe.reason = choice.reason
         if not low_memory:

@@ -113,18 +113,47 @@ def resolve_model(name) -> Path:
     name = str(name)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointError(f"model folder {name} does not exist (and it is not a Hub repo id like Tongyi-MAI/Z-Image-Turbo)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
-    except Exception as e:  # offline, unknown repo, gated, network: all end the same way for the user
-        reason = type(e).__name__
-        raise CheckpointError(
-            f"cannot get {name} from the Hugging Face Hub ({reason}); if you are offline or the repo is private, "
-            f"download it once (hf download {name}) or pass a local folder with --model / from_pretrained(path)"
-        ) from None
+    folder = hub_fetch(name, patterns=HUB_PATTERNS, fail=lambda reason: CheckpointError(
+        f"cannot get {name} from the Hugging Face Hub ({reason}); if you are offline or the repo is private, "
+        f"download it once (hf download {name}) or pass a local folder with --model / from_pretrained(path)"))
     check_checkpoint_folder(folder)
     return folder
+
+
+def is_hub_id(name) -> bool:
+    """`owner/repo` or `owner/repo/path/file`: a name the Hub could resolve (not a local-looking path)."""
+    name = str(name)
+    parts = name.split("/")
+    return len(parts) >= 2 and all(parts) and not name.startswith((".", "/", "~")) and "\\" not in name
+
+
+def hub_fetch(name: str, *, patterns: list[str] | None = None, filename: str | None = None,
+              local_only: bool = False, fail=None) -> Path:
+    """The one way to the Hugging Face Hub (models, converter sources, LoRAs, ControlNets): the snapshot
+    folder of repo `name` holding the files that match `patterns`, or the path of one `filename` in it; from
+    the local HF cache, downloaded into it first unless local_only. Any failure (offline, unknown or gated
+    repo, not in the cache) raises fail(reason) (default: a CheckpointError naming the repo)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        if filename is not None:
+            return Path(hf_hub_download(name, filename, local_files_only=local_only))
+        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=local_only))
+    except Exception as e:  # offline, unknown repo, gated, network: all end the same way for the user
+        reason = type(e).__name__
+    raise (fail or (lambda r: CheckpointError(f"cannot get {name} from the Hugging Face Hub ({r})")))(reason) from None
+
+
+def hub_cached(name, patterns=HUB_PATTERNS) -> Path | None:
+    """Where the local Hugging Face cache already holds `name`, without any network access: a repo's snapshot
+    folder (`owner/repo`, the files of `patterns`), or a file (`owner/repo/path/file`); None if it is not
+    there."""
+    parts = str(name).split("/")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    try:
+        return hub_fetch(repo, patterns=patterns, filename=filename, local_only=True)
+    except CheckpointError:
+        return None
 
 
 def check_checkpoint_folder(folder: Path) -> None:
@@ -152,6 +181,12 @@ def check_quantization(bits, group_size) -> None:
         raise InputError(f"quantization bits must be one of {', '.join(map(str, QUANT_BITS))}, got {bits!r}")
     if group_size not in GROUP_SIZES or isinstance(group_size, bool):
         raise InputError(f"quantization group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
+
+
+def stored_bits(config: dict) -> int | None:
+    """The bits a component's config.json records it was converted to (`zimage-mlx convert --quantize`), or None."""
+    q = config.get("quantization")
+    return q.get("bits") if isinstance(q, dict) else None
 
 
 def quantize_as_stored(model: nn.Module, weights: dict[str, mx.array], config: dict, what: str,
