@@ -526,34 +526,31 @@ def parse_size(size: str | None, width: int | None, height: int | None) -> tuple
     return w, int(m.group(2)) if m.group(2) else w
 
 
-def parse_lora(spec: str) -> tuple[str, float]:
-    """--lora PATH[:SCALE] into (path or Hub id, scale); a file whose name has a colon is taken whole."""
+def parse_scaled(spec: str, option: str, metavar: str, example: str, default):
+    """OPTION NAME[:SCALE] into (name, scale, or `default` without one); a file whose name has a colon is taken
+    whole."""
     name, sep, scale = spec.rpartition(":")
     if not sep or Path(spec).expanduser().exists():
-        return spec, 1.0
+        return spec, default
     try:
         value = float(scale)
     except ValueError:
-        raise UserError(f"--lora {spec}: the scale {scale!r} after the last ':' is not a number") from None
+        raise UserError(f"{option} {spec}: the scale {scale!r} after the last ':' is not a number") from None
     if not name or not math.isfinite(value):
-        raise UserError(f"--lora {spec}: give PATH[:SCALE] with a finite number as SCALE, e.g. style.safetensors:0.8")
+        raise UserError(f"{option} {spec}: give {metavar}[:SCALE] with a finite number as SCALE, e.g. {example}")
     return name, value
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """--lora PATH[:SCALE] into (path or Hub id, scale)."""
+    return parse_scaled(spec, "--lora", "PATH", "style.safetensors:0.8", 1.0)
 
 
 def parse_control(spec) -> tuple[str, float | None]:
     """--control IMAGE[:SCALE] into (path, scale or None for the ControlNet's default); a stored pair passes."""
     if isinstance(spec, (tuple, list)):
         return spec[0], spec[1]
-    name, sep, scale = spec.rpartition(":")
-    if not sep or Path(spec).expanduser().exists():
-        return spec, None
-    try:
-        value = float(scale)
-    except ValueError:
-        raise UserError(f"--control {spec}: the scale {scale!r} after the last ':' is not a number") from None
-    if not name or not math.isfinite(value):
-        raise UserError(f"--control {spec}: give IMAGE[:SCALE] with a finite number as SCALE, e.g. edges.png:0.8")
-    return name, value
+    return parse_scaled(spec, "--control", "IMAGE", "edges.png:0.8", None)
 
 
 def control_settings(controlnet, controls, control_type, start, end, width, height, has_image) -> dict:
