@@ -7,7 +7,6 @@ and the FLUX VAE decodes. Work is lazy: the pipeline evaluates once after encodi
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import threading
@@ -18,11 +17,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import mlx.core as mx
-import numpy as np
 
 from . import fp16, kernels
 from .enhance import PromptEnhancer, check_options
 from .errors import InputError
+from .inputs import (LATENT_CHANNELS, MAX_SEED, ImageInput, image_input, mask_latents, open_image,  # noqa: F401
+                     output_size, validate)
 from .fp16 import Float16OverflowWarning
 from .lora import Lora, apply_lora, read_lora, restore
 from .sampler import (FlowMatchScheduler, apply_cfg, euler_step, guidance_for_step, model_time, scale_noise,
@@ -34,8 +34,6 @@ from .vae import VAE, auto_tile_size, from_pil, to_pil
 from .weights import read_config, resolve_model, stored_bits
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
-LATENT_CHANNELS = 16
-MAX_SEED = 2**32 - 1
 LOW_MEMORY_TILE = 64  # latent pixels (512 image pixels) per VAE tile side in low-memory mode
 
 
@@ -662,100 +660,6 @@ def image_key(seed: int) -> mx.array:
     return mx.random.split(mx.random.key(seed))[1]
 
 
-@dataclass
-class ImageInput:
-    """An image-to-image or inpainting request, checked and sized by `image_input`."""
-
-    image: object  # PIL image as given (resized when encoded); None when only latents were given
-    mask: object  # PIL image of the image's size, or None
-    latents: mx.array | None  # the caller's image_latents, or None
-    width: int  # output size
-    height: int
-    strength: float
-
-
-def image_input(image, mask=None, strength: float | None = None, width: int | None = None,
-                height: int | None = None, image_latents: mx.array | None = None) -> ImageInput:
-    """Check an image-to-image / inpainting request and settle the output size by generate's resize policy.
-
-    Opens paths (no model needed: the CLI calls it before loading one); raises InputError or TypeError with a
-    one-line reason: no image, an unreadable file, a mask of another size, a strength outside [0, 1].
-    """
-    if image is None and image_latents is None:
-        raise InputError(f"{'mask' if mask is not None else 'strength'} needs an image to start from (image=...)")
-    validate(width=width, height=height, strength=strength)
-    image = open_image(image, "image") if image is not None else None
-    mask = open_image(mask, "mask") if mask is not None else None
-    if image is not None:
-        size = image.size
-    elif not isinstance(image_latents, mx.array) or image_latents.ndim != 4 or image_latents.shape[-1] != LATENT_CHANNELS:
-        raise TypeError(f"image_latents must be an mx.array of shape (1 or B, h, w, {LATENT_CHANNELS})")
-    else:
-        size = (image_latents.shape[2] * 8, image_latents.shape[1] * 8)
-    if mask is not None and mask.size != size:
-        raise InputError(f"the mask is {mask.width}x{mask.height} but the image is {size[0]}x{size[1]}: "
-                         "they must have the same size")
-    width, height = output_size(size, width, height)
-    if image_latents is not None and tuple(image_latents.shape[1:]) != (height // 8, width // 8, LATENT_CHANNELS):
-        raise InputError(f"image_latents must have shape (1 or B, {height // 8}, {width // 8}, {LATENT_CHANNELS}) "
-                         f"for a {width}x{height} image, got {tuple(image_latents.shape)}")
-    if strength is None:
-        strength = 1.0 if mask is not None else 0.6  # diffusers' defaults
-    return ImageInput(image, mask, image_latents, width, height, float(strength))
-
-
-def output_size(size: tuple[int, int], width: int | None = None, height: int | None = None) -> tuple[int, int]:
-    """The output (width, height) for an input image of `size` (W, H): both given, as given; neither, the
-    image's size rounded down to multiples of 16; one, the other from the aspect ratio (nearest multiple of 16)."""
-    W, H = size
-    if width is None and height is None:
-        width, height = W // 16 * 16, H // 16 * 16
-        if not width or not height:
-            raise InputError(f"the image is {W}x{H} pixels; it must be at least 16x16")
-        if max(width, height) > 8192:
-            raise InputError(f"the image is {W}x{H} pixels, above the model's limit of 8192 a side: give a smaller width and height")
-    elif height is None:
-        height = max(16, round(width * H / W / 16) * 16)
-    elif width is None:
-        width = max(16, round(height * W / H / 16) * 16)
-    validate(width=width, height=height)
-    return width, height
-
-
-def open_image(value, what: str = "image"):
-    """A PIL image as is, or a path opened like diffusers' load_image (EXIF orientation applied); InputError
-    for a missing or unreadable file, TypeError for anything else. `what` names it in messages."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if isinstance(value, Image.Image):
-        return value
-    if not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"{what} must be a path or a PIL image, got {type(value).__name__}")
-    path = Path(value).expanduser()
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return ImageOps.exif_transpose(im)
-    except FileNotFoundError:
-        raise InputError(f"{what} {path}: no such file") from None
-    except UnidentifiedImageError:
-        raise InputError(f"{what} {path} is not an image Pillow can read") from None
-    except (OSError, Image.DecompressionBombError) as e:
-        raise InputError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
-
-
-def mask_latents(mask, width: int, height: int, scale: int = 8) -> mx.array:
-    """A PIL mask -> (1, height / scale, width / scale, 1) float32 of 0 (keep) and 1 (repaint), as diffusers'
-    inpainting prepares it: resized to (width, height) with Lanczos, greyscale, 1 where >= 50% (binarised at
-    full size), then torch's 'nearest' down to the latent grid, which is the top-left pixel of each block."""
-    from PIL import Image
-
-    if mask.size != (width, height):
-        mask = mask.resize((width, height), resample=Image.Resampling.LANCZOS)
-    m = (np.asarray(mask.convert("L"), dtype=np.float32) / np.float32(255) >= 0.5).astype(np.float32)
-    return mx.array(m[::scale, ::scale][None, :, :, None])  # (1, h, w, 1)
-
-
 def _check_prompts(prompt, what: str) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
@@ -787,24 +691,3 @@ def _from_positional(values: tuple, given: dict) -> dict:
             raise TypeError(f"generate() got {name} both by position and by keyword")
         out[name] = value
     return out
-
-
-def validate(*, width=None, height=None, steps=None, guidance=None, num_images=None, seed=None, strength=None) -> None:
-    """Check user-facing generation arguments; raise InputError with a one-line reason."""
-    for name, v in (("width", width), ("height", height)):
-        if v is None:
-            continue
-        if not isinstance(v, int) or isinstance(v, bool) or v < 16 or v % 16:
-            raise InputError(f"{name} must be a positive multiple of 16, got {v!r}")
-        if v > 8192:
-            raise InputError(f"{name} {v} is above the model's limit of 8192 pixels")
-    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
-        raise InputError(f"steps must be an integer >= 1, got {steps!r}")
-    if guidance is not None and not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
-        raise InputError(f"guidance must be a number >= 0, got {guidance!r}")
-    if num_images is not None and (not isinstance(num_images, int) or num_images < 1):
-        raise InputError(f"num_images must be an integer >= 1, got {num_images!r}")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED):
-        raise InputError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
-    if strength is not None and (isinstance(strength, bool) or not (isinstance(strength, (int, float)) and 0 <= strength <= 1)):
-        raise InputError(f"strength must be a number in [0, 1], got {strength!r}")

@@ -22,8 +22,8 @@ from transformers import AutoTokenizer
 from .errors import InputError
 
 from . import kernels
-from .weights import (CheckpointError, check_quantization, load_into, load_safetensors, quantize_as_stored,
-                      read_config, to_dtype)
+from .weights import (CheckpointError, check_quantization, load_into, load_safetensors, quant_policy,
+                      quantize_as_stored, read_config, to_dtype)
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -89,16 +89,9 @@ def default_bits(bits: int | None) -> int | None:
 
 
 def quant_predicate(bits: int, group_size: int = DEFAULT_GROUP_SIZE, keep: tuple[str, ...] = QUANT_KEEP):
-    """The text encoder's quantization policy as an `nn.quantize` class_predicate: the Linear layers and the
-    token embedding, except those under a `keep` prefix and those whose input width is not a multiple of
-    group_size (mx.quantize works on whole groups of a row)."""
-
-    def predicate(path: str, module: nn.Module):
-        if not isinstance(module, (nn.Linear, nn.Embedding)) or path.startswith(keep) or module.weight.shape[-1] % group_size:
-            return False
-        return {"bits": bits, "group_size": group_size}
-
-    return predicate
+    """The text encoder's quantization policy (weights.quant_policy): its Linear layers and the token
+    embedding, except those under a `keep` prefix."""
+    return quant_policy(bits, group_size, keep, types=(nn.Linear, nn.Embedding))
 
 
 def _check_prompts(prompts) -> list[str]:

@@ -104,7 +104,7 @@ class TrainProgress:
 
     def say(self, line: str) -> None:
         if self.live:
-            click.echo(f"\r\033[K", nl=False, err=True)
+            click.echo("\r\033[K", nl=False, err=True)
         click.echo(line, err=True)
 
     def step(self, step: int, total: int, loss: float) -> None:

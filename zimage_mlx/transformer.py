@@ -27,8 +27,8 @@ import numpy as np
 
 from . import kernels
 from .errors import InputError
-from .weights import (CheckpointError, check_quantization, load_into, load_safetensors, quantize_as_stored, quantize_model,
-                      read_config, to_dtype)
+from .weights import (CheckpointError, check_quantization, load_into, load_safetensors, quant_policy, quantize_as_stored,
+                      quantize_model, read_config, to_dtype)
 
 SEQ_MULTI_OF = 32
 ADALN_EMBED_DIM = 256
@@ -378,18 +378,9 @@ DEFAULT_GROUP_SIZE = 64
 
 def quant_predicate(bits: int, group_size: int = DEFAULT_GROUP_SIZE, keep: tuple[str, ...] = QUANT_KEEP,
                     min_bits: dict[str, int] = QUANT_MIN_BITS):
-    """The DiT's quantization policy as an `nn.quantize` class_predicate: which Linear layers get quantized,
-    at which bits and group size. Layers under a `keep` prefix stay in the compute dtype, and so do layers
-    whose input width is not a multiple of group_size (mx.quantize works on whole groups of a row); a layer
-    whose path contains a `min_bits` key gets at least those bits."""
-
-    def predicate(path: str, module: nn.Module):
-        if not isinstance(module, nn.Linear) or path.startswith(keep) or module.weight.shape[-1] % group_size:
-            return False
-        b = max([bits] + [m for name, m in min_bits.items() if name in path])
-        return {"bits": b, "group_size": group_size}
-
-    return predicate
+    """The DiT's quantization policy (weights.quant_policy): its Linear layers, those under `keep` left in the
+    compute dtype, and at least min_bits[name] bits for a layer whose path contains `name`."""
+    return quant_policy(bits, group_size, keep, min_bits)
 
 
 class ZImageTransformer(nn.Module):

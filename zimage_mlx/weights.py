@@ -222,3 +222,20 @@ def quantize_model(model: nn.Module, predicate) -> None:
     nn.quantize(model, class_predicate=predicate)
     for _, p in tree_flatten(model.parameters()):
         mx.eval(p)
+
+
+def quant_policy(bits: int, group_size: int, keep: tuple[str, ...] = (), min_bits: dict[str, int] | None = None,
+                 types: tuple = (nn.Linear,)):
+    """The one shape of every model's quantization policy, as an `nn.quantize` class_predicate: modules of
+    `types` are quantized at `bits` (at least min_bits[name] where `name` is in their path) and group_size,
+    except those under a `keep` prefix and those whose input width is not a multiple of group_size
+    (mx.quantize works on whole groups of a row)."""
+    min_bits = min_bits or {}
+
+    def predicate(path: str, module: nn.Module):
+        if not isinstance(module, types) or path.startswith(keep) or module.weight.shape[-1] % group_size:
+            return False
+        return {"bits": max([bits] + [m for name, m in min_bits.items() if name in path]), "group_size": group_size}
+
+    return predicate
+
