@@ -583,26 +583,6 @@ def open_control(path):
     return open_image(path, f"--control {path}")
 
 
-def model_label(model: str) -> str:
-    """How a model, LoRA or ControlNet is named in metadata, without any local path: a Hub id as given; a
-    folder by its name and a short hash of its configs (`my-folder#1a2b3c4d`, which --from-image compares
-    with the --model folder); a file by its name."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return f"{path.resolve().name}#{config_hash(path)}"
-    return path.name if path.exists() else str(model)
-
-
-def config_hash(folder: Path) -> str:
-    """8 hex digits of SHA-256 over a folder's top-level and per-component JSON configs (names and contents)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in sorted(folder.glob("*.json")) + sorted(folder.glob("*/*config*.json")):
-        h.update(f.relative_to(folder).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()[:8]
-
-
 def replay_sources(png: str, model, model_given: bool, loras, loras_given: bool, controlnet, controlnet_given: bool,
                    say) -> tuple[str | None, list, str | None]:
     """For --from-image: the model, LoRAs and ControlNet to load, without fetching anything the command
@@ -649,6 +629,13 @@ def saved_file(png: str, name: str | None) -> str | None:
         return name
     beside = Path(png).expanduser().parent / name
     return str(beside) if beside.exists() else name
+
+
+def model_label(model: str) -> str:
+    """weights.model_label, imported when used (the CLI's --help does not load MLX)."""
+    from .weights import model_label as label
+
+    return label(model)
 
 
 def plan_outputs(template: str | None, jobs: list[tuple[int, int]], overwrite: bool) -> list[Path]:

@@ -51,6 +51,7 @@ from .errors import ZImageError
 from .lora import LoraLinear, apply_lora, layer_dims, linear_layers, read_lora
 from .pipeline import Cancelled  # also raised by Trainer.run when its cancel token is set
 from .transformer import ZImageTransformer
+from .weights import model_label
 
 TRAINER = f"zimage-mlx {__version__}"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -527,7 +528,7 @@ def save_lora(model: nn.Module, path, config: TrainConfig, step: int, dtype=mx.f
     layers = lora_layers(model)
     meta = {
         "format": "pt",
-        "zimage_mlx.base_model": str(config.model),
+        "zimage_mlx.base_model": model_label(str(config.model)),  # no local path: a Hub id, or name#config-hash
         "zimage_mlx.rank": str(config.rank),
         "zimage_mlx.alpha": str(config.lora_alpha),
         "zimage_mlx.targets": json.dumps(sorted(layers)),

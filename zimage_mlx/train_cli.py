@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from .cli import DEFAULT_MODEL, Command, UserError, expected_errors, model_label, parse_lora
+from .cli import DEFAULT_MODEL, Command, UserError, expected_errors, parse_lora
 
 # Options whose TOML value is a list.
 _LISTS = ("targets", "adapter", "sample")
@@ -84,7 +84,7 @@ def train_command(ctx, data, output, model, rank, alpha, targets, steps, lr, bat
     config = dict(values, targets=[t.strip() for t in str(targets).split(",") if t.strip()],
                   adapters=[parse_lora(a) for a in adapter_specs], sample_prompts=sample_prompts,
                   quantize=int(values["quantize"]) if values.get("quantize") else None,
-                  model=model_label(str(values["model"])))
+                  model=str(values["model"]))
     with expected_errors():
         config = TrainConfig.from_dict(config)
         config.check()

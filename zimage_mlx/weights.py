@@ -239,3 +239,22 @@ def quant_policy(bits: int, group_size: int, keep: tuple[str, ...] = (), min_bit
 
     return predicate
 
+
+def model_label(model: str) -> str:
+    """How a model, LoRA or ControlNet is named in metadata, without any local path: a Hub id as given; a
+    folder by its name and a short hash of its configs (`my-folder#1a2b3c4d`, which --from-image compares
+    with the --model folder); a file by its name."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return f"{path.resolve().name}#{config_hash(path)}"
+    return path.name if path.exists() else str(model)
+
+
+def config_hash(folder: Path) -> str:
+    """8 hex digits of SHA-256 over a folder's top-level and per-component JSON configs (names and contents)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.json")) + sorted(folder.glob("*/*config*.json")):
+        h.update(f.relative_to(folder).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:8]
