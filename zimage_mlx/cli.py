@@ -982,8 +982,8 @@ def show_warnings(caught: list, shown: set, quiet: bool) -> None:
             click.echo(f"Warning: {w.message}", err=True)
 
 
-# zimage_mlx.convert imports only click and cli_common at module level (MLX loads when it runs).
-from .convert import convert_command  # noqa: E402
+# cli_convert and zimage_mlx.convert import no MLX at module level (MLX loads when a conversion runs).
+from .cli_convert import convert_command  # noqa: E402
 
 main.add_command(convert_command, "convert")
 
@@ -1079,6 +1079,6 @@ def serve(model, quantize, low_memory, dtype, host, port, api_key, queue_size, l
     os._exit(0)
 
 
-from .train_cli import train_command  # noqa: E402
+from .cli_train import train_command  # noqa: E402
 
 main.add_command(train_command, "train")
