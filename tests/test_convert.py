@@ -92,10 +92,13 @@ def test_float32_gives_the_same_image(reference_checkpoint, converted, source_im
     assert np.array_equal(image(ZImagePipeline.from_pretrained(dst, dtype="float32")), source_image)
     # The VAE keeps diffusers' names, torch layout and dtype: byte for byte the source's tensors.
     assert_same(tensors(dst / "vae"), tensors(reference_checkpoint / "vae"))
-    # The text encoder drops what Z-Image never uses (last layer, final norm).
+    # The text encoder keeps every tensor of the source (the last layer and final norm too: encoding skips
+    # them, prompt enhancement runs them) but the tied LM head, which is the embedding.
+    source = {k.removeprefix("model."): v for k, v in tensors(reference_checkpoint / "text_encoder").items()
+              if k != "lm_head.weight"}
     te = json.loads((dst / "text_encoder" / "config.json").read_text())
-    assert not any(k.startswith(f"layers.{te['num_hidden_layers'] - 1}.") or k == "norm.weight"
-                   for k in tensors(dst / "text_encoder"))
+    assert f"layers.{te['num_hidden_layers'] - 1}.mlp.down_proj.weight" in source and "norm.weight" in source
+    assert_same(tensors(dst / "text_encoder"), source)
 
 
 def test_bfloat16_equals_loading_in_bfloat16(reference_checkpoint, converted, source_image):
@@ -398,3 +401,20 @@ def test_standalone_script(reference_checkpoint, tmp_path):
     assert pipe.quantization == {"transformer": 8, "text_encoder": 8}
     assert_same(params(pipe.transformer), params(ZImageTransformer.from_pretrained(
         reference_checkpoint / "transformer", quantize=8, group_size=GROUP)))
+
+
+def test_converted_folders_keep_what_prompt_enhancement_runs(reference_checkpoint, converted):
+    """The last layer and final norm that encoding skips are written too, so a converted folder enhances
+    prompts exactly as the original (float32), and a quantized one loads its tail quantized as stored."""
+    from mlx.utils import tree_flatten
+
+    kw = dict(temperature=0, max_tokens=12)
+    original = ZImagePipeline.from_pretrained(reference_checkpoint, dtype="float32", low_memory=True)
+    expected = original.enhance_prompt("a red fox in the snow", **kw)
+    folder = converted("float32")
+    assert ZImagePipeline.from_pretrained(folder, dtype="float32", low_memory=True).enhance_prompt(
+        "a red fox in the snow", **kw) == expected
+    quantized = ZImagePipeline.from_pretrained(converted("float32", 8), dtype="float32")
+    assert isinstance(quantized.enhance_prompt("a red fox", **kw), str)
+    tail = quantized._enhancer.tail
+    assert any(k.endswith(".scales") for k, _ in tree_flatten(tail.parameters()))  # stored quantized

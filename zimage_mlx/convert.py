@@ -240,7 +240,18 @@ def _model(c: Component, tensors: dict):
         if c.name == "text_encoder":
             if c.single_file:
                 c.config = _derive_qwen_config(tensors, c.config)
-            model = Qwen3Encoder(model_args(c.config))
+            args = model_args(c.config)
+            last = f"layers.{args.num_hidden_layers - 1}.self_attn.q_proj.weight"
+            if args.tie_word_embeddings and (last in tensors or f"model.{last}" in tensors):
+                # Keep the last layer and the final norm, which encoding skips but prompt enhancement
+                # (enhance.py) runs: 193 MB in bfloat16. The tied LM head is the embedding, not stored twice.
+                from mlx_lm.models.qwen3 import Qwen3Model
+
+                def keep_all(weights):
+                    return {k.removeprefix("model."): w for k, w in weights.items() if k != "lm_head.weight"}
+
+                return Qwen3Model(args), keep_all
+            model = Qwen3Encoder(args)  # a source without them: what encoding needs, as before
             return model, model.sanitize
         model = VAE(VAEArgs.from_dict(c.config))
     except KeyError as e:
