@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from types import SimpleNamespace
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,8 @@ class FakeEngine:
                 time.sleep(self.step_delay)
                 ran += 1
                 if on_step is not None:
-                    on_step(FakeStep(i, total, 1.0 - i / total))
+                    latents = SimpleNamespace(shape=(num_images, height // 8, width // 8, 16))  # shape only
+                    on_step(FakeStep(i, total, 1.0 - i / total, latents, latents))
                 if cancel is not None and cancel.is_set():
                     raise Cancelled()
             images = []
@@ -86,9 +88,9 @@ class FakeEngine:
             with self.lock:
                 self.active -= 1
 
-    def fast_preview(self, step):
+    def fast_preview(self, step, size=None):
         self._record("fast_preview")
-        return [Image.new("RGB", (64, 64), (step.index * 20 % 256, 0, 0))]
+        return [Image.new("RGB", size or (64, 64), (step.index * 20 % 256, 0, 0))]
 
     def load_lora(self, path, scale=1.0, *, fuse=True):
         self._record("load_lora")

@@ -815,3 +815,17 @@ def test_enhance_rewrites_per_image_seed_and_reports_the_rewrites(app_factory):
     bad = client.post("/v1/jobs", json={"prompt": "a fox", "enhance": "yes"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "enhance"
 
+
+def test_step_previews_are_made_at_their_wire_size(app_factory):
+    """A step preview is mapped straight to at most 512 a side (not upscaled to the image, then shrunk)."""
+    engine = FakeEngine()
+    client, _, _ = app_factory(engine, max_side=2048)
+    job = client.post("/v1/jobs", json={"prompt": "p", "width": 512, "height": 256, "steps": 2}).json()
+    events = [json.loads(line[6:]) for line in client.get(job["events_url"]).text.splitlines()
+              if line.startswith("data: ") and '"preview"' in line]
+    assert events and all(Image.open(io.BytesIO(base64.b64decode(e["preview"]))).size == (512, 256) for e in events)
+    job = client.post("/v1/jobs", json={"prompt": "p", "width": 2048, "height": 1024, "steps": 2}).json()
+    events = [json.loads(line[6:]) for line in client.get(job["events_url"]).text.splitlines()
+              if line.startswith("data: ") and '"preview"' in line]
+    assert events and all(Image.open(io.BytesIO(base64.b64decode(e["preview"]))).size == (512, 256) for e in events)
+

@@ -345,14 +345,17 @@ class JobRunner:
             job.step = step.index + 1
             job.total = step.total
             data = {"step": job.step, "total": step.total}
-            if p.previews or job.step in p.partial_steps:
-                first = engine.fast_preview(step)[0]
+            partial = job.step in p.partial_steps
+            if p.previews or partial:
+                # A partial image is full size; a step preview is mapped straight to its wire size (at most
+                # PREVIEW_SIDE a side), not upscaled to the image's size and then shrunk, on every step.
+                full = engine.fast_preview(step)[0] if partial else None
                 if p.previews:
-                    job.preview_b64 = preview_jpeg(first)
+                    job.preview_b64 = preview_jpeg(full or engine.fast_preview(step, size=preview_size(step))[0])
                     data["preview"] = job.preview_b64
-                if job.step in p.partial_steps:
+                if partial:
                     job.emit("partial", {"index": sorted(p.partial_steps).index(job.step),
-                                         "b64": base64.b64encode(encode_image(first, p.output_format,
+                                         "b64": base64.b64encode(encode_image(full, p.output_format,
                                                                               p.output_compression)).decode()})
             job.emit("step", data)
 
@@ -473,6 +476,14 @@ def encode_image(image, fmt: str = "png", compression: int | None = None) -> byt
         quality = 100 if compression is None else int(compression)
         image.convert("RGB").save(buf, format="JPEG" if fmt == "jpeg" else "WEBP", quality=quality)
     return buf.getvalue()
+
+
+def preview_size(step) -> tuple[int, int]:
+    """The step preview's (W, H): the image's size (8 pixels per latent, the FLUX VAE's factor) scaled down
+    to at most PREVIEW_SIDE a side."""
+    h, w = (8 * n for n in step.denoised.shape[1:3])
+    f = min(1.0, PREVIEW_SIDE / max(w, h))
+    return max(1, round(w * f)), max(1, round(h * f))
 
 
 def preview_jpeg(image) -> str:
