@@ -12,7 +12,7 @@ import argparse
 
 from zimage_mlx import ZImagePipeline
 from zimage_mlx.controlnet import control_map
-from zimage_mlx.pipeline import open_image
+from zimage_mlx.inputs import open_image
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default="Tongyi-MAI/Z-Image-Turbo", help="Hub id or checkpoint folder")

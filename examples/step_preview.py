@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from zimage_mlx import ZImagePipeline
-from zimage_mlx.pipeline import noise
+from zimage_mlx.noise import noise
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("prompt", nargs="?", default="a castle on a hill above a misty valley, morning light")

@@ -43,16 +43,13 @@ def test_cli_and_api_make_the_same_images_for_several_prompts(pipe, reference_ch
         assert np.abs(pixels(cli_image) - pixels(im)).max() <= 1
 
 
-def test_positional_arguments_still_work_with_a_warning(pipe):
-    expected = pipe.generate("a cat", width=32, height=32, steps=2, seed=3)[0]
-    with pytest.warns(DeprecationWarning, match="keyword"):
-        old = pipe.generate("a cat", None, 32, 32, 2, 0.0, False, 1.0, 3)[0]
-    np.testing.assert_array_equal(pixels(old), pixels(expected))
-    with pytest.raises(TypeError, match="both"), pytest.warns(DeprecationWarning):
-        pipe.generate("a cat", None, 32, width=64)
-    with pytest.warns(DeprecationWarning, match="sigmas"):
-        old_sigmas = pipe.sigmas(8, 32, 64)  # (steps, height, width), the old order
-    assert old_sigmas == pipe.sigmas(8, width=64, height=32)  # (the size enters only through H x W)
+def test_arguments_after_the_prompt_are_keywords(pipe):
+    with pytest.raises(TypeError):
+        pipe.generate("a cat", None, 32, 32)
+    with pytest.raises(TypeError):
+        pipe.sigmas(8, 32, 64)
+    with pytest.raises(TypeError, match="callback"):
+        pipe.generate("a cat", callback=print, **SMALL)  # one progress hook: on_step
 
 
 def test_user_mistakes_have_our_error_types(pipe):

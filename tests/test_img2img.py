@@ -24,7 +24,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from zimage_mlx import ZImagePipeline, cli
-from zimage_mlx.pipeline import image_key, mask_latents, noise, open_image, output_size
+from zimage_mlx.inputs import mask_latents, open_image, output_size
+from zimage_mlx.noise import image_key, noise
 from zimage_mlx.sampler import strength_start
 
 
@@ -166,7 +167,7 @@ def test_steps_run_and_inpainting_keeps_the_image_latents(pipe, dit_forwards):
     forwards = dit_forwards()
     seen = []
     pipe.generate("a fox", image=image, mask=mask, strength=0.6, steps=8, seed=seed,
-                  callback=lambda i, n, x: seen.append((i, n, x)))
+                  on_step=lambda s: seen.append((s.index + 1, s.total, s.latents)))
     assert [(i, n) for i, n, _ in seen] == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)] and len(forwards) == 5
     z = np.array(pipe.encode_image(image, seed=seed))
     keep = np.array(mask_latents(mask, 48, 32))[..., 0] == 0  # (1, 4, 6)

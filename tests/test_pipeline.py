@@ -108,7 +108,8 @@ def test_batch_equals_one_at_a_time(pipe):
 
 def test_callback_and_preview(pipe):
     seen = []
-    pipe.generate("a cat", width=32, height=32, steps=3, seed=1, callback=lambda i, n, x: seen.append((i, n, x.shape)))
+    pipe.generate("a cat", width=32, height=32, steps=3, seed=1,
+                  on_step=lambda s: seen.append((s.index + 1, s.total, s.latents.shape)))
     assert seen == [(1, 3, (1, 4, 4, 16)), (2, 3, (1, 4, 4, 16)), (3, 3, (1, 4, 4, 16))]
     feats = pipe.encode_prompt("a cat")
     steps = list(pipe.denoise(feats, mx.random.normal((1, 4, 4, 16), key=mx.random.key(0)), pipe.sigmas(3, width=32, height=32)))

@@ -1,7 +1,16 @@
-"""The errors a user can fix. Anything else raised by zimage-mlx is a bug (the CLI shows its traceback).
+"""The errors a user can fix, and the warnings a user should see. Anything else raised by zimage-mlx is a bug
+(the CLI shows its traceback).
 
-Each is a ValueError too, so code written against the earlier `except ValueError` keeps working.
+Each error is a ValueError too, so code written against the earlier `except ValueError` keeps working.
+
+An `InputError` knows which parameter it is about (`field`, a `Recipe` field name such as "guidance") and
+can name the parameters it mentions the way a face names them: the library says `guidance`, the CLI
+`--guidance`, the A1111 route `cfg_scale` (`render`).
 """
+
+from __future__ import annotations
+
+from typing import Callable
 
 
 class ZImageError(ValueError):
@@ -9,7 +18,24 @@ class ZImageError(ValueError):
 
 
 class InputError(ZImageError):
-    """A bad argument: a size, a step count, a seed, a prompt list, an image or mask file."""
+    """A bad argument: a size, a step count, a seed, a prompt list, an image or mask file.
+
+    `field` is the parameter at fault (None when it is not one parameter). A message written with
+    placeholders ("{negative_prompt} needs {guidance} > 0") names its `fields` through `render`; str() names
+    them as the library does.
+    """
+
+    def __init__(self, message: str, field: str | None = None, fields: tuple[str, ...] = ()):
+        self.template = message
+        self.field = field
+        self.fields = tuple(fields)
+        super().__init__(self.render())
+
+    def render(self, name: Callable[[str], str] | None = None) -> str:
+        """The message with each parameter named by `name(field)` (default: the field itself)."""
+        if not self.fields:
+            return self.template
+        return self.template.format(**{f: (name or str)(f) for f in self.fields})
 
 
 class CheckpointError(ZImageError):
@@ -18,3 +44,8 @@ class CheckpointError(ZImageError):
 
 class LoraError(ZImageError):
     """A LoRA file that cannot be applied: unreadable, for another model, or not fitting the DiT."""
+
+
+class Cancelled(Exception):
+    """Raised by a run whose `cancel` token is set: it stopped between steps and the pipeline is ready for
+    the next call."""

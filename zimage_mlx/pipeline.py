@@ -20,31 +20,27 @@ import mlx.core as mx
 
 from . import fp16, kernels
 from .enhance import PromptEnhancer, check_options
-from .errors import InputError
-from .inputs import (LATENT_CHANNELS, MAX_SEED, ImageInput, image_input, mask_latents, open_image,  # noqa: F401
-                     output_size, validate)
+from .errors import Cancelled, InputError
 from .fp16 import Float16OverflowWarning
+from .inputs import LATENT_CHANNELS, MAX_SEED, ImageInput, image_input, mask_latents, open_image, validate  # noqa: F401
 from .lora import Lora, apply_lora, read_lora, restore
+from .noise import image_key, noise
+from .recipe import DEFAULT_MODEL, ControlRef, LoraRef, Recipe, check_prompts, file_name
 from .sampler import (FlowMatchScheduler, apply_cfg, euler_step, guidance_for_step, model_time, scale_noise,
                       strength_start)
 from .text_encoder import TextEncoder
 from .text_encoder import default_bits as text_encoder_bits
 from .transformer import ZImageTransformer
 from .vae import VAE, auto_tile_size, from_pil, to_pil
-from .weights import read_config, resolve_model, stored_bits
+from .weights import model_label, read_config, resolve_model, stored_bits
 
-DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
+PROMPT_CHUNK = 8  # prompts encoded together by a run (the prompt cache holds 32)
 LOW_MEMORY_TILE = 64  # latent pixels (512 image pixels) per VAE tile side in low-memory mode
 
 
 def default_dtype() -> str:
     """bfloat16 on an Apple GPU; float32 on CPU, where MLX's bfloat16 matmul is slow."""
     return "bfloat16" if mx.default_device() == mx.gpu else "float32"
-
-
-class Cancelled(Exception):
-    """Raised by `generate` when its `cancel` token is set: the run stopped between steps and the pipeline
-    is ready for the next call."""
 
 
 @dataclass
@@ -92,6 +88,8 @@ class ZImagePipeline:
         self._enhancer: PromptEnhancer | None = None  # the LM tail, kept with a resident text encoder
         self._latent_rgb = None  # the fast preview's map, fitted on first use
         self.controlnet = None  # set by load_controlnet
+        self.controlnet_label: str | None = None  # its path-free name, for metadata
+        self.label = model_label(root)  # the model's path-free name (from_pretrained: as it was named)
         self._owner = threading.get_ident()
         self.parallel = None  # a distributed.Parallel when loaded with a group of several ranks
 
@@ -162,6 +160,7 @@ class ZImagePipeline:
         pipe = cls(transformer, None, vae, scheduler, root=root, dtype=dtype, low_memory=low_memory,
                    quantize=quantize, quantization=quantization, stored_dtype=stored_dtype)
         pipe.parallel = par
+        pipe.label = model_label(model)
         pipe.reason = choice.reason
         if not low_memory:
             pipe.text_encoder = pipe._load_text_encoder()
@@ -185,7 +184,7 @@ class ZImagePipeline:
         Recently used prompts come from a small cache, so an app that varies only the seed pays once.
         """
         self._check_thread()
-        prompts = _check_prompts(prompt, "prompt")
+        prompts = check_prompts(prompt, "prompt")
         todo = [p for p in dict.fromkeys(prompts) if (p, max_sequence_length) not in self._prompt_cache]
         if todo:
             encoder = self.text_encoder
@@ -218,7 +217,7 @@ class ZImagePipeline:
         (and kept with a resident text encoder until `release_text_encoder`; freed at once in low-memory mode).
         """
         self._check_thread()
-        prompts = _check_prompts(prompt, "prompt")
+        prompts = check_prompts(prompt, "prompt")
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
         if len(seeds) != len(prompts):
             raise InputError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
@@ -271,17 +270,9 @@ class ZImagePipeline:
             raise RuntimeError("this pipeline's DiT was freed by release_transformer(); load the pipeline again")
         return self.transformer
 
-    def sigmas(self, steps: int, *legacy, width: int | None = None, height: int | None = None) -> list[float]:
+    def sigmas(self, steps: int, *, width: int, height: int) -> list[float]:
         """The sigmas of a `steps`-step run at this size (steps + 1 values, the last 0): sigmas(8, width=1024,
-        height=768). The old positional form sigmas(steps, height, width) still works, with a warning."""
-        if legacy:
-            import warnings
-
-            if len(legacy) != 2 or width is not None or height is not None:
-                raise TypeError("sigmas() takes the size as keywords: sigmas(steps, width=W, height=H)")
-            warnings.warn("sigmas(steps, height, width) is deprecated: use sigmas(steps, width=W, height=H), the "
-                          "order of generate()", DeprecationWarning, stacklevel=2)
-            height, width = legacy
+        height=768)."""
         if width is None or height is None:
             raise TypeError("sigmas() needs width= and height=")
         seq_len = (height // 16) * (width // 16)
@@ -430,13 +421,15 @@ class ZImagePipeline:
     # ------------------------------------------------------------------------------------------
     # ControlNet
 
-    def load_controlnet(self, controlnet, graph: str | None = None, *, quantize: int | None = None):
+    def load_controlnet(self, controlnet, graph: str | None = None, *, quantize: int | None = None,
+                        label: str | None = None):
         """Load a Z-Image Turbo Fun ControlNet Union (1.0, 2.0, 2.1, 2.1 lite, Tile 2.1; the layout is read from
         the weights): a .safetensors file, a folder, a Hub repo id holding one file, or
         `owner/repo/file.safetensors` (e.g. alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1/
         Z-Image-Turbo-Fun-Controlnet-Union-2.1-lite-2602-8steps.safetensors). It replaces any loaded one and
         shares the DiT's modules (no copy). graph: "authors" (default, what the weights were trained with) or
-        "diffusers"; see zimage_mlx.controlnet. quantize: bits (default: the pipeline's on-the-fly bits)."""
+        "diffusers"; see zimage_mlx.controlnet. quantize: bits (default: the pipeline's on-the-fly bits). label: its
+        name in the images' metadata (default: the file name or Hub id given)."""
         from .controlnet import ControlNet
 
         if isinstance(controlnet, ControlNet):
@@ -446,44 +439,44 @@ class ZImagePipeline:
             net = ControlNet.from_pretrained(controlnet, self._dit(), graph=graph, dtype=self.dtype,
                                              quantize=self.quantize if quantize is None else quantize)
         self.controlnet = net
+        self.controlnet_label = label or (model_label(controlnet) if isinstance(controlnet, (str, Path)) else None)
         return net
 
     def unload_controlnet(self) -> None:
         """Free the ControlNet's weights."""
         self._check_thread()
-        self.controlnet = None
+        self.controlnet = self.controlnet_label = None
         mx.clear_cache()
 
     # ------------------------------------------------------------------------------------------
-    # The one call
+    # Making images: generate(prompt, **keywords) builds a Recipe and runs it
 
-    def generate(self, prompt: str | list[str], *legacy, negative_prompt: str | list[str] | None = None,
-                 width: int | None = None, height: int | None = None, steps: int = 8, guidance: float = 0.0,
-                 cfg_normalization: float | bool = False, cfg_truncation: float = 1.0, seed: int | list[int] | None = None,
-                 num_images: int = 1, latents: mx.array | None = None,
-                 callback: Callable[[int, int, mx.array], None] | None = None, max_sequence_length: int = 512,
-                 image=None, mask=None, strength: float | None = None, image_latents: mx.array | None = None,
+    def generate(self, prompt, *, negative_prompt: str | list[str] | None = None, width: int | None = None,
+                 height: int | None = None, steps: int = 8, guidance: float = 0.0, cfg_normalization: float = 0.0,
+                 cfg_truncation: float = 1.0, seed: int | list[int] | None = None, num_images: int = 1,
+                 latents: mx.array | None = None, max_sequence_length: int = 512, image=None, mask=None,
+                 strength: float | None = None, image_latents: mx.array | None = None,
                  release_transformer: bool = False, on_step: Callable[[Step], None] | None = None, cancel=None,
                  control_image=None, control_scale: float | list[float] | None = None, control_start: float = 0.0,
-                 control_end: float = 1.0):
-        """Generate images; returns a list of PIL images, prompt-major (all images of prompt 0 first).
-        Every argument after the prompt is a keyword (positional ones still work, with a DeprecationWarning).
+                 control_end: float = 1.0) -> list:
+        """Generate images; returns a list of PIL images, prompt-major (all images of prompt 0 first). `prompt`
+        is a string, a list of them, or a `Recipe` (then the other keywords but the run's own, `latents`,
+        `release_transformer`, `on_step` and `cancel`, must be left out). Each image carries its seed
+        (`image.info["seed"]`) and its one-image `Recipe` (`image.info["recipe"]`, for `recipe.to_png()`).
 
         The seed rule: image k of every prompt uses the noise of seed + k, so several prompts are compared at
         the same seeds (as the CLI does) and any image can be made again alone. With seed=None a seed is
-        drawn; each image's seed is in `image.info["seed"]`. `seed` may also be a list, one seed per image of
-        each prompt (num_images is then its length): several seeds run as one batch, each image equal to the one
-        its seed makes alone. `latents` (B, h, w, 16)
-        float32 replaces the noise (B = prompts x num_images). `callback(step, total, latents)` runs
-        after every step (step counts from 1). width and height default to 1024, or to the image's size.
+        drawn. `seed` may also be a list, one seed per image of each prompt (num_images is then its length):
+        several seeds run as one batch, each image equal to the one its seed makes alone. `latents`
+        (B, h, w, 16) float32 replaces the noise (B = prompts x num_images). width and height default to 1024,
+        or to the image's size.
 
         Image to image (diffusers' ZImageImg2ImgPipeline): `image` (a path or a PIL image) and `strength`
         (default 0.6). Only the last steps of the `steps`-step schedule run, ceil(strength x steps) of them
         (see `sampler.strength_start`), starting from sigma * noise + (1 - sigma) * image latents at the first
         kept sigma. The image latents are a sample of the VAE posterior drawn with `image_key(seed + k)`
         (also when `latents` gives the noise). strength 1 is text-to-image with the same seed (the image only
-        sets the size); strength 0 runs no step and returns the VAE round trip of the image (decoded image
-        latents; diffusers raises an error there).
+        sets the size); strength 0 runs no step and returns the VAE round trip of the image.
 
         Inpainting (diffusers' ZImageInpaintPipeline): add `mask`, a path or PIL image of the image's size,
         white where to repaint (greyscale, binarised at 50%); strength defaults to 1. The kept region is reset
@@ -493,122 +486,178 @@ class ZImagePipeline:
         16; with both, the image (and mask) are resized to them; with one, the other follows the aspect ratio
         (nearest multiple of 16). Resizing is Lanczos, as diffusers' VaeImageProcessor; the aspect ratio is
         not preserved by cropping. Paths are opened with their EXIF orientation applied.
-
         `image_latents` (1 or B, h, w, 16), e.g. from `encode_image`, replaces the image's encoding (then
         `image` may be left out: the size is 8 x the latents').
 
-        release_transformer=True frees the DiT after denoising, before decoding (see `release_transformer`):
-        for the last image of a process that wants the lowest peak.
+        release_transformer=True frees the DiT after denoising, before decoding (see `release_transformer`).
+        `on_step(step)` gets each `Step` (with its x0 estimate `denoised`, for `fast_preview` or `preview`).
+        `cancel` is any object with `is_set()`, such as a `threading.Event`: it is checked before encoding,
+        after every step and before decoding, and a set token raises `Cancelled` there; the next call behaves
+        as if the cancelled run never happened.
 
-        Watching and stopping a run: `on_step(step)` gets each `Step` (with its x0 estimate `denoised`, for
-        `fast_preview` or `preview`) after `callback`. `cancel` is any object with `is_set()`, such as a
-        `threading.Event` another thread sets: it is checked before encoding, after every step and before
-        decoding, and a set token raises `Cancelled` there. Nothing is left half-done: the next call (and the
-        prompt cache, LoRAs, freed models) behaves as if the cancelled run never happened.
-
-        ControlNet (after `load_controlnet`): `control_image`, a path or PIL image (an edge, depth, pose, line
-        or tile map; the Union model takes any), or a list for several controls, batched into one ControlNet
-        pass per step. `control_scale`: one number or one per image (default: the version's recommended
-        scale, 0.75 for Union 1.0 and 2.0, 0.9 for 2.1). `control_start`/`control_end`: the part of the steps
+        ControlNet (after `load_controlnet`): `control_image`, a path or PIL image, or a list for several
+        controls, batched into one ControlNet pass per step. `control_scale`: one number or one per image
+        (default: the version's recommended scale). `control_start`/`control_end`: the part of the steps
         controlled, step i of N when start <= i/N and (i+1)/N <= end. Control images are stretched to the
-        output size (Lanczos, aspect ratio not kept); without an image, width and height follow the first
-        control image like an input image. Works with text-to-image, image-to-image and inpainting; a 2.x
-        ControlNet also gets the mask and the masked image (diffusers' ZImageControlNetInpaintPipeline layout),
-        while the kept region is still reset after every step, as in plain inpainting.
+        output size; without an image, width and height follow the first control image like an input image.
         """
-        if legacy:  # every keyword argument as passed (locals() holds only the arguments at this point)
-            given = {k: v for k, v in locals().items() if k not in ("self", "prompt", "legacy")}
-            return self.generate(prompt, **_from_positional(legacy, given))
+        run = dict(latents=latents, release_transformer=release_transformer, on_step=on_step, cancel=cancel)
+        if isinstance(prompt, Recipe):
+            return self.run(prompt, **run)
+        recipe = recipe_from_keywords(
+            prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps, guidance=guidance,
+            cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation, seed=seed, num_images=num_images,
+            max_sequence_length=max_sequence_length, image=image, mask=mask, strength=strength,
+            image_latents=image_latents, control_image=control_image, control_scale=control_scale,
+            control_start=control_start, control_end=control_end)
+        return self.run(recipe, **run)
+
+    def run(self, recipe: Recipe, *, latents: mx.array | None = None, release_transformer: bool = False,
+            on_step: Callable[[Step], None] | None = None, cancel=None, batch_size: int | None = None,
+            release: bool = False, on_image: Callable[[int, object], None] | None = None,
+            on_enhanced: Callable[[int, Recipe], None] | None = None) -> list:
+        """Make the images of a `Recipe`: validate and settle it, draw its seed if it has none, apply its LoRAs
+        (when it names them; None keeps what is loaded), rewrite its prompts when `enhance` (one rewrite per
+        image, seeded by its seed; `on_enhanced(k, image_recipe)` as each is ready), and denoise and decode
+        `batch_size` images of one prompt at a time (None: all at once). `on_image(k, image)` gets each image
+        as it is made. `release=True` is for a process's last use of the pipeline: the text encoder is freed
+        once every prompt is encoded and the DiT before the last decode. See `generate` for the rest."""
         self._check_thread()
+        recipe = self.prepare(recipe)
         if self.parallel is not None and self.parallel.active:  # a job over several ranks
-            args = {k: v for k, v in locals().items() if k not in ("self", "legacy")}
-            return self.parallel.generate(self, args)
-        prompts = _check_prompts(prompt, "prompt")
-        init = controls = None
-        if control_image is not None or control_scale is not None:
-            from .controlnet import control_inputs
+            return self.parallel.run(self, recipe, latents=latents, on_step=on_step, cancel=cancel,
+                                     release=release or release_transformer, on_image=on_image)
+        self._sync_loras(recipe)
+        items = recipe.images()
+        if latents is not None and tuple(latents.shape[1:]) != (recipe.height // 8, recipe.width // 8, LATENT_CHANNELS) \
+                or latents is not None and latents.shape[0] != len(items):
+            raise InputError(f"latents must have shape {(len(items), recipe.height // 8, recipe.width // 8, LATENT_CHANNELS)}, "
+                             f"got {tuple(latents.shape)}", "latents")
+        if recipe.enhance and recipe.original_prompt is None:
+            items = self._enhance(items, cancel, on_enhanced)
+        images = []
+        for lo, hi in batches([r.prompt for r in items], batch_size):
+            last = hi == len(items)
+            made = self._make(items[lo:hi], None if latents is None else latents[lo:hi], prompts=[r.prompt for r in items],
+                              release=release and last, release_transformer=(release or release_transformer) and last,
+                              on_step=on_step, cancel=cancel)
+            for k, (r, image) in enumerate(zip(items[lo:hi], made), lo):
+                image.info["recipe"] = self.describe(r)
+                if latents is None:
+                    image.info["seed"] = r.seed
+                if on_image is not None:
+                    on_image(k, image)
+            images += made
+        return images
 
-            if self.controlnet is None:
-                raise InputError("control_image needs a ControlNet: call load_controlnet(...) first")
-            controls = control_inputs(control_image, control_scale, control_start, control_end)
-        if image is not None or mask is not None or strength is not None or image_latents is not None:
-            init = image_input(image, mask, strength, width, height, image_latents)
-            width, height = init.width, init.height
-        elif controls is not None:
-            width, height = output_size(controls.images[0].size, width, height)
-        width, height = 1024 if width is None else width, 1024 if height is None else height
-        if isinstance(seed, (list, tuple)):  # one seed per image of each prompt: several seeds in one batch
-            if not seed:
-                raise InputError("seed is an empty list: give at least one seed, or None for a random one")
-            if num_images not in (1, len(seed)):
-                raise InputError(f"{len(seed)} seeds with num_images={num_images}: give num_images={len(seed)} or leave it out")
-            for s in seed:
-                validate(seed=s)
-            num_images, seed_list = len(seed), [int(s) for s in seed]
-            seed = None
-        else:
-            seed_list = None
-        validate(width=width, height=height, steps=steps, guidance=guidance, num_images=num_images, seed=seed)
-        negatives = None
-        if guidance > 0:
-            negatives = _check_prompts("" if negative_prompt is None else negative_prompt, "negative_prompt")
-            if len(negatives) == 1:
-                negatives = negatives * len(prompts)
-            if len(negatives) != len(prompts):
-                raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        elif negative_prompt:
-            raise InputError("negative_prompt needs guidance > 0 (Turbo runs without CFG; try --guidance 4 with the Base model)")
-        h, w = height // 8, width // 8
-        B = len(prompts) * num_images
-        self._dit().check_sizes(h, w, [1])
-        if seed_list is None:
-            seed = random.randint(0, MAX_SEED) if seed is None else seed
-            seed_list = [(seed + k) % (MAX_SEED + 1) for k in range(num_images)]
-        seeds = [s for _ in prompts for s in seed_list]
-        seeded = latents is None  # then the seed alone gives the image back
-        if latents is not None:
-            if tuple(latents.shape) != (B, h, w, LATENT_CHANNELS):
-                raise InputError(f"latents must have shape {(B, h, w, LATENT_CHANNELS)}, got {tuple(latents.shape)}")
-        else:
+    def prepare(self, recipe: Recipe) -> Recipe:
+        """A recipe checked, its size and strength settled and its seed decided (what `run` makes)."""
+        if not isinstance(recipe, Recipe):
+            raise TypeError(f"expected a Recipe, got {type(recipe).__name__}")
+        recipe = recipe.validate().settle().validate()
+        if recipe.controls and self.controlnet is None:
+            raise InputError("{controls} need a ControlNet: call load_controlnet(...) first", "controls", ("controls",))
+        self._dit().check_sizes(recipe.height // 8, recipe.width // 8, [1])
+        if self.parallel is not None and self.parallel.active and recipe.seed is None:
+            return recipe.replace(seed=self.parallel.agree_seed(None))
+        return recipe.with_seed()
+
+    def describe(self, recipe: Recipe) -> Recipe:
+        """The recipe as this pipeline makes it: its model, quantization, dtype, LoRAs and ControlNet filled in."""
+        net = self.controlnet if recipe.controls else None
+        return recipe.replace(
+            model=self.label, quantization=self.quantization["transformer"],
+            text_encoder_quantization=self.quantization["text_encoder"], quantize=self.quantize, dtype=self.dtype,
+            loras=[LoraRef(model_label(name), scale) for name, scale in self.loras],
+            controlnet=(recipe.controlnet or self.controlnet_label) if net is not None else None,
+            controlnet_graph=net.graph if net is not None else None,
+            controls=[ControlRef(c.image, net.args.scale if c.scale is None else c.scale) for c in recipe.controls])
+
+    def _sync_loras(self, recipe: Recipe) -> None:
+        """Make the applied LoRAs those the recipe names (None: leave them)."""
+        if recipe.loras is None:
+            return
+        want = [(str(x.load) if not isinstance(x.load, Lora) else x.load.name, float(x.scale)) for x in recipe.loras]
+        if want == self.loras:
+            return
+        self.unload_loras()
+        try:
+            for ref in recipe.loras:
+                self.load_lora(ref.load, ref.scale, fuse=False)  # beside the layers: no second copy of the DiT
+        except Exception:
+            self.unload_loras()
+            raise
+
+    def _enhance(self, items: list[Recipe], cancel, on_enhanced) -> list[Recipe]:
+        """Each image's prompt rewritten, seeded by its seed (one call: --low-memory loads the encoder once)."""
+        _check_cancel(cancel)
+        todo = list(dict.fromkeys((r.prompt, r.seed) for r in items))
+        texts = self.enhance_prompt([p for p, _ in todo], seed=[s for _, s in todo])
+        rewrites = dict(zip(todo, texts))
+        out = [r.replace(prompt=rewrites[(r.prompt, r.seed)], original_prompt=r.prompt) for r in items]
+        for k, r in enumerate(out):
+            if on_enhanced is not None:
+                on_enhanced(k, r)
+        return out
+
+    def _make(self, batch: list[Recipe], latents, *, prompts: list[str], release: bool, release_transformer: bool,
+              on_step, cancel) -> list:
+        """Denoise and decode images that differ only in prompt and seed (one DiT batch)."""
+        r = batch[0]
+        h, w = r.height // 8, r.width // 8
+        seeds = [x.seed for x in batch]
+        if latents is None:
             latents = mx.concatenate([noise(s, h, w) for s in seeds])
-
-        sigmas = self.sigmas(steps, width=width, height=height)
-        inpaint = {}
-        if init is not None:
+        sigmas = self.sigmas(r.steps, width=r.width, height=r.height)
+        inpaint, init = {}, None
+        if r.has_image:
             _check_cancel(cancel)
+            init = ImageInput(r.init_image, r.init_mask, r.init_latents, r.width, r.height, r.strength)
             sigmas, latents, inpaint = self._start_from_image(init, sigmas, latents, seeds)
-
         control = None
-        if controls is not None and len(sigmas) > 1:
-            from .controlnet import plan
+        if r.controls and len(sigmas) > 1:
+            from .controlnet import ControlInputs, plan
 
             _check_cancel(cancel)
-            control = plan(self, controls, width, height, init)
+            inputs = ControlInputs([c.pixels for c in r.controls], [c.scale for c in r.controls], r.control_start,
+                                   r.control_end)
+            control = plan(self, inputs, r.width, r.height, init)
         _check_cancel(cancel)
         if len(sigmas) > 1:  # a strength that leaves no step needs no prompt either
-            feats = self.encode_prompt(prompts + (negatives or []), max_sequence_length)
-            pos = [f for f in feats[: len(prompts)] for _ in range(num_images)]
-            neg = [f for f in feats[len(prompts):] for _ in range(num_images)] if negatives else None
-            if self.low_memory:
-                self.release_text_encoder()
-            for step in self.denoise(pos, latents, sigmas, negative_embeds=neg, guidance=guidance,
-                                     cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation,
-                                     control=control, **inpaint):
-                latents = step.latents
-                if callback is not None:
-                    callback(step.index + 1, step.total, latents)
-                if on_step is not None:
-                    on_step(step)
-                _check_cancel(cancel)
+            latents = self._denoise_batch(batch, latents, sigmas, control, inpaint, prompts, release, on_step, cancel)
         _check_cancel(cancel)
         if release_transformer:
             mx.eval(latents)
             self.release_transformer()
-        images = self.decode(latents)
-        for k, image in enumerate(images):
-            if seeded:
-                image.info["seed"] = seeds[k]
-        return images
+        return self.decode(latents)
+
+    def _denoise_batch(self, batch, latents, sigmas, control, inpaint, prompts, release, on_step, cancel):
+        r = batch[0]
+        negatives = [x.negative_prompt or "" for x in batch] if r.guidance > 0 else []
+        self._encode_chunk(batch[0].prompt, prompts, negatives[:1], r.max_sequence_length, release)
+        feats = self.encode_prompt([x.prompt for x in batch] + negatives, r.max_sequence_length)
+        pos, neg = feats[: len(batch)], feats[len(batch):] or None
+        for step in self.denoise(pos, latents, sigmas, negative_embeds=neg, guidance=r.guidance,
+                                 cfg_normalization=r.cfg_normalization, cfg_truncation=r.cfg_truncation,
+                                 control=control, **inpaint):
+            latents = step.latents
+            if on_step is not None:
+                on_step(step)
+            _check_cancel(cancel)
+        return latents
+
+    def _encode_chunk(self, prompt: str, prompts: list[str], negative: list[str], max_sequence_length: int,
+                      release: bool) -> None:
+        """Encode the prompts of a run a few (8) at a time, from `prompt` on, when `prompt` is not cached yet
+        (with the negative prompt); free the text encoder once the last are cached when `release` or in
+        low-memory mode, before their denoising: the peak is the largest phase, not a sum."""
+        unique = list(dict.fromkeys(prompts))
+        i = unique.index(prompt)
+        if (prompt, max_sequence_length) not in self._prompt_cache or (
+                negative and (negative[0], max_sequence_length) not in self._prompt_cache):
+            self.encode_prompt(unique[i: i + PROMPT_CHUNK] + negative, max_sequence_length)
+        if (release or self.low_memory) and i + PROMPT_CHUNK >= len(unique):
+            self.release_text_encoder()
 
     def _start_from_image(self, init: "ImageInput", sigmas: list[float], noise: mx.array, seeds: list[int]):
         """The sigmas kept by the strength, the starting latents, and the inpainting blend's arguments."""
@@ -649,45 +698,44 @@ def _check_cancel(cancel) -> None:
         raise Cancelled("generation cancelled")
 
 
-def noise(seed: int, h: int, w: int) -> mx.array:
-    """The initial noise for one image: (1, h, w, 16) float32 from mx.random.key(seed)."""
-    return mx.random.normal((1, h, w, LATENT_CHANNELS), dtype=mx.float32, key=mx.random.key(seed))
+def batches(prompts: list[str], size: int | None):
+    """(first, end) ranges of the images to denoise together: all of them (size None), else consecutive images
+    of one prompt, at most `size` of them."""
+    if size is None:
+        yield 0, len(prompts)
+        return
+    first = 0
+    for i in range(1, len(prompts) + 1):
+        if i == len(prompts) or prompts[i] != prompts[first] or i - first == size:
+            yield first, i
+            first = i
 
 
-def image_key(seed: int) -> mx.array:
-    """The key that samples the VAE posterior of the input image for `seed` (img2img): split from
-    mx.random.key(seed), so it draws independently of noise(seed)."""
-    return mx.random.split(mx.random.key(seed))[1]
+def recipe_from_keywords(prompt, *, negative_prompt=None, seed=None, num_images=1, image=None, mask=None,
+                         image_latents=None, control_image=None, control_scale=None, **fields) -> Recipe:
+    """generate()'s keywords as a Recipe: a seed list is one seed per image; images and masks are opened."""
+    check_prompts(prompt, "prompt")
+    if isinstance(fields.get("cfg_normalization"), bool):  # True meant 1.0
+        fields["cfg_normalization"] = float(fields["cfg_normalization"])
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        negative_prompt = check_prompts(negative_prompt, "negative_prompt")
+    if isinstance(seed, (list, tuple)):  # one seed per image of each prompt: several seeds in one batch
+        if seed and num_images not in (1, len(seed)):
+            raise InputError(f"{len(seed)} seeds with num_images={num_images}: give num_images={len(seed)} or "
+                             "leave it out", "num_images")
+        seed, num_images = list(seed), 1
+    if image_latents is not None and not (isinstance(image_latents, mx.array) and image_latents.ndim == 4
+                                          and image_latents.shape[-1] == LATENT_CHANNELS):
+        raise TypeError(f"image_latents must be an mx.array of shape (1 or B, h, w, {LATENT_CHANNELS})")
+    controls = []
+    if control_image is not None or control_scale is not None:
+        from .controlnet import control_inputs
 
-
-def _check_prompts(prompt, what: str) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"{what} must be a string or a list of strings, got {type(prompt).__name__}")
-    if not prompts:
-        raise InputError(f"{what} is an empty list: pass at least one prompt (use \"\" for an empty prompt)")
-    return list(prompts)
-
-
-# generate's arguments in their order before they became keyword-only (0.1.0), for old positional calls.
-_POSITIONAL = ("negative_prompt", "width", "height", "steps", "guidance", "cfg_normalization", "cfg_truncation",
-               "seed", "num_images", "latents", "callback", "max_sequence_length")
-_DEFAULTS = dict(negative_prompt=None, width=None, height=None, steps=8, guidance=0.0, cfg_normalization=False,
-                 cfg_truncation=1.0, seed=None, num_images=1, latents=None, callback=None, max_sequence_length=512)
-
-
-def _from_positional(values: tuple, given: dict) -> dict:
-    """generate's keyword arguments from an old positional call (with a DeprecationWarning)."""
-    import warnings
-
-    if len(values) > len(_POSITIONAL):
-        raise TypeError(f"generate() takes at most {len(_POSITIONAL) + 1} positional arguments, got {len(values) + 1}")
-    warnings.warn("pass generate()'s arguments after the prompt by keyword (e.g. width=1024); positional "
-                  "arguments are deprecated", DeprecationWarning, stacklevel=3)
-    out = dict(given)
-    for name, value in zip(_POSITIONAL, values):
-        default, passed = _DEFAULTS[name], given[name]
-        if not (passed is default or (type(passed) in (int, float, bool) and passed == default)):
-            raise TypeError(f"generate() got {name} both by position and by keyword")
-        out[name] = value
-    return out
+        checked = control_inputs(control_image, control_scale, fields["control_start"], fields["control_end"])
+        names = control_image if isinstance(control_image, (list, tuple)) else [control_image]
+        controls = [ControlRef(file_name(n), s, im) for n, s, im in zip(names, checked.scales, checked.images)]
+    return Recipe(prompt=prompt if isinstance(prompt, str) else list(prompt), negative_prompt=negative_prompt or None,
+                  seed=seed, num_images=num_images, image=file_name(image), mask=file_name(mask),
+                  init_image=None if image is None else open_image(image, "image"),
+                  init_mask=None if mask is None else open_image(mask, "mask"), init_latents=image_latents,
+                  controls=controls, **fields)

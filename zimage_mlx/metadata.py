@@ -1,0 +1,193 @@
+"""What an image records of how it was made: PNG text chunks and A1111's infotext, both ways.
+
+Works on `Recipe.to_dict()`'s form (a plain dict), so that `recipe.Recipe` is the one place that knows the
+fields; this module knows the spellings: our chunks (one per setting: `prompt`, `seed`, `loras` as JSON...)
+and the `parameters` text A1111 and Forge write (`prompt\\nNegative prompt: ...\\nSteps: 8, Sampler: ...`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+from . import __version__
+from .errors import InputError
+
+SAMPLER_NAME = "Euler (flow match)"
+# Our chunks read back by from_text, in the order they are written.
+KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "cfg_normalization", "cfg_truncation", "width",
+        "height", "model", "quantization", "text_encoder_quantization", "quantize", "dtype", "image", "strength",
+        "mask", "original_prompt", "loras", "controlnet", "controls", "control_type", "control_start",
+        "control_end", "controlnet_graph")
+INTS = ("seed", "steps", "width", "height")
+FLOATS = ("guidance", "cfg_normalization", "cfg_truncation", "strength", "control_start", "control_end")
+BITS = ("quantization", "text_encoder_quantization", "quantize")
+
+
+def number(x: float) -> str:
+    """A number as written in metadata: `0.35`, `4`, and full precision only where it is needed."""
+    return f"{float(x):g}" if float(x) == round(float(x), 6) else repr(float(x))
+
+
+def _bits(b) -> str:
+    return str(b) if b else "none"
+
+
+def png_text(r: dict) -> dict[str, str]:
+    """One image's text chunks from a recipe dict (one prompt, one seed)."""
+    text = {"prompt": r["prompt"], "negative_prompt": r["negative_prompt"] or "", "seed": str(r["seed"]),
+            "steps": str(r["steps"]), "guidance": number(r["guidance"]),
+            "cfg_normalization": number(r["cfg_normalization"]), "cfg_truncation": number(r["cfg_truncation"]),
+            "width": str(r["width"]), "height": str(r["height"]), "model": r["model"] or "",
+            "quantization": _bits(r["quantization"]), "text_encoder_quantization": _bits(r["text_encoder_quantization"]),
+            "quantize": _bits(r["quantize"]), "dtype": r["dtype"] or ""}
+    if r["image"]:
+        text.update(image=r["image"], strength=number(r["strength"]))
+    if r["mask"]:
+        text["mask"] = r["mask"]
+    if r["original_prompt"] is not None:
+        text["original_prompt"] = r["original_prompt"]
+    if r["loras"]:
+        text["loras"] = json.dumps(r["loras"], ensure_ascii=False)
+    if r["controlnet"]:
+        text.update(controlnet=r["controlnet"], controls=json.dumps(r["controls"], ensure_ascii=False),
+                    control_type=r["control_type"], control_start=number(r["control_start"]),
+                    control_end=number(r["control_end"]), controlnet_graph=r["controlnet_graph"] or "authors")
+    text.update(version=__version__, Software=f"zimage-mlx {__version__}", parameters=infotext(r))
+    return text
+
+
+def infotext(r: dict) -> str:
+    """A1111's `parameters` text of one image's recipe dict."""
+    fields = {"Steps": r["steps"], "Sampler": SAMPLER_NAME, "CFG scale": number(r["guidance"]), "Seed": r["seed"],
+              "Size": f"{r['width']}x{r['height']}", "Model": r["model"] or ""}
+    if r["guidance"] > 0 and r["cfg_normalization"]:
+        fields["CFG normalization"] = number(r["cfg_normalization"])
+    if r["guidance"] > 0 and r["cfg_truncation"] != 1.0:
+        fields["CFG truncation"] = number(r["cfg_truncation"])
+    if r["quantization"]:
+        fields["Quantization"] = f"{r['quantization']}-bit"
+    if r["text_encoder_quantization"] and r["text_encoder_quantization"] != r["quantization"]:
+        fields["Text encoder quantization"] = f"{r['text_encoder_quantization']}-bit"
+    if r["loras"]:
+        fields["LoRA"] = ", ".join(f"{x['name']}:{number(x['scale'])}" for x in r["loras"])
+    if r["image"]:
+        fields["Denoising strength"] = number(r["strength"])
+    if r["controlnet"]:
+        fields["ControlNet"] = r["controlnet"]
+        fields["Control"] = ", ".join(f"{Path(c['image'] or 'image').name}:{number(c['scale'])}"
+                                      for c in r["controls"])
+    fields["Dtype"] = r["dtype"] or ""
+    fields["Version"] = f"zimage-mlx {__version__}"
+    lines = [r["prompt"]]
+    if r["negative_prompt"]:
+        lines.append(f"Negative prompt: {r['negative_prompt']}")
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items()))
+    return "\n".join(lines)
+
+
+def _quote(v) -> str:
+    v = str(v)
+    return json.dumps(v, ensure_ascii=False) if any(c in v for c in ',:"\n') else v
+
+
+def parse_infotext(text: str) -> dict:
+    """The prompt, negative prompt and `Key: value` fields of an infotext, as strings."""
+    lines = text.strip("\n").split("\n")
+    fields = {}
+    if re.match(r"\s*Steps: ", lines[-1]):
+        for key, value in re.findall(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', lines.pop()):
+            fields[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    fields["prompt"] = "\n".join(prompt)
+    fields["negative_prompt"] = "\n".join(negative)
+    return fields
+
+
+def from_infotext(text: str) -> dict:
+    """A recipe dict from an infotext. Ours (Version: zimage-mlx) completely. Another tool's (A1111, Forge):
+    the prompt, negative prompt, seed and size, which mean the same here; its steps, CFG scale, sampler and
+    model were chosen for another model and do not apply to Z-Image, so the recipe keeps its own."""
+    a = parse_infotext(text)
+    raw = {"prompt": a["prompt"], "negative_prompt": a["negative_prompt"], "seed": a.get("Seed")}
+    if "Size" in a:
+        raw["width"], _, raw["height"] = a["Size"].partition("x")
+    if "zimage-mlx" in a.get("Version", ""):
+        raw.update(steps=a.get("Steps"), guidance=a.get("CFG scale"), cfg_normalization=a.get("CFG normalization"),
+                   cfg_truncation=a.get("CFG truncation"), model=a.get("Model"), dtype=a.get("Dtype"),
+                   quantization=a.get("Quantization", "none").removesuffix("-bit"),
+                   strength=a.get("Denoising strength"))
+        if a.get("LoRA"):
+            raw["loras"] = json.dumps([{"name": n, "scale": float(s)} for n, _, s in
+                                       (x.strip().rpartition(":") for x in a["LoRA"].split(","))])
+    else:
+        raw["negative_prompt"] = ""  # another tool's negative prompt goes with its CFG, which does not apply
+    return _typed({k: v for k, v in raw.items() if v is not None}, "parameters")
+
+
+def read_text(source) -> dict[str, str]:
+    """The text chunks of an image: a path, bytes or a PIL image. InputError (field "image") when it cannot
+    be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, Image.Image):
+        return {k: v for k, v in (getattr(source, "text", None) or source.info).items() if isinstance(v, str)}
+    what = "the image" if isinstance(source, (bytes, bytearray)) else str(source)
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray))
+                        else Path(source).expanduser()) as im:
+            im.load()
+            return read_text(im)
+    except FileNotFoundError:
+        raise InputError(f"{what}: no such file", "image") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{what} is not an image Pillow can read", "image") from None
+    except OSError as e:
+        raise InputError(f"cannot read {what}: {e.strerror or e}", "image") from None
+
+
+def from_text(text: dict[str, str]) -> dict:
+    """A recipe dict from an image's text chunks: ours, else an A1111 `parameters` chunk."""
+    if "prompt" in text and "seed" in text:
+        raw = {k: text[k] for k in KEYS if k in text}
+        if "quantize" not in raw and "quantization" in raw:  # written before the on-the-fly bits had a chunk
+            raw["quantize"] = raw["quantization"]
+        return _typed(raw, "metadata")
+    if "parameters" in text:
+        return from_infotext(text["parameters"])
+    raise InputError("the image has no generation settings in its metadata (no prompt and seed)", "image")
+
+
+def _typed(raw: dict[str, str], where: str) -> dict:
+    out = {}
+    for key, value in raw.items():
+        try:
+            out[key] = _value(key, value)
+        except (ValueError, TypeError, KeyError):
+            raise InputError(f"the {where}'s {key} {value!r} is not what it should be", "image") from None
+    if out.get("dtype") not in ("bfloat16", "float16", "float32"):
+        out.pop("dtype", None)
+    if out.get("model") == "":
+        out.pop("model")
+    out["negative_prompt"] = out.get("negative_prompt") or None
+    return out
+
+
+def _value(key: str, value: str):
+    if key in INTS:
+        return int(value)
+    if key in FLOATS:
+        return float(value)
+    if key in BITS:
+        return None if value in ("", "none") else int(value)
+    if key == "loras":
+        return [{"name": str(x["name"]), "scale": float(x["scale"])} for x in json.loads(value)]
+    if key == "controls":
+        return [{"image": str(x["image"]), "scale": float(x["scale"])} for x in json.loads(value)]
+    return value
