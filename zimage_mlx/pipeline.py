@@ -25,6 +25,7 @@ from .inputs import (LATENT_CHANNELS, MAX_SEED, ImageInput, image_input, mask_la
                      output_size, validate)
 from .fp16 import Float16OverflowWarning
 from .lora import Lora, apply_lora, read_lora, restore
+from .noise import image_key, noise  # noqa: F401  (re-exported: pipeline.noise, pipeline.image_key)
 from .sampler import (FlowMatchScheduler, apply_cfg, euler_step, guidance_for_step, model_time, scale_noise,
                       strength_start)
 from .text_encoder import TextEncoder
@@ -647,17 +648,6 @@ class ZImagePipeline:
 def _check_cancel(cancel) -> None:
     if cancel is not None and cancel.is_set():
         raise Cancelled("generation cancelled")
-
-
-def noise(seed: int, h: int, w: int) -> mx.array:
-    """The initial noise for one image: (1, h, w, 16) float32 from mx.random.key(seed)."""
-    return mx.random.normal((1, h, w, LATENT_CHANNELS), dtype=mx.float32, key=mx.random.key(seed))
-
-
-def image_key(seed: int) -> mx.array:
-    """The key that samples the VAE posterior of the input image for `seed` (img2img): split from
-    mx.random.key(seed), so it draws independently of noise(seed)."""
-    return mx.random.split(mx.random.key(seed))[1]
 
 
 def _check_prompts(prompt, what: str) -> list[str]:
