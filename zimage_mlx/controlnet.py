@@ -39,6 +39,7 @@ import mlx.nn as nn
 
 from . import kernels
 from .errors import InputError
+from .inputs import mask_latents, open_image
 from .transformer import (DEFAULT_GROUP_SIZE, TransformerArgs, TransformerBlock, ZImageTransformer, padded, patchify,
                           quant_predicate as dit_quant_predicate)
 from .weights import (CheckpointError, check_quantization, load_into, quantize_as_stored, quantize_model, read_config,
@@ -385,8 +386,6 @@ class ControlInputs:
 def control_inputs(control_image, control_scale=None, start: float = 0.0, end: float = 1.0) -> ControlInputs:
     """Check generate's control arguments: images (a path, a PIL image or a list of them), a scale or one per
     image, and the window [start, end] as fractions of the steps. Raises InputError/TypeError in one line."""
-    from .pipeline import open_image
-
     images = list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]
     if not images or any(im is None for im in images):
         raise InputError("control_image must be an image or a non-empty list of images")
@@ -430,7 +429,6 @@ def control_contexts(vae, net: ControlNet, images: list, width: int, height: int
     2.x: 17 more channels, [keep mask (1), masked-image latents (16)], as diffusers' ControlNet pipelines:
     zeros without a mask (text-to-image, image-to-image); with a mask (1 = repaint) and the image, the
     latent-grid keep mask and the latents of the image with the repainted pixels set to 0 (mid-grey)."""
-    from .pipeline import mask_latents
     from .vae import from_pil
 
     h, w, C = height // 8, width // 8, net.args.in_dim

@@ -55,6 +55,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .errors import InputError, ZImageError
+from .inputs import MAX_SEED
 
 MODES = ("auto", "data", "tensor", "cfg")
 TIMEOUT_ENV = "ZIMAGE_MLX_TIMEOUT"
@@ -478,8 +479,6 @@ class Parallel:
 
     def agree_seed(self, seed: int | None) -> int:
         """Rank 0's seed when none was given, so that every rank draws the same noise."""
-        from .pipeline import MAX_SEED
-
         if seed is not None:  # a seed or a list of them
             return seed
         mine = random.randint(0, MAX_SEED).to_bytes(4, "little")
@@ -518,8 +517,6 @@ class Parallel:
             self.mode = old
 
     def _generate_data(self, pipe, args: dict, prompts: list[str], n: int) -> list:
-        from .pipeline import MAX_SEED
-
         k_per = args["num_images"]
         negatives = args["negative_prompt"]
         if isinstance(negatives, (list, tuple)) and len(negatives) == 1:

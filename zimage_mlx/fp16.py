@@ -28,6 +28,8 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from .embeddings import timestep_embedding
+
 STATS_VERSION = 1
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 FP16_MAX = 65504.0
@@ -94,8 +96,6 @@ def statistics(weight: Callable[[str], mx.array], args) -> dict:
 
     weight(key) gives a parameter as a float32 array, e.g. model_weights(model), or lazily read tensors:
     each Linear weight is asked for once and can be dropped after, so the peak is one weight."""
-    from .transformer import timestep_embedding
-
     row_norms, max_w, max_layer, small, total = {}, 0.0, "", 0, 0
     for name in linear_names(args):
         w = weight(f"{name}.weight")

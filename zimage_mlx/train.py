@@ -283,8 +283,8 @@ def cache_dataset(pipe, dataset: Dataset, seed: int = 0, extra_prompts=()) -> Ca
 
 def encode_images(vae, dataset: Dataset, seed: int = 0) -> list[mx.array]:
     """Every example's latents (1, h, w, 16), one at a time: the VAE posterior sampled with the img2img key
-    of seed + index (pipeline.image_key), scaled and shifted. Evaluated."""
-    from .pipeline import image_key
+    of seed + index (noise.image_key), scaled and shifted. Evaluated."""
+    from .noise import image_key
 
     latents = []
     for i, ex in enumerate(dataset.examples):
@@ -695,7 +695,7 @@ def add_adapters(model: ZImageTransformer, adapters) -> int:
 
 def sample_images(pipe, trainer: Trainer, prompts: list[str], features: dict, size: int, steps: int, seed: int):
     """Images of the prompts with the LoRA as trained so far and the training adapters off (PIL)."""
-    from .pipeline import noise
+    from .noise import noise
 
     trainer.set_adapters(False)
     try:

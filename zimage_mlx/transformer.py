@@ -25,14 +25,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import kernels
+from . import fp16, kernels
+from .embeddings import FREQ_EMBED_DIM, timestep_embedding
 from .errors import InputError
 from .weights import (CheckpointError, check_quantization, load_into, load_safetensors, quant_policy, quantize_as_stored,
                       quantize_model, read_config, to_dtype)
 
 SEQ_MULTI_OF = 32
 ADALN_EMBED_DIM = 256
-FREQ_EMBED_DIM = 256
 T_MLP_DIM = 1024
 
 # The float16 graph ("scaled"): float16 weights and GEMMs, float32 residual stream, modulation vectors,
@@ -94,15 +94,7 @@ class TransformerArgs:
 
 
 # ----------------------------------------------------------------------------------------------
-# Pure functions: timestep embedding, RoPE, patchify
-
-
-def timestep_embedding(t: mx.array, dim: int = FREQ_EMBED_DIM, max_period: float = 10000.0) -> mx.array:
-    """Sinusoidal embedding of t (B,) in float32, cos first then sin: (B, dim)."""
-    half = dim // 2
-    freqs = mx.exp(-math.log(max_period) * mx.arange(half, dtype=mx.float32) / half)
-    args = t.astype(mx.float32)[:, None] * freqs[None]
-    return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+# Pure functions: RoPE, patchify (the timestep embedding is in embeddings.py)
 
 
 def rope_angles(pos: np.ndarray, axes_dims, theta: float) -> tuple[mx.array, mx.array]:
@@ -596,7 +588,5 @@ class ZImageTransformer(nn.Module):
         if quantize is not None and stored is None:
             quantize_model(model, quant_predicate(quantize, group_size))
         if to_dtype(dtype) == mx.float16:
-            from . import fp16
-
             model.fp16_stats = fp16.stored(config) or fp16.statistics(fp16.model_weights(model), model.args)
         return model
