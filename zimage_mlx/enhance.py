@@ -27,7 +27,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.qwen3 import TransformerBlock
 from mlx_lm.sample_utils import apply_top_k, apply_top_p, greedy_sampler
 
-from .errors import InputError
+from .inputs import MAX_SEED, check_int, check_number
 from .text_encoder import Qwen3Encoder, TextEncoder, quant_predicate
 from .weights import CheckpointError, load_into, quantize_as_stored, read_config, safetensors_files
 
@@ -245,11 +245,9 @@ def _clean(text: str, partial: bool = False) -> str | None:
     return text
 
 
-def check_options(max_tokens, temperature, seed, max_seed: int = 2**32 - 1) -> None:
-    """Raise InputError with a one-line reason for a bad max_tokens, temperature or seed."""
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise InputError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 5:
-        raise InputError(f"temperature must be a number in [0, 5] (0 = greedy), got {temperature!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= max_seed):
-        raise InputError(f"seed must be an integer in [0, {max_seed}], got {seed!r}")
+def check_options(max_tokens, temperature, seed, max_seed: int = MAX_SEED) -> None:
+    """Raise InputError naming the field for a bad max_tokens, temperature (0 = greedy) or seed."""
+    check_int("max_tokens", max_tokens, 1)
+    check_number("temperature", temperature, 0, 5)
+    if seed is not None:
+        check_int("seed", seed, 0, max_seed)

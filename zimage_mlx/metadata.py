@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .errors import InputError
 
 SAMPLER_NAME = "Euler (flow match)"

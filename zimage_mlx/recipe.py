@@ -141,6 +141,20 @@ class Recipe:
             return float(self.strength)
         return 1.0 if self.init_mask is not None or self.mask is not None else 0.6  # diffusers' defaults
 
+    def replayed(self, **given) -> "Recipe":
+        """This recipe (read from an image) made again with the fields in `given` changed, as a replay does:
+        a new input image brings its own size (the stored one would resize it); a new prompt is made as
+        typed (the stored rewrite is the old prompt's); control images given replace the stored ones, with
+        their ControlNet settings; the stored negative prompt applies only with guidance > 0."""
+        out = self.replace(**given)
+        if "init_image" in given and not ({"width", "height"} & set(given)):
+            out = out.replace(width=None, height=None)
+        if "prompt" in given:
+            out = out.replace(original_prompt=None)
+        if "negative_prompt" not in given and not out.guidance > 0:
+            out = out.replace(negative_prompt=None)
+        return out
+
     # ------------------------------------------------------------------------------------------
     # Rules
 

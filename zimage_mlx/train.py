@@ -46,7 +46,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import __version__, kernels
+from . import kernels
+from ._version import __version__
 from .errors import ZImageError
 from .lora import LoraLinear, apply_lora, layer_dims, linear_layers, read_lora
 from .pipeline import Cancelled  # also raised by Trainer.run when its cancel token is set

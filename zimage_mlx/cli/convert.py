@@ -6,8 +6,8 @@ import time
 
 import click
 
-from .cli_common import Command, Progress, expected_errors
-from .convert import DEFAULT_BASE, DTYPE_NAMES, LABELS, convert, convert_controlnet
+from .common import Command, Progress, expected_errors
+from ..convert import DEFAULT_BASE, DTYPE_NAMES, LABELS, convert, convert_controlnet
 
 BITS = ["2", "3", "4", "5", "6", "8"]
 

@@ -1,4 +1,4 @@
-"""`zimage-mlx train`: the command line of zimage_mlx.train (registered by cli.py, which it imports)."""
+"""`zimage-mlx train`: the command line of zimage_mlx.train."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from .cli import DEFAULT_MODEL, Command, UserError, expected_errors, parse_lora
+from ..recipe import DEFAULT_MODEL
+from .common import Command, UserError, expected_errors
+from .options import parse_lora
 
 # Options whose TOML value is a list.
 _LISTS = ("targets", "adapter", "sample")
@@ -56,7 +58,7 @@ def train_command(ctx, data, output, model, rank, alpha, targets, steps, lr, bat
                   dtype, adapters, weighting, samples, sample_every, sample_steps, save_every, resume, checkpointing,
                   allow_empty_captions, config_file, force):
     """Train a LoRA on DATA, a folder of images with same-name .txt captions."""
-    from .train import TrainConfig, read_config
+    from ..train import TrainConfig, read_config
 
     values = {}
     with expected_errors():
@@ -127,7 +129,7 @@ class TrainProgress:
 def run(config) -> None:
     import mlx.core as mx
 
-    from .train import Cancelled, TrainWarning, train
+    from ..train import Cancelled, TrainWarning, train
 
     progress = TrainProgress()
     cancel = threading.Event()

@@ -1,0 +1,96 @@
+"""`zimage-mlx serve`: the model behind HTTP (the OpenAI images API, an A1111 subset, a job API, a page)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .common import Command, UserError, expected_errors, slow_blas_hint
+from .options import bits, dtype_option, low_memory_option, model_option, quantize_option
+
+
+@click.command("serve", cls=Command)
+@model_option("A Hugging Face repo id or a checkpoint folder, loaded once at start.")
+@quantize_option()
+@low_memory_option()
+@dtype_option()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything but loopback needs --api-key (or --insecure-no-auth).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port; 0 picks a free one.")
+@click.option("--api-key", envvar="ZIMAGE_MLX_API_KEY", metavar="KEY",
+              help="Require this key (Authorization: Bearer KEY or X-API-Key: KEY) on every route but /health and "
+                   "the page. "
+                   "Also read from ZIMAGE_MLX_API_KEY, which keeps it out of `ps`.")
+@click.option("--queue-size", type=click.IntRange(1, 1000), default=8, show_default=True,
+              help="Jobs that may wait behind the running one; more get 503 with Retry-After.")
+@click.option("--lora-dir", type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="Folder of .safetensors LoRAs that requests may name (by file name, without the extension).")
+@click.option("--max-side", type=click.IntRange(16, 8192), default=2048, show_default=True,
+              help="Largest width or height a request may ask for (a multiple of 16).")
+@click.option("--max-n", type=click.IntRange(1, 64), default=4, show_default=True, help="Most images per request.")
+@click.option("--max-steps", type=click.IntRange(1, 1000), default=50, show_default=True, help="Most steps per request.")
+@click.option("--max-body", type=click.FloatRange(0.001, 4096), default=64, show_default=True, metavar="MB",
+              help="Largest request body, in MB (uploads included); larger ones get 413.")
+@click.option("--allowed-host", "allowed_host", multiple=True, metavar="NAME",
+              help="Also accept this Host header (besides localhost, 127.0.0.1, [::1], host.docker.internal); repeat.")
+@click.option("--insecure-no-auth", is_flag=True, help="Allow a non-loopback --host without --api-key.")
+def serve(model, quantize, low_memory, dtype, host, port, api_key, queue_size, lora_dir, max_side, max_n, max_steps,
+          max_body, allowed_host, insecure_no_auth):
+    """Serve the model over HTTP: the OpenAI images API, an A1111 subset, a job API with live previews, and a
+    web page at /. Loads the model first, then prints `listening on http://HOST:PORT`.
+
+    \b
+      zimage-mlx serve --port 8000
+      curl http://127.0.0.1:8000/v1/images/generations -H 'Content-Type: application/json' \\
+           -d '{"prompt": "a red fox in the snow", "size": "1024x1024", "seed": 42}'
+    """
+    import ipaddress
+
+    if max_side % 16:
+        raise UserError(f"--max-side must be a multiple of 16, got {max_side}")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    if not loopback and not api_key and not insecure_no_auth:
+        raise UserError(f"--host {host} is reachable from other machines: give --api-key KEY (or set "
+                        "ZIMAGE_MLX_API_KEY), or pass --insecure-no-auth if you really mean it")
+    try:
+        from ..server import ServerConfig, allowed_hosts, serve as run_server
+        from ..server_engine import JobRunner
+    except ImportError as e:
+        raise UserError(f"the server needs its extra dependencies: pip install 'zimage-mlx[serve]' ({e})") from None
+    try:
+        from ..server import bind_socket
+
+        bind_socket(host, port).close()  # a taken port or a bad address fails before the model loads
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    quantize = bits(quantize)
+    name = Path(model.rstrip("/")).name.lower() or "z-image"
+    cfg = ServerConfig(model_id=name, model_aliases=(model,), api_key=api_key or None,
+                       allowed_hosts=allowed_hosts(host, allowed_host), max_side=max_side, max_n=max_n,
+                       max_steps=max_steps, max_body=int(max_body * 2**20),
+                       lora_dir=Path(lora_dir) if lora_dir else None,
+                       default_width=min(1024, max_side), default_height=min(1024, max_side))
+
+    def load():
+        from ..pipeline import ZImagePipeline
+        from ..weights import resolve_model
+
+        return ZImagePipeline.from_pretrained(resolve_model(model), dtype=dtype, quantize=quantize,
+                                              low_memory=low_memory)
+
+    runner = JobRunner(load, queue_size=queue_size)
+    click.echo(f"Loading {model} ...", err=True)
+    with expected_errors():
+        runner.start()
+    slow_blas_hint()
+    run_server(runner, cfg, host, port, announce=lambda line: click.echo(line) or sys.stdout.flush())
+    # Shut down cleanly (jobs answered, worker stopped). MLX 0.32 on Linux aborts now and then in its static
+    # destructors once a worker thread has used it (exit code 134), so the process ends here with code 0.
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
