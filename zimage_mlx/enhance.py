@@ -28,8 +28,9 @@ from mlx_lm.models.qwen3 import TransformerBlock
 from mlx_lm.sample_utils import apply_top_k, apply_top_p, greedy_sampler
 
 from .errors import InputError
+from .sources import read_config, safetensors_files
 from .text_encoder import Qwen3Encoder, TextEncoder, quant_predicate
-from .weights import CheckpointError, load_into, quantize_as_stored, read_config, safetensors_files
+from .weights import CheckpointError, load_into, quantize_as_stored
 
 # Written for Z-Image: what its captions look like (long, concrete, one paragraph), in the prompt's language,
 # with text to be rendered kept verbatim (Z-Image draws English and Chinese text).
