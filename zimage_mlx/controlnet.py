@@ -41,7 +41,7 @@ from .errors import InputError
 from .sources import resolve_controlnet
 from .transformer import (DEFAULT_GROUP_SIZE, TransformerArgs, TransformerBlock, ZImageTransformer, padded, patchify,
                           quant_predicate as dit_quant_predicate)
-from .weights import (CheckpointError, check_quantization, load_into, quantize_as_stored,
+from .weights import (CheckpointError, check_quantization, load_into, load_safetensors, quantize_as_stored,
                       quantize_model, to_dtype)
 
 GRAPHS = ("authors", "diffusers")
@@ -236,13 +236,7 @@ class ControlNet(nn.Module):
 def read_controlnet(source) -> tuple[dict[str, mx.array], dict | None]:
     """A ControlNet's tensors (lazily) and config.json (if it has one); see `sources.resolve_controlnet`."""
     files, config = resolve_controlnet(source)
-    weights: dict[str, mx.array] = {}
-    for f in files:
-        try:
-            weights.update(mx.load(str(f)))
-        except Exception as e:  # mx.load raises RuntimeError/ValueError on damaged files
-            raise CheckpointError(f"cannot read {f}: {e}") from None
-    return weights, config
+    return load_safetensors(files), config
 
 
 def _check_graph(graph: str | None) -> str:

@@ -86,19 +86,12 @@ def identify(keys) -> str:
 
 def _open(files: list[Path], label: str) -> dict:
     """The tensors of safetensors files, lazily: only the headers are read."""
-    import mlx.core as mx
+    from .weights import CheckpointError, load_safetensors
 
-    from .weights import CheckpointError
-
-    tensors = {}
     for f in files:
         if f.suffix != ".safetensors":
             raise CheckpointError(f"{f} is not a .safetensors file (convert reads safetensors only)")
-        try:
-            tensors.update(mx.load(str(f)))
-        except Exception as e:  # mx.load raises RuntimeError/ValueError on damaged or foreign files
-            raise CheckpointError(f"cannot read {f} ({label}): {e}") from None
-    return tensors
+    return load_safetensors(files, label=label)
 
 
 def _check_kind(name: str, tensors: dict, label: str) -> None:

@@ -28,14 +28,19 @@ def to_dtype(dtype) -> mx.Dtype:
     return DTYPES[dtype]
 
 
-def load_safetensors(folder: Path) -> dict[str, mx.array]:
-    """All tensors of a component folder (lazily: nothing is read until it is used)."""
+def load_safetensors(source, *, label: str | None = None, transform=None) -> dict[str, mx.array]:
+    """The one loop reading (sharded) safetensors: all tensors of a folder (its index's shards, else its
+    *.safetensors files, see sources.safetensors_files) or of a list of files, lazily: nothing is read until
+    it is used. transform: applied to each file's tensors (e.g. a model's sanitize, to keep only its own);
+    label: named in the error for an unreadable file."""
+    files = safetensors_files(source) if isinstance(source, (str, Path)) else source
     weights: dict[str, mx.array] = {}
-    for f in safetensors_files(folder):
+    for f in files:
         try:
-            weights.update(mx.load(str(f)))
-        except Exception as e:  # mx.load raises RuntimeError/ValueError on damaged files
-            raise CheckpointError(f"cannot read {f}: {e}") from None
+            tensors = mx.load(str(f))
+        except Exception as e:  # mx.load raises RuntimeError/ValueError on damaged or foreign files
+            raise CheckpointError(f"cannot read {f}" + (f" ({label})" if label else "") + f": {e}") from None
+        weights.update(transform(tensors) if transform else tensors)
     return weights
 
 
