@@ -33,6 +33,7 @@ import mlx.nn as nn
 
 
 from .errors import LoraError  # noqa: F401  (re-exported: its historical home)
+from .sources import resolve_file
 
 
 class LoraWarning(UserWarning):
@@ -86,7 +87,7 @@ _OTHER_MODELS = (
 def read_lora(source) -> Lora:
     """Read a LoRA: a .safetensors file, a folder holding one, a Hub repo id holding one, or
     `owner/repo/file.safetensors`. Raises LoraError for files that are not Z-Image DiT LoRAs we can apply."""
-    path = resolve_lora(source)
+    path = resolve_file(source, "LoRA", error=LoraError)
     try:
         tensors, metadata = mx.load(str(path), return_metadata=True)
     except Exception as e:  # mx.load raises RuntimeError/ValueError on damaged files
@@ -232,14 +233,6 @@ def _pattern_value(patterns: dict, name: str, default):
         if re.fullmatch(key[1:] if key.startswith("^") else rf"(?:.*\.)?(?:{key})", name):
             return value
     return default
-
-
-def resolve_lora(source) -> Path:
-    """A local .safetensors file (or a folder holding exactly one), else a Hub repo id holding exactly one
-    .safetensors file, or `owner/repo/path/file.safetensors`; downloaded into the HF cache."""
-    from .sources import resolve_file
-
-    return resolve_file(source, "LoRA", error=LoraError)
 
 
 # ----------------------------------------------------------------------------------------------
