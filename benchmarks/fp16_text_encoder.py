@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from zimage_mlx.text_encoder import TextEncoder  # noqa: E402
-from zimage_mlx.weights import resolve_model  # noqa: E402
+from zimage_mlx.sources import resolve_model  # noqa: E402
 
 PROMPTS = [
     "A photorealistic portrait of an astronaut riding a horse on the moon, golden hour light.",

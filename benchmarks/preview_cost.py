@@ -99,7 +99,7 @@ def main():
     if args.model:
         from zimage_mlx.preview import fit, fit_images
         from zimage_mlx.vae import VAE
-        from zimage_mlx.weights import resolve_model
+        from zimage_mlx.sources import resolve_model
 
         vae = VAE.from_pretrained(resolve_model(args.model) / "vae")
         t = time.perf_counter()

@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -40,10 +39,11 @@ import mlx.nn as nn
 from . import kernels
 from .errors import InputError
 from .inputs import mask_latents, open_image
+from .sources import resolve_controlnet
 from .transformer import (DEFAULT_GROUP_SIZE, TransformerArgs, TransformerBlock, ZImageTransformer, padded, patchify,
                           quant_predicate as dit_quant_predicate)
-from .weights import (CheckpointError, check_quantization, load_into, quantize_as_stored, quantize_model, read_config,
-                      to_dtype)
+from .weights import (CheckpointError, check_quantization, load_into, load_safetensors, quantize_as_stored,
+                      quantize_model, to_dtype)
 
 GRAPHS = ("authors", "diffusers")
 # The authors' example scales (VideoX-Fun examples/z_image_fun): 0.75 for 1.0 and 2.0, 0.90 for 2.1 and
@@ -235,15 +235,9 @@ class ControlNet(nn.Module):
 
 
 def read_controlnet(source) -> tuple[dict[str, mx.array], dict | None]:
-    """A ControlNet's tensors (lazily) and config.json (if it has one); see `resolve_controlnet`."""
+    """A ControlNet's tensors (lazily) and config.json (if it has one); see `sources.resolve_controlnet`."""
     files, config = resolve_controlnet(source)
-    weights: dict[str, mx.array] = {}
-    for f in files:
-        try:
-            weights.update(mx.load(str(f)))
-        except Exception as e:  # mx.load raises RuntimeError/ValueError on damaged files
-            raise CheckpointError(f"cannot read {f}: {e}") from None
-    return weights, config
+    return load_safetensors(files), config
 
 
 def _check_graph(graph: str | None) -> str:
@@ -252,35 +246,6 @@ def _check_graph(graph: str | None) -> str:
     if graph not in GRAPHS:
         raise InputError(f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
     return graph
-
-
-def resolve_controlnet(source) -> tuple[list[Path], dict | None]:
-    """The weight files (and config.json, if any) of a ControlNet: a .safetensors file, a folder, or a Hub id."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise CheckpointError(f"ControlNet {path} is not a .safetensors file (pickled .pt/.pth files are not loaded)")
-        return [path], None
-    if path.is_dir():
-        config = read_config(path) if (path / "config.json").is_file() else None
-        indexes = sorted(path.glob("*.safetensors.index.json"))
-        files = sorted(path.glob("*.safetensors"))
-        if indexes:
-            from .weights import safetensors_files
-
-            files = safetensors_files(path)
-        elif len(files) != 1:
-            raise CheckpointError(f"ControlNet folder {path} holds {len(files)} .safetensors files; name one of them"
-                                  + (f" ({', '.join(f.name for f in files[:4])})" if files else ""))
-        return files, config
-    from .lora import LoraError, resolve_lora  # the same Hub rules as a LoRA: one file per repo, or name it
-
-    if str(source).startswith((".", "/", "~")) or "/" not in str(source):
-        raise CheckpointError(f"ControlNet {source} does not exist")
-    try:
-        return [resolve_lora(source)], None
-    except LoraError as e:
-        raise CheckpointError(str(e).replace("LoRA", "ControlNet")) from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,8 +37,6 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32")
 WEIGHTS = ("transformer", "text_encoder", "vae")
 LABELS = {"transformer": "DiT", "text_encoder": "text encoder", "vae": "VAE"}
 OPTIONS = {"transformer": "--transformer", "text_encoder": "--text-encoder", "vae": "--vae"}
-# What base provides for single files: configs, tokenizer, scheduler (a few MB).
-SMALL_FILES = ["model_index.json", "scheduler/*.json", "tokenizer/*", "*/config.json"]
 
 
 @dataclass
@@ -88,19 +86,12 @@ def identify(keys) -> str:
 
 def _open(files: list[Path], label: str) -> dict:
     """The tensors of safetensors files, lazily: only the headers are read."""
-    import mlx.core as mx
+    from .weights import CheckpointError, load_safetensors
 
-    from .weights import CheckpointError
-
-    tensors = {}
     for f in files:
         if f.suffix != ".safetensors":
             raise CheckpointError(f"{f} is not a .safetensors file (convert reads safetensors only)")
-        try:
-            tensors.update(mx.load(str(f)))
-        except Exception as e:  # mx.load raises RuntimeError/ValueError on damaged or foreign files
-            raise CheckpointError(f"cannot read {f} ({label}): {e}") from None
-    return tensors
+    return load_safetensors(files, label=label)
 
 
 def _check_kind(name: str, tensors: dict, label: str) -> None:
@@ -114,24 +105,6 @@ def _check_kind(name: str, tensors: dict, label: str) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Finding the sources
-
-
-def _resolve(name, weights: tuple[str, ...]) -> Path:
-    """A diffusers checkpoint folder, or a Hub id with the small files plus the weights of `weights` only."""
-    from .weights import CheckpointError, check_checkpoint_folder, hub_fetch, resolve_model
-
-    path = Path(name).expanduser()
-    if path.exists() or set(weights) == set(WEIGHTS):
-        return resolve_model(path if path.exists() else name)
-    name = str(name)
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise CheckpointError(f"{name} does not exist (and it is not a Hub repo id like {DEFAULT_BASE})")
-    patterns = SMALL_FILES + [p for c in weights for p in (f"{c}/*.safetensors", f"{c}/*.safetensors.index.json")]
-    folder = hub_fetch(name, patterns=patterns, fail=lambda reason: CheckpointError(
-        f"cannot get {name} from the Hugging Face Hub ({reason}); if you are offline, download it once "
-        f"(hf download {name}) and pass the folder"))
-    check_checkpoint_folder(folder)
-    return folder
 
 
 def _scan(folder: Path) -> dict[str, list[Path]]:
@@ -153,7 +126,8 @@ def find_sources(src, *, transformer=None, text_encoder=None, vae=None, base=Non
 
     Raises CheckpointError naming what is missing or wrong. Only headers are read.
     """
-    from .weights import CheckpointError, read_config, safetensors_files
+    from .sources import read_config, resolve_model, safetensors_files
+    from .weights import CheckpointError
 
     files = {"transformer": transformer, "text_encoder": text_encoder, "vae": vae}
     for name, f in files.items():
@@ -169,7 +143,8 @@ def find_sources(src, *, transformer=None, text_encoder=None, vae=None, base=Non
     if diffusers:
         if base is not None:
             raise CheckpointError(f"--base is for single files; {src} is a checkpoint with its own tokenizer and configs")
-        root = _resolve(src, tuple(c for c in WEIGHTS if files[c] is None))
+        # a Hub id: the small files plus the weights of the components not given as files only
+        root = resolve_model(src, components=tuple(c for c in WEIGHTS if files[c] is None))
     else:
         found = _scan(path) if path.is_dir() else {identify(_open([path], str(path))): [path]}
         for name in WEIGHTS:
@@ -184,7 +159,7 @@ def find_sources(src, *, transformer=None, text_encoder=None, vae=None, base=Non
                 seen = f"; it has {', '.join(others[:4])}" if others else ""
                 raise CheckpointError(f"no Z-Image {LABELS[name]} in {src}{seen}: add it or pass {OPTIONS[name]} FILE")
             files[name] = hits[0]
-        root = _resolve(DEFAULT_BASE if base is None else base, ())
+        root = resolve_model(DEFAULT_BASE if base is None else base, components=())
 
     components = {}
     for name in WEIGHTS:
@@ -413,8 +388,8 @@ def _check_written(root: Path) -> None:
     from .text_encoder import Qwen3Encoder, model_args
     from .transformer import ZImageTransformer
     from .vae import VAE
-    from .weights import (CheckpointError, check_checkpoint_folder, load_into, load_safetensors, quantize_as_stored,
-                          read_config)
+    from .sources import check_checkpoint_folder, read_config
+    from .weights import CheckpointError, load_into, load_safetensors, quantize_as_stored
 
     try:
         check_checkpoint_folder(root)
@@ -566,7 +541,7 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
 
 def convert_controlnet(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, group_size: int = 64,
                        base=None, force: bool = False, progress: Callable[[int, int], None] | None = None) -> tuple[int, str]:
-    """Convert a ControlNet Union file (a .safetensors file, folder or Hub id, see controlnet.resolve_controlnet)
+    """Convert a ControlNet Union file (a .safetensors file, folder or Hub id, see sources.resolve_controlnet)
     into a folder (config.json + model.safetensors) that `load_controlnet` reads; returns (bytes, description).
 
     base: the DiT it is for, a checkpoint folder whose transformer/config.json gives the layer count the
@@ -578,7 +553,8 @@ def convert_controlnet(src, dst, *, dtype: str = "bfloat16", quantize: int | Non
     from .controlnet import ControlNet, quant_predicate, read_controlnet
     from .transformer import TransformerArgs
     from .errors import InputError
-    from .weights import check_quantization, read_config, to_dtype
+    from .sources import read_config
+    from .weights import check_quantization, to_dtype
 
     if dtype not in DTYPE_NAMES:
         raise InputError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")

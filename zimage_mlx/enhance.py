@@ -28,8 +28,9 @@ from mlx_lm.models.qwen3 import TransformerBlock
 from mlx_lm.sample_utils import apply_top_k, apply_top_p, greedy_sampler
 
 from .inputs import MAX_SEED, check_int, check_number
+from .sources import read_config
 from .text_encoder import Qwen3Encoder, TextEncoder, quant_predicate
-from .weights import CheckpointError, load_into, quantize_as_stored, read_config, safetensors_files
+from .weights import CheckpointError, load_into, load_safetensors, quantize_as_stored
 
 # Written for Z-Image: what its captions look like (long, concrete, one paragraph), in the prompt's language,
 # with text to be rendered kept verbatim (Z-Image draws English and Chinese text).
@@ -116,12 +117,7 @@ def load_tail(folder, encoder: Qwen3Encoder, dtype: mx.Dtype) -> Qwen3Tail:
     folder = Path(folder)
     config = read_config(folder)
     tail = Qwen3Tail(encoder.args)
-    weights = {}
-    for f in safetensors_files(folder):
-        try:
-            weights.update(tail.sanitize(mx.load(str(f))))  # lazy: the other tensors are never read
-        except Exception as e:  # mx.load raises RuntimeError/ValueError on damaged files
-            raise CheckpointError(f"cannot read {f}: {e}") from None
+    weights = load_safetensors(folder, transform=tail.sanitize)  # lazy: the other tensors are never read
     if not any(k.startswith("layer.") for k in weights) or "norm.weight" not in weights:
         raise CheckpointError(
             f"{folder} holds only the layers prompt encoding uses (no last layer {encoder.args.num_hidden_layers - 1} "

@@ -49,3 +49,16 @@ class LoraError(ZImageError):
 class Cancelled(Exception):
     """Raised by a run whose `cancel` token is set: it stopped between steps and the pipeline is ready for
     the next call."""
+
+
+class NotCachedError(ZImageError):
+    """A model, LoRA or ControlNet named by a saved image that is not on this machine: a Hub id not in the
+    local Hugging Face cache (nothing is downloaded for a name read back), or a local path, named by label only.
+
+    name: the name as read; what: "model", "LoRA" or "ControlNet"; param: the keyword to pass it as ("model",
+    "lora", "controlnet"); local: True for a local folder or file (give its path again), False for a Hub id.
+    """
+
+    def __init__(self, message: str, *, name: str = "", what: str = "", param: str = "", local: bool = False):
+        super().__init__(message)
+        self.name, self.what, self.param, self.local = name, what, param, local

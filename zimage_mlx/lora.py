@@ -33,6 +33,7 @@ import mlx.nn as nn
 
 
 from .errors import LoraError  # noqa: F401  (re-exported: its historical home)
+from .sources import resolve_file
 
 
 class LoraWarning(UserWarning):
@@ -86,7 +87,7 @@ _OTHER_MODELS = (
 def read_lora(source) -> Lora:
     """Read a LoRA: a .safetensors file, a folder holding one, a Hub repo id holding one, or
     `owner/repo/file.safetensors`. Raises LoraError for files that are not Z-Image DiT LoRAs we can apply."""
-    path = resolve_lora(source)
+    path = resolve_file(source, "LoRA", error=LoraError)
     try:
         tensors, metadata = mx.load(str(path), return_metadata=True)
     except Exception as e:  # mx.load raises RuntimeError/ValueError on damaged files
@@ -232,48 +233,6 @@ def _pattern_value(patterns: dict, name: str, default):
         if re.fullmatch(key[1:] if key.startswith("^") else rf"(?:.*\.)?(?:{key})", name):
             return value
     return default
-
-
-def resolve_lora(source) -> Path:
-    """A local .safetensors file (or a folder holding exactly one), else a Hub repo id holding exactly one
-    .safetensors file, or `owner/repo/path/file.safetensors`; downloaded into the HF cache."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if len(files) != 1:
-            raise LoraError(f"LoRA folder {path} holds {len(files)} .safetensors files; name one of them" +
-                            (f" ({', '.join(f.name for f in files[:4])})" if files else ""))
-        return files[0]
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise LoraError(f"LoRA {path} is not a .safetensors file (pickled .pt/.ckpt files are not loaded)")
-        return path
-    name = str(source)
-    parts = name.split("/")
-    if (name.startswith((".", "/", "~")) or len(parts) < 2 or not all(parts)
-            or (len(parts) == 2 and name.endswith(".safetensors"))):
-        raise LoraError(f"LoRA file {name} does not exist")
-    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
-    if filename is not None and not filename.endswith(".safetensors"):
-        raise LoraError(f"LoRA {name}: name a .safetensors file in the repo {repo}, or the repo alone")
-    from huggingface_hub import list_repo_files
-
-    from .weights import hub_fetch
-
-    def fail(reason):
-        return LoraError(f"LoRA {name} is not a local file and cannot be fetched from the Hugging Face Hub ({reason})")
-
-    if filename is None:
-        try:
-            files = [f for f in list_repo_files(repo) if f.endswith(".safetensors")]
-        except Exception:  # offline: whatever of the repo is in the local cache
-            folder = hub_fetch(repo, patterns=["*.safetensors"], local_only=True, fail=fail)
-            files = [str(f.relative_to(folder)) for f in folder.rglob("*.safetensors")]
-        if len(files) != 1:
-            raise LoraError(f"the Hub repo {repo} has {len(files)} .safetensors files; name one as "
-                            f"{repo}/FILE.safetensors" + (f" (e.g. {', '.join(sorted(files)[:3])})" if files else ""))
-        filename = files[0]
-    return hub_fetch(repo, filename=filename, fail=fail)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -301,11 +301,11 @@ def load_for_training(config: TrainConfig, dataset: Dataset):
     Returns a low-memory ZImagePipeline without a text encoder (for samples) and the Cache."""
     from .pipeline import ZImagePipeline, default_dtype
     from .sampler import FlowMatchScheduler
+    from .sources import read_config as read_json_config
+    from .sources import resolve_model
     from .text_encoder import TextEncoder
     from .text_encoder import default_bits as text_encoder_bits
     from .vae import VAE
-    from .weights import read_config as read_json_config
-    from .weights import resolve_model
 
     root = resolve_model(config.model)
     dtype = default_dtype() if config.dtype == "auto" else config.dtype

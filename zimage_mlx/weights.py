@@ -1,8 +1,9 @@
-"""Reading checkpoint folders: configs, (sharded) safetensors in any dtype, strict loading into modules."""
+"""Loading checkpoints: (sharded) safetensors in any dtype, strict loading into modules, quantization.
+
+Where a checkpoint is (local folders, the Hub) is sources.py's role."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -10,6 +11,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import CheckpointError, InputError  # noqa: F401  (CheckpointError: re-exported, its historical home)
+# Where checkpoints are on disk is sources.py's role; these names stay importable from here for the modules
+# that still import them from weights (pipeline.py, cli.py).
+from .sources import (HUB_PATTERNS, check_checkpoint_folder, hub_cached, is_hub_id, read_config,  # noqa: F401
+                      resolve_model, safetensors_files)
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -23,44 +28,19 @@ def to_dtype(dtype) -> mx.Dtype:
     return DTYPES[dtype]
 
 
-def read_config(folder: Path, name: str = "config.json") -> dict:
-    path = Path(folder) / name
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: is {folder} a component folder of a Z-Image checkpoint?")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
-
-
-def safetensors_files(folder: Path) -> list[Path]:
-    """The weight files of a component folder: the shards named by an *.index.json, else every *.safetensors."""
-    folder = Path(folder)
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        try:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        except (OSError, KeyError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"cannot read {indexes[0]}: {e}") from None
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{folder} is incomplete: shard(s) {', '.join(missing)} named by {indexes[0].name} are missing")
-        return files
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no *.safetensors weights in {folder}")
-    return files
-
-
-def load_safetensors(folder: Path) -> dict[str, mx.array]:
-    """All tensors of a component folder (lazily: nothing is read until it is used)."""
+def load_safetensors(source, *, label: str | None = None, transform=None) -> dict[str, mx.array]:
+    """The one loop reading (sharded) safetensors: all tensors of a folder (its index's shards, else its
+    *.safetensors files, see sources.safetensors_files) or of a list of files, lazily: nothing is read until
+    it is used. transform: applied to each file's tensors (e.g. a model's sanitize, to keep only its own);
+    label: named in the error for an unreadable file."""
+    files = safetensors_files(source) if isinstance(source, (str, Path)) else source
     weights: dict[str, mx.array] = {}
-    for f in safetensors_files(folder):
+    for f in files:
         try:
-            weights.update(mx.load(str(f)))
-        except Exception as e:  # mx.load raises RuntimeError/ValueError on damaged files
-            raise CheckpointError(f"cannot read {f}: {e}") from None
+            tensors = mx.load(str(f))
+        except Exception as e:  # mx.load raises RuntimeError/ValueError on damaged or foreign files
+            raise CheckpointError(f"cannot read {f}" + (f" ({label})" if label else "") + f": {e}") from None
+        weights.update(transform(tensors) if transform else tensors)
     return weights
 
 
@@ -85,86 +65,6 @@ def load_into(model: nn.Module, weights: dict[str, mx.array], what: str, dtype: 
     if dtype is not None:
         weights = {k: w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w for k, w in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoint folders and the Hugging Face Hub
-
-COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
-# What a Z-Image checkpoint needs from the Hub: configs, tokenizer files, safetensors weights (no .bin/.pth).
-HUB_PATTERNS = [
-    "model_index.json",
-    "scheduler/*.json",
-    "tokenizer/*",
-    "*/config.json",
-    "*/*.safetensors",
-    "*/*.safetensors.index.json",
-]
-
-
-def resolve_model(name) -> Path:
-    """A local checkpoint folder, or a Hub repo id downloaded (only the files needed) into the HF cache."""
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path} is a file; point at a checkpoint folder (the one with model_index.json)")
-        check_checkpoint_folder(path)
-        return path
-    name = str(name)
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise CheckpointError(f"model folder {name} does not exist (and it is not a Hub repo id like Tongyi-MAI/Z-Image-Turbo)")
-    folder = hub_fetch(name, patterns=HUB_PATTERNS, fail=lambda reason: CheckpointError(
-        f"cannot get {name} from the Hugging Face Hub ({reason}); if you are offline or the repo is private, "
-        f"download it once (hf download {name}) or pass a local folder with --model / from_pretrained(path)"))
-    check_checkpoint_folder(folder)
-    return folder
-
-
-def is_hub_id(name) -> bool:
-    """`owner/repo` or `owner/repo/path/file`: a name the Hub could resolve (not a local-looking path)."""
-    name = str(name)
-    parts = name.split("/")
-    return len(parts) >= 2 and all(parts) and not name.startswith((".", "/", "~")) and "\\" not in name
-
-
-def hub_fetch(name: str, *, patterns: list[str] | None = None, filename: str | None = None,
-              local_only: bool = False, fail=None) -> Path:
-    """The one way to the Hugging Face Hub (models, converter sources, LoRAs, ControlNets): the snapshot
-    folder of repo `name` holding the files that match `patterns`, or the path of one `filename` in it; from
-    the local HF cache, downloaded into it first unless local_only. Any failure (offline, unknown or gated
-    repo, not in the cache) raises fail(reason) (default: a CheckpointError naming the repo)."""
-    from huggingface_hub import hf_hub_download, snapshot_download
-
-    try:
-        if filename is not None:
-            return Path(hf_hub_download(name, filename, local_files_only=local_only))
-        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=local_only))
-    except Exception as e:  # offline, unknown repo, gated, network: all end the same way for the user
-        reason = type(e).__name__
-    raise (fail or (lambda r: CheckpointError(f"cannot get {name} from the Hugging Face Hub ({r})")))(reason) from None
-
-
-def hub_cached(name, patterns=HUB_PATTERNS) -> Path | None:
-    """Where the local Hugging Face cache already holds `name`, without any network access: a repo's snapshot
-    folder (`owner/repo`, the files of `patterns`), or a file (`owner/repo/path/file`); None if it is not
-    there."""
-    parts = str(name).split("/")
-    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
-    try:
-        return hub_fetch(repo, patterns=patterns, filename=filename, local_only=True)
-    except CheckpointError:
-        return None
-
-
-def check_checkpoint_folder(folder: Path) -> None:
-    """Fail early, naming what is missing, if folder is not a Z-Image checkpoint in the diffusers layout."""
-    index = read_config(folder, "model_index.json")
-    cls = index.get("_class_name", "")
-    if "ZImage" not in cls:
-        raise CheckpointError(f"{folder} holds a {cls or 'unknown'} checkpoint, not a Z-Image one (model_index.json)")
-    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
-    if missing:
-        raise CheckpointError(f"{folder} is incomplete: missing folder(s) {', '.join(missing)}")
 
 
 # ----------------------------------------------------------------------------------------------
