@@ -20,7 +20,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from zimage_mlx import __version__, cli
-from zimage_mlx.pipeline import DEFAULT_MODEL, ZImagePipeline
+from zimage_mlx.cli import common
+from zimage_mlx.metadata import parse_infotext
+from zimage_mlx.pipeline import ZImagePipeline
+from zimage_mlx.recipe import DEFAULT_MODEL, Recipe
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 REAL_LOAD = ZImagePipeline.from_pretrained  # before the `loads` fixture caches it
@@ -313,15 +316,15 @@ def test_from_image_never_fetches_what_the_command_line_did_not_name(ckpt, loads
 def test_slow_blas_hint_once_per_process(ckpt, loads, tmp_path, monkeypatch):
     bundled = "7f00-7f01 r-xp 0 08:01 1 /venv/site-packages/mlx_cpu.libs/libblas-bd8a282c.so.3.10.0\n"
     openblas = "7f02-7f03 r-xp 0 08:01 2 /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblasp-r0.3.21.so\n"
-    assert cli.reference_blas(bundled) and not cli.reference_blas(bundled + openblas)
-    assert not cli.reference_blas("7f00-7f01 r-xp 0 08:01 1 /usr/lib/libmkl_rt.so.2\n")
+    assert common.reference_blas(bundled) and not common.reference_blas(bundled + openblas)
+    assert not common.reference_blas("7f00-7f01 r-xp 0 08:01 1 /usr/lib/libmkl_rt.so.2\n")
     # this process: MLX's bundled BLAS unless a fast one was preloaded
-    expected = cli.reference_blas(Path("/proc/self/maps").read_text())
-    monkeypatch.setattr(cli, "_blas_hint_shown", False)
+    expected = common.reference_blas(Path("/proc/self/maps").read_text())
+    monkeypatch.setattr(common, "_blas_hint_shown", False)
     runs = [ok("a cat", "-m", ckpt, "--size", 32, "--steps", 1, "-o", tmp_path / f"{i}.png").stderr for i in range(2)]
-    assert [cli.BLAS_HINT in e for e in runs] == [expected, False]
+    assert [common.BLAS_HINT in e for e in runs] == [expected, False]
     if expected:
-        assert runs[0].splitlines()[1] == cli.BLAS_HINT  # right after the Loaded line
+        assert runs[0].splitlines()[1] == common.BLAS_HINT  # right after the Loaded line
 
 
 def test_never_overwrites_and_overwrite_replaces(ckpt, loads, tmp_path):
@@ -359,7 +362,7 @@ def test_quantize_is_passed_on(ckpt, loads, tmp_path):
     assert (meta["quantization"], meta["text_encoder_quantization"], meta["quantize"]) == ("8", "8", "8")
     pipe = ZImagePipeline.from_pretrained(ckpt, dtype="auto", quantize=8)  # the cached one the CLI ran
     assert sum(isinstance(m, nn.QuantizedLinear) for _, m in pipe.transformer.named_modules()) > 0
-    assert cli.read_image_settings(str(tmp_path / "q.png"))["quantize"] == 8  # a replay quantizes the same way
+    assert Recipe.from_png(tmp_path / "q.png").quantize == 8  # a replay quantizes the same way
 
 
 # ------------------------------------------------------------------------------------------------
@@ -418,14 +421,16 @@ def test_bad_input_is_one_line_and_exit_2_before_loading(case, ckpt, loads, tmp_
 
 
 def test_a1111_parameters_round_trip():
-    settings = dict(prompt="a sign: \"OPEN, 24/7\"\nsecond line", negative_prompt="blur, noise", seed=5, steps=8,
+    recipe = Recipe(prompt="a sign: \"OPEN, 24/7\"\nsecond line", negative_prompt="blur, noise", seed=5, steps=8,
                     guidance=3.5, cfg_normalization=1.5, cfg_truncation=0.9, width=1024, height=768,
                     model="/models/z, image: v1", quantization=8, dtype="bfloat16")
-    fields = cli.parse_a1111_parameters(cli.a1111_parameters(settings))
-    assert (fields["prompt"], fields["negative_prompt"]) == (settings["prompt"], "blur, noise")
+    fields = parse_infotext(recipe.to_infotext())
+    assert (fields["prompt"], fields["negative_prompt"]) == (recipe.prompt, "blur, noise")
     assert fields["Model"] == "/models/z, image: v1" and fields["Size"] == "1024x768"
     assert (fields["Steps"], fields["CFG scale"], fields["Seed"], fields["Quantization"]) == ("8", "3.5", "5", "8-bit")
     assert (fields["CFG normalization"], fields["CFG truncation"]) == ("1.5", "0.9")
+    # Our own infotext reads back into the recipe it was written from (the on-the-fly bits are not in it).
+    assert Recipe.from_infotext(recipe.to_infotext()) == recipe.replace(quantize=None)
 
 
 def test_help_and_defaults():
@@ -433,7 +438,10 @@ def test_help_and_defaults():
     assert r.exit_code == 0 and "generate" in r.output
     r = CliRunner().invoke(cli.main, ["generate", "--help"])
     assert r.exit_code == 0 and "--from-image" in r.output and "{prompt_index}" in r.output
-    assert cli.DEFAULT_MODEL == DEFAULT_MODEL
+    assert DEFAULT_MODEL in r.output
+    # --help stays light: the command line imports no MLX until a command runs.
+    code = "import sys, zimage_mlx.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'torch')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
 
 
 # ------------------------------------------------------------------------------------------------

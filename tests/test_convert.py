@@ -18,6 +18,8 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from zimage_mlx import cli
+from zimage_mlx.cli.common import describe_pipeline
+from zimage_mlx.recipe import Recipe
 from zimage_mlx.convert import convert, identify
 from zimage_mlx.pipeline import ZImagePipeline
 from zimage_mlx.text_encoder import TextEncoder
@@ -336,7 +338,7 @@ def test_a_converted_folder_reports_its_quantization_and_dtype(converted, tmp_pa
     pipe = ZImagePipeline.from_pretrained(dst)  # auto, on this CPU: float32 (upcast)
     assert pipe.quantize is None and pipe.quantization == {"transformer": 4, "text_encoder": 8}
     assert (pipe.dtype, pipe.stored_dtype) == ("float32", "bfloat16")
-    assert cli.describe_pipeline(pipe) == "float32 (stored bfloat16), DiT 4-bit, text encoder 8-bit"
+    assert describe_pipeline(pipe) == "float32 (stored bfloat16), DiT 4-bit, text encoder 8-bit"
     out = tmp_path / "q.png"
     r = CliRunner().invoke(cli.main, ["generate", "a fox", "-m", str(dst), "--size", "32", "--steps", "1", "-o", str(out)])
     assert r.exit_code == 0, r.output
@@ -345,11 +347,11 @@ def test_a_converted_folder_reports_its_quantization_and_dtype(converted, tmp_pa
         text = im.text
     assert (text["quantization"], text["text_encoder_quantization"], text["quantize"]) == ("4", "8", "none")
     assert "Quantization: 4-bit" in text["parameters"] and "Text encoder quantization: 8-bit" in text["parameters"]
-    assert cli.read_image_settings(str(out))["quantize"] is None  # a replay loads the folder as stored
+    assert Recipe.from_png(out).quantize is None  # a replay loads the folder as stored
     # On the fly, every model is reported too.
     on_the_fly = ZImagePipeline.from_pretrained(converted("float32"), quantize=8)
     assert on_the_fly.quantization == {"transformer": 8, "text_encoder": 8} and on_the_fly.stored_dtype == "float32"
-    assert cli.describe_pipeline(on_the_fly) == "float32, 8-bit"
+    assert describe_pipeline(on_the_fly) == "float32, 8-bit"
 
     # dtype="auto" honours the folder's dtype on a GPU; the CPU stays float32.
     passing = {"max_abs_weight": 14.0, "max_abs_weight_layer": "x", "ffn_norm1_std": 0.1, "ffn_norm1_std_key": "k"}

@@ -11,16 +11,24 @@ __all__ = ["Cancelled", "CheckpointError", "ControlRef", "Float16OverflowWarning
            "LoraRef", "LoraWarning", "PromptTruncatedWarning", "Recipe", "Step", "Worker", "ZImageError",
            "ZImagePipeline", "__version__"]
 
-_HOMES = {"ZImagePipeline": "pipeline", "Step": "pipeline", "Recipe": "recipe", "LoraRef": "recipe",
-          "ControlRef": "recipe", "Worker": "worker", "Cancelled": "errors", "CheckpointError": "errors",
-          "InputError": "errors", "LoraError": "errors", "ZImageError": "errors", "LoraWarning": "lora",
-          "Float16OverflowWarning": "fp16", "PromptTruncatedWarning": "text_encoder"}
 
 
 def __getattr__(name):
     # Lazy, so that `import zimage_mlx.<module>` and the CLI's --help stay light.
-    if name in _HOMES:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
-    raise AttributeError(f"module 'zimage_mlx' has no attribute {name!r}")
+    if name in ("ZImagePipeline", "Step"):
+        from . import pipeline as home
+    elif name in ("Recipe", "LoraRef", "ControlRef"):
+        from . import recipe as home
+    elif name == "Worker":
+        from . import worker as home
+    elif name in ("Cancelled", "CheckpointError", "InputError", "LoraError", "ZImageError"):
+        from . import errors as home
+    elif name == "LoraWarning":
+        from . import lora as home
+    elif name == "Float16OverflowWarning":
+        from . import fp16 as home
+    elif name == "PromptTruncatedWarning":
+        from . import text_encoder as home
+    else:
+        raise AttributeError(f"module 'zimage_mlx' has no attribute {name!r}")
+    return getattr(home, name)

@@ -536,12 +536,15 @@ class ZImagePipeline:
         if recipe.enhance and recipe.original_prompt is None:
             items = self._enhance(items, cancel, on_enhanced)
         images = []
+        z = recipe.init_latents
         for lo, hi in batches([r.prompt for r in items], batch_size):
-            last = hi == len(items)
-            made = self._make(items[lo:hi], None if latents is None else latents[lo:hi], prompts=[r.prompt for r in items],
-                              release=release and last, release_transformer=(release or release_transformer) and last,
+            last, batch = hi == len(items), items[lo:hi]
+            if z is not None and z.shape[0] == len(items) > 1:  # one row per image: this batch's rows
+                batch = [x.replace(init_latents=z[lo:hi]) for x in batch]
+            made = self._make(batch, None if latents is None else latents[lo:hi], prompts=[r.prompt for r in items],
+                              release=release, release_transformer=(release or release_transformer) and last,
                               on_step=on_step, cancel=cancel)
-            for k, (r, image) in enumerate(zip(items[lo:hi], made), lo):
+            for k, (r, image) in enumerate(zip(batch, made), lo):
                 image.info["recipe"] = self.describe(r)
                 if latents is None:
                     image.info["seed"] = r.seed
@@ -549,6 +552,24 @@ class ZImagePipeline:
                     on_image(k, image)
             images += made
         return images
+
+    def auto_batch_size(self, width: int, height: int, cap: int = 8) -> int:
+        """How many images of one prompt to denoise together. On a CPU 1: batching was measured no faster there
+        (benchmarks/README.md, "Batching"), the GEMMs are already large. On a GPU as many as fit in the memory left
+        after the weights, counting per image the DiT step's activations (0.97 GB at 1024x1024 in bfloat16,
+        measured; scaled by pixels and dtype) and the VAE decode's (taken as 2.4 GB at 1024x1024, the measured
+        tiled-decode peak, as a margin), and keeping a quarter of the memory free."""
+        if mx.default_device() == mx.cpu or self.parallel:
+            return 1
+        try:
+            info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+            total = int(info.get("max_recommended_working_set_size") or info.get("memory_size"))
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            return 1
+        scale = width * height / 1024**2 * (2 if self.dtype == "float32" else 1)
+        per_image = (0.97e9 + 2.4e9) * scale
+        free = 0.75 * total - mx.get_active_memory()
+        return max(1, min(cap, int(free // per_image)))
 
     def prepare(self, recipe: Recipe) -> Recipe:
         """A recipe checked, its size and strength settled and its seed decided (what `run` makes)."""

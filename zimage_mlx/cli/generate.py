@@ -101,3 +101,394 @@ from .output import DEFAULT_OUTPUT, plan_outputs, plan_preview, preview_writer, 
                    "the model (tensor), or run the two CFG branches on two ranks (cfg). auto: data with at least "
                    "as many images as ranks, cfg for a CFG run on 2 ranks, else tensor.  [default: auto]")
 @click.pass_context
+def generate(ctx, **options):
+    """Generate images from a prompt (or several: --prompt-file), one file per prompt, seed and image.
+
+    \b
+      zimage-mlx generate "a red fox in the snow, golden hour" --seed 42
+      zimage-mlx generate --prompt-file prompts.txt --seed 1 --seed 2 --size 1024x768 -o out/{prompt_index}-{seed}.png
+      zimage-mlx generate --from-image zimage-42.png --steps 12 -o again.png
+      zimage-mlx generate "the same street at night" --image street.jpg --strength 0.7
+      zimage-mlx generate "a red vintage car" --image street.jpg --mask car-mask.png
+      zimage-mlx generate "a portrait, watercolor" --lora watercolor.safetensors:0.8
+      zimage-mlx generate "a cat on a windowsill" --enhance --seed 7
+      zimage-mlx generate "a glass house" --controlnet union-2.1-lite-8steps.safetensors --control photo.jpg --control-type canny
+    """
+    o = SimpleNamespace(**options)
+    given = {name for name in options
+             if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    with expected_errors():
+        job = plan(o, replay(o, given), given)
+        pipe = load(job, o)
+        make(pipe, job, o)
+
+
+@dataclass
+class Job:
+    """What `plan` decided: the recipe and its images, where each goes, what to load, and who speaks."""
+
+    recipe: Recipe
+    items: list  # the one-image recipes, in order
+    paths: list
+    preview: Path | None = None
+    model: str = ""  # what to load: the name given, or a local path --from-image found in the HF cache
+    controlnet: str | None = None  # the ControlNet file or folder to load
+    group: object = None  # the mx.distributed group under mlx.launch
+    mode: str | None = None
+    rank0: bool = True
+    quiet: bool = False
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            click.echo(message, err=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# replay: the flags, over a PNG's recipe when --from-image names one
+
+# Which Recipe fields each flag sets: a replay keeps the stored value of every field no flag sets.
+FIELDS_OF = {"prompt": ("prompt",), "prompt_option": ("prompt",), "prompt_file": ("prompt",),
+             "negative_prompt": ("negative_prompt",), "size": ("width", "height"), "width": ("width",),
+             "height": ("height",), "steps": ("steps",), "guidance": ("guidance",),
+             "cfg_normalization": ("cfg_normalization",), "cfg_truncation": ("cfg_truncation",), "seed": ("seed",),
+             "init_image": ("init_image", "image"), "mask": ("init_mask", "mask"), "strength": ("strength",),
+             "lora_specs": ("loras",), "controlnet": ("controlnet",),
+             "control_specs": ("controls", "controlnet", "control_type", "control_start", "control_end",
+                               "controlnet_graph"),
+             "control_type": ("control_type",), "control_start": ("control_start",), "control_end": ("control_end",),
+             "controlnet_graph": ("controlnet_graph",), "model": ("model",), "quantize": ("quantize",),
+             "dtype": ("dtype",), "enhance": ("enhance",)}
+
+
+def replay(o, given: set) -> Recipe:
+    """The recipe the flags describe; with --from-image, the stored recipe with the flags given over it.
+    Input images are opened and control maps computed here, before anything loads."""
+    typed = recipe_from_flags(o)
+    if o.from_image is None:
+        if not typed.prompts:
+            raise UserError("no prompt: pass it as an argument, with --prompt or --prompt-file, or use --from-image")
+        return typed
+    saved = read_png(o.from_image)
+    out = saved.replayed(**{f: getattr(typed, f) for name in given for f in FIELDS_OF.get(name, ())})
+    if "init_image" not in given and saved.image:  # the stored input image and mask, beside the PNG
+        out = out.replace(init_image=open_input(beside(o.from_image, saved.image), "--image"),
+                          init_mask=out.init_mask if "mask" in given else
+                          open_input(beside(o.from_image, saved.mask), "--mask"))
+    if "control_specs" not in given and saved.controls:  # the stored control images, made into maps again
+        specs = [(beside(o.from_image, c.image), c.scale) for c in saved.controls]
+        out = out.replace(controls=control_refs(out, specs))
+    return out
+
+
+def read_png(path) -> Recipe:
+    from ..errors import InputError
+
+    try:
+        return Recipe.from_png(path)
+    except InputError as e:
+        reason = str(e)
+        raise UserError(f"--from-image {reason}" if reason.startswith(str(path)) else
+                        f"--from-image {path}: {reason}") from None
+
+
+def recipe_from_flags(o) -> Recipe:
+    """The flags as a Recipe: files by name only (no local path reaches the metadata), opened."""
+    from ..weights import model_label
+
+    prompts = read_prompts(o.prompt, o.prompt_option, o.prompt_file)
+    width, height = parse_size(o.size, o.width, o.height)
+    loras = [parse_lora(spec) for spec in o.lora_specs]
+    r = Recipe(prompt=prompts[0] if len(prompts) == 1 else prompts, negative_prompt=o.negative_prompt or None,
+               width=width, height=height, steps=o.steps, guidance=o.guidance, cfg_normalization=o.cfg_normalization,
+               cfg_truncation=o.cfg_truncation, seed=list(o.seed) or None, num_images=o.num_images,
+               image=file_name(o.init_image), mask=file_name(o.mask), strength=o.strength,
+               init_image=open_input(o.init_image, "--image"), init_mask=open_input(o.mask, "--mask"),
+               loras=[LoraRef(model_label(name), scale, source=name) for name, scale in loras],
+               controlnet=model_label(o.controlnet) if o.controlnet else None, control_type=o.control_type,
+               control_start=o.control_start, control_end=o.control_end, controlnet_graph=o.controlnet_graph,
+               enhance=o.enhance, model=o.model, quantize=int(o.quantize) if o.quantize else None,
+               dtype=None if o.dtype == "auto" else o.dtype)
+    return r.replace(controls=control_refs(r, [parse_control(spec) for spec in o.control_specs]))
+
+
+def control_refs(r: Recipe, specs: list) -> list[ControlRef]:
+    """The control images (path, scale) opened and made into maps (--control-type) at the output size."""
+    if not specs:
+        return []
+    from ..controlnet import control_map
+    from ..inputs import output_size
+
+    images = [open_input(path, f"--control {path}") for path, _ in specs]
+    size = r.init_image.size if r.init_image is not None else images[0].size
+    width, height = output_size(size, r.width, r.height)
+    return [ControlRef(file_name(path), scale, control_map(im, r.control_type, width, height))
+            for (path, scale), im in zip(specs, images)]
+
+
+def open_input(path, what: str):
+    from ..inputs import open_image
+
+    return None if path is None else open_image(path, what, field=what.split()[0].lstrip("-"))
+
+
+def beside(png, name: str | None) -> str | None:
+    """An input image the PNG names (by file name): next to the PNG, else in the current folder."""
+    if not name:
+        return name
+    path = Path(png).expanduser().parent / name
+    return str(path) if path.exists() else name
+
+
+def file_name(path) -> str | None:
+    return None if path is None else Path(path).name
+
+
+# ------------------------------------------------------------------------------------------------
+# plan: everything checked, every file named, before the model loads
+
+
+def plan(o, recipe: Recipe, given: set) -> Job:
+    if o.batch_size is not None and o.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {o.batch_size}")
+    if recipe.controlnet and not recipe.controls:
+        raise UserError("--controlnet needs at least one --control IMAGE")
+    if recipe.controls and not recipe.controlnet:
+        raise UserError("--control needs --controlnet (a ControlNet Union file, folder or Hub id)")
+    recipe = recipe.validate().settle().validate()
+    if recipe.guidance == 0 and ({"cfg_normalization", "cfg_truncation"} & given) and not o.quiet:
+        click.echo("Warning: --cfg-normalization and --cfg-truncation do nothing without --guidance > 0", err=True)
+    recipe = recipe.replace(seed=recipe.seed or [random.randint(0, MAX_SEED)])
+    items = recipe.images()
+    job = Job(recipe, items, [], quiet=o.quiet)
+    start_ranks(job, o)
+    per_prompt = len(recipe.seed_list())
+    jobs = [(k // per_prompt, r.seed) for k, r in enumerate(items)]
+    job.paths = plan_outputs(o.output, jobs, o.overwrite) if job.rank0 else [None] * len(items)
+    if o.preview_path is not None and job.rank0:
+        job.preview = plan_preview(o.preview_path, job.paths)
+    find_sources(job, o, given)
+    return job
+
+
+def start_ranks(job: Job, o) -> None:
+    """Under mlx.launch: join the group and choose the mode; rank 0 alone prints and writes files."""
+    from .. import distributed
+
+    if o.parallel is None and not distributed.launched():
+        return
+    group = distributed.init()
+    if group.size() > 1:
+        job.group = group
+        job.mode = distributed.choose_mode(o.parallel or "auto", group.size(), len(job.items), job.recipe.guidance)
+        job.rank0 = group.rank() == 0
+        job.quiet = job.quiet or not job.rank0
+
+
+def find_sources(job: Job, o, given: set) -> None:
+    """What to load. For --from-image, what the PNG names and no flag does is taken from the local Hugging
+    Face cache only (nothing is downloaded that was not named). LoRAs are read now, so that a missing or
+    foreign one fails before the model loads."""
+    from ..lora import read_lora
+    from ..sources import resolve_controlnet
+
+    r = job.recipe
+    replaying = o.from_image is not None
+    job.model = cached(o, r.model, "model") if replaying and "model" not in given else r.model
+    if replaying and "model" in given:
+        note_other_model(job, o)
+    net = o.controlnet
+    if r.controlnet and not ({"controlnet", "control_specs"} & given):
+        net = cached(o, r.controlnet, "ControlNet") if replaying else net
+    if net:
+        files = resolve_controlnet(net)[0]
+        job.controlnet = net if Path(net).expanduser().exists() else str(files[0])  # a Hub id: the file downloaded
+    loras = r.loras or []
+    if replaying and "lora_specs" not in given:
+        loras = [LoraRef(x.name, x.scale, cached(o, x.name, "LoRA")) for x in loras]
+    job.recipe = r.replace(loras=[LoraRef(x.name, x.scale, read_lora(x.load)) for x in loras])
+    if replaying:
+        say_sources(job, o, given)
+
+
+def cached(o, name: str, what: str) -> str:
+    """A model, LoRA or ControlNet a PNG names, from the local Hugging Face cache (sources.cached)."""
+    from ..errors import NotCachedError
+    from ..sources import cached as find
+
+    try:
+        return str(find(name, what))
+    except NotCachedError as e:
+        option = {"model": "--model", "LoRA": "--lora", "ControlNet": "--controlnet"}[what]
+        if e.local:
+            raise UserError(f"--from-image {o.from_image} was made with the local {what} {name}; give it again with "
+                            f"{option} {'FOLDER' if '#' in str(name) else 'FILE'}") from None
+        if "not in the local" in str(e):
+            raise UserError(f"--from-image {o.from_image} was made with the {what} {name}, which is not in the local "
+                            f"Hugging Face cache; name it to download it: {option} {name}") from None
+        raise UserError(f"--from-image {o.from_image}: {e}") from None
+
+
+def note_other_model(job: Job, o) -> None:
+    from ..weights import model_label
+
+    stored = read_png(o.from_image).model or ""
+    if "#" in stored and model_label(o.model) != stored:
+        job.say(f"Note: the image was made with {stored}; the configs of --model {model_label(o.model)} differ")
+
+
+def say_sources(job: Job, o, given: set) -> None:
+    r, png = job.recipe, Path(o.from_image).name
+    cache = " (from the Hugging Face cache)"
+    job.say(f"From {png}: model {r.model}" + ("" if "model" in given else cache))
+    for x in r.loras:
+        job.say(f"From {png}: LoRA {x.name} at scale {number(x.scale)}" + ("" if "lora_specs" in given else cache))
+    if r.controlnet:
+        job.say(f"From {png}: ControlNet {r.controlnet}"
+                + ("" if {"controlnet", "control_specs"} & given else cache))
+
+
+# ------------------------------------------------------------------------------------------------
+# load: the model once for all images, with its LoRAs and ControlNet
+
+
+def load(job: Job, o):
+    import mlx.core as mx
+
+    from ..pipeline import ZImagePipeline
+    from ..sources import resolve_model
+    from ..weights import model_label
+
+    r = job.recipe
+    progress = Progress(enabled=not job.quiet)
+    mx.reset_peak_memory()
+    job.t_start = time.perf_counter()
+    root = resolve_model(job.model)  # a Hub download shows its own progress bars
+    name = model_label(r.model)
+    progress.status(f"Loading {name} ...")  # on a terminal only, so that a failure stays one line
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # float16 forced on a failing checkpoint
+            pipe = ZImagePipeline.from_pretrained(root, dtype=r.dtype or "auto", quantize=r.quantize,
+                                                  low_memory=o.low_memory,
+                                                  **(dict(group=job.group, parallel=job.mode) if job.group else {}))
+    finally:
+        progress.status("")
+    pipe.label = name
+    show_warnings(caught, set(), job.quiet)
+    job.t_loaded = time.perf_counter()
+    job.say(f"Loaded {name} in {job.t_loaded - job.t_start:.1f} s ({describe_pipeline(pipe)})")
+    if not job.quiet:
+        slow_blas_hint()
+    if o.verbose:
+        job.say(f"Dtype: {pipe.reason}")
+    load_adapters(pipe, job)
+    return pipe
+
+
+def load_adapters(pipe, job: Job) -> None:
+    from ..lora import LoraWarning
+
+    r = job.recipe
+    for ref in r.loras:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", LoraWarning)
+            pipe.load_lora(ref.load, ref.scale, fuse=False)  # beside the layers: no second copy of the DiT
+        for w in caught:
+            job.say(f"Warning: {w.message}")
+        job.say(f"Applied LoRA {ref.load.name} at scale {number(ref.scale)}")
+    if r.controls:
+        net = pipe.load_controlnet(job.controlnet, graph=r.controlnet_graph, label=r.controlnet)
+        scales = [net.args.scale if c.scale is None else c.scale for c in r.controls]
+        job.say(f"Loaded ControlNet {net.args.name}, graph {net.graph}, scale {', '.join(map(number, scales))}")
+
+
+# ------------------------------------------------------------------------------------------------
+# make and save: one run; each image written as it is made
+
+
+def make(pipe, job: Job, o) -> None:
+    import mlx.core as mx
+
+    from ..text_encoder import PromptTruncatedWarning
+
+    r = job.recipe
+    batch = o.batch_size or pipe.auto_batch_size(r.width, r.height)
+    if batch > 1 and len(job.items) > 1:
+        job.say(f"Batch size {batch}" + ("" if o.batch_size else " (auto)"))
+    show = Presenter(pipe, job, o)
+    with warnings.catch_warnings(record=True) as show.caught:
+        warnings.simplefilter("always", PromptTruncatedWarning)
+        pipe.run(r, batch_size=batch, release=True, on_step=show.step, on_image=show.image,
+                 on_enhanced=show.enhanced)
+    n, steps = len(job.items), max(show.steps_done, 1)
+    total = time.perf_counter() - job.t_start
+    where = f" on {job.group.size()} ranks" if job.mode == "data" else ""
+    job.say(f"Done: {n} image{'s' * (n > 1)}{where} in {total:.1f} s ({show.step_seconds / steps:.2f} s/step"
+            f"{' on rank 0' if where else ''}, load {job.t_loaded - job.t_start:.1f} s), peak memory "
+            f"{mx.get_peak_memory() / 1e9:.2f} GB{' on rank 0' if where else ''}")
+
+
+@dataclass
+class Presenter:
+    """The run's hooks: a progress bar per batch, the --preview file, the rewrites, each image saved and said."""
+
+    pipe: object
+    job: Job
+    o: object
+    caught: list = field(default_factory=list)
+    shown: set = field(default_factory=set)
+    first: int = 0  # the first image of the batch in progress
+    batch: int = 0  # its size (0: no batch started)
+    steps_done: int = 0
+    step_seconds: float = 0.0
+
+    def __post_init__(self):
+        self.progress = Progress(enabled=not self.job.quiet)
+        self.preview = preview_writer(self.pipe, self.job.preview) if self.job.preview else None
+        self.made = 0
+
+    def step(self, step) -> None:
+        if step.index == 0:
+            self.first, self.batch = self.made, step.latents.shape[0]
+            seeds = [r.seed for r in self.job.items[self.first:self.first + self.batch]]
+            n = len(self.job.items)
+            self.progress.start(f"image {self.first + 1}/{n} seed {seeds[0]}" if self.batch == 1 else
+                                f"images {self.first + 1}-{self.first + self.batch}/{n} seeds {', '.join(map(str, seeds))}")
+            show_warnings(self.caught, self.shown, self.job.quiet)
+        self.progress.on_step(step)
+        if self.preview is not None:
+            self.preview(step)
+
+    def enhanced(self, k: int, r: Recipe) -> None:
+        prompts = self.job.recipe.prompts
+        key = (r.original_prompt, r.seed)
+        if key in self.shown:
+            return
+        self.shown.add(key)
+        which = f" {prompts.index(r.original_prompt) + 1}" if len(prompts) > 1 else ""
+        self.job.say(f"Enhanced prompt{which} (seed {r.seed}): {r.prompt}")
+
+    def image(self, k: int, image) -> None:
+        own = self.batch and self.first <= k < self.first + self.batch
+        if own and k == self.first:
+            self.progress.finish()
+            self.steps_done += self.job.recipe.denoising_steps * self.batch
+            self.step_seconds += self.progress.step_seconds
+        self.made = k + 1
+        show_warnings(self.caught, self.shown, self.job.quiet)
+        if not self.job.rank0:
+            return
+        path = self.job.paths[k]
+        save_png(image, path, image.info["recipe"].to_png() if self.o.metadata else None, self.o.overwrite)
+        if self.job.quiet:
+            click.echo(str(path))
+        else:
+            click.echo(f"Saved {path} (seed {image.info['recipe'].seed}{self.timing(k, own)})")
+
+    def timing(self, k: int, own: bool) -> str:
+        steps = self.job.recipe.denoising_steps
+        rank = f", rank {k % self.job.group.size()}" if self.job.mode == "data" else ""
+        if not own:
+            return rank
+        per = self.progress.step_seconds / max(steps * self.batch, 1)
+        decode = "" if rank else f", decode {self.progress.total_seconds - self.progress.step_seconds:.1f} s"
+        return (f"{rank}, {steps} steps at {per:.2f} s/step{' per image' if self.batch > 1 else ''}{decode}")
