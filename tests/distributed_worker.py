@@ -4,7 +4,8 @@
 
 JOB "pair" (2 ranks): tensor parallelism on CHECKPOINT (DiT output on OUT/inputs.npz, a batch of images, an
 8-bit image),
-the API's auto mode (data: 2 prompts x 2 images; cfg: one CFG image) and the CLI in data mode (3 images).
+the API's auto mode (data: 2 prompts x 2 images; cfg: one CFG image), `run` in data mode (3 images, on_image,
+release; every rank writes OUT/recipes-RANK.json) and the CLI in data mode (3 images, after OUT/pair.npz).
 JOB "three" (3 ranks): the tensor-parallel DiT of CHECKPOINT on OUT/inputs.npz. JOB "mismatch": the start check with another
 CHECKPOINT on rank 1 (two given). JOB "die": rank 1 exits in the middle of a gather.
 Rank 0 writes OUT/<job>.npz; every rank ends with os._exit so that a test never waits on interpreter teardown.
@@ -12,6 +13,7 @@ Rank 0 writes OUT/<job>.npz; every rank ends with os._exit so that a test never 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -60,11 +62,19 @@ def main() -> None:
         image = pipe.generate("a red fox", negative_prompt="blurry", guidance=3.0, width=64, height=64, steps=2,
                               seed=5)[0]
         results["cfg"] = np.asarray(image)
-        from zimage_mlx.cli import main as cli
+        # Parallel.run in data mode: 3 images on 2 ranks (the last round half full), rank 0's on_image in order,
+        # every rank's images with their recipes, the DiT freed after each rank's last image (release).
+        from zimage_mlx.recipe import Recipe
 
-        cli(["generate", "--prompt-file", str(out / "prompts.txt"), "--seed", "3", "--size", "64", "--steps", "2",
-             "-m", sys.argv[3], "-o", str(out / "cli" / "{index}.png"), "--parallel", "data", "--quiet"],
-            standalone_mode=False)
+        calls = []
+        recipe = Recipe(prompt=(out / "prompts.txt").read_text().splitlines(), width=64, height=64, steps=2, seed=3)
+        images = pipe.run(recipe, release=True, on_image=lambda j, im: calls.append((j, im.info["seed"])))
+        for k, im in enumerate(images):
+            results[f"run_{k}"] = np.asarray(im)
+        results["run_calls"] = np.array(calls).reshape(-1, 2)
+        results["run_released"] = np.array(pipe.transformer is None)
+        (out / f"recipes-{group.rank()}.json").write_text(json.dumps(
+            [dict(im.info["recipe"].to_dict(), seed_info=im.info["seed"]) for im in images]))
     elif job == "three":  # the DiT alone: no text encoder, so no transformers import in 3 more processes
         from zimage_mlx.distributed import load_sharded_transformer
 
@@ -93,6 +103,15 @@ def main() -> None:
         mx.eval(mx.zeros(1))
     if group.rank() == 0:
         np.savez(out / f"{job}.npz", **results)
+    if job == "pair":  # the CLI last, so that the pipeline's results are written whatever it does
+        from zimage_mlx.cli import main as cli
+
+        try:
+            cli(["generate", "--prompt-file", str(out / "prompts.txt"), "--seed", "3", "--size", "64", "--steps",
+                 "2", "-m", sys.argv[3], "-o", str(out / "cli" / "{index}.png"), "--parallel", "data", "--quiet"],
+                standalone_mode=False)
+        except Exception as e:  # noqa: BLE001 - test_cli_data_parallel_files_equal_a_serial_run reports it
+            print(f"CLI failed: {type(e).__name__}: {e}", flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -299,6 +299,32 @@ def test_data_and_cfg_parallel_equal_one_process(launches, four_heads):
     assert one.std() > 10
 
 
+def test_run_in_data_mode_gives_every_rank_the_images_and_rank_0_the_callbacks(launches, four_heads):
+    """`pipe.run(recipe, release=True, on_image=...)` on 2 ranks in data mode: 3 images (the last round half
+    full), each equal to one process making it alone; rank 0's on_image gets them in order, rank 1's never;
+    every rank's images carry their one-image recipe and seed; each rank freed its DiT after its last image."""
+    import json
+
+    from zimage_mlx.recipe import Recipe
+
+    pipe = ZImagePipeline.from_pretrained(four_heads, dtype="float32")
+    results, out, _ = launches("pair")
+    assert results["run_calls"].tolist() == [[0, 3], [1, 3], [2, 3]]
+    assert bool(results["run_released"])
+    for j, prompt in enumerate(CLI_PROMPTS):
+        alone = pipe.run(Recipe(prompt=prompt, width=64, height=64, steps=2, seed=3))[0]
+        np.testing.assert_array_equal(results[f"run_{j}"], np.asarray(alone))
+        for rank in (0, 1):
+            got = json.loads((out / f"recipes-{rank}.json").read_text())[j]
+            assert got.pop("seed_info") == 3
+            assert got == alone.info["recipe"].to_dict()
+
+
+def test_generate_files_is_gone():
+    """One way to run over the ranks: Parallel.run (the CLI passes on_image to write its files)."""
+    assert not hasattr(distributed, "generate_files") and not hasattr(distributed.Parallel, "generate")
+
+
 def test_cli_data_parallel_files_equal_a_serial_run(launches, four_heads, tmp_path):
     from zimage_mlx import cli
 

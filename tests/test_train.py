@@ -22,7 +22,9 @@ import reference
 from zimage_mlx import cli
 from zimage_mlx import train as T
 from zimage_mlx.lora import read_lora
-from zimage_mlx.pipeline import ZImagePipeline, noise
+from zimage_mlx.noise import noise
+from zimage_mlx.pipeline import ZImagePipeline
+from zimage_mlx.recipe import Recipe
 from zimage_mlx.transformer import ZImageTransformer
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -343,6 +345,35 @@ def test_training_adapter_is_active_in_training_only(cached, reference_checkpoin
     with safe_open(str(out), "np") as f:
         assert len(f.keys()) == 3 * len(trainer.targets)
         np.testing.assert_array_equal(f.get_tensor("diffusion_model.layers.0.attention.to_q.lora_B.weight"), 0)
+
+
+def test_samples_are_recipes_with_their_metadata(cached, reference_checkpoint, tmp_path, data_dir, monkeypatch):
+    """Samples are Recipes run by the pipeline: prompt k at seed + k, the same pixels as denoising the cached
+    features by hand, written with their recipe (and the LoRA being trained); no text encoder is loaded for them."""
+    pipe, dataset, cache = cached
+    pipe.transformer = fresh_dit(reference_checkpoint)
+    prompts = ["a green square", "a blue square"]
+    cfg = config(tmp_path, data_dir, reference_checkpoint, steps=2, sample_prompts=prompts, sample_every=2,
+                 sample_steps=2)
+    events = []
+    trainer = T.train(cfg, on_event=events.append, pipe=pipe)
+    [paths] = [e.paths for e in events if e.kind == "sample"]
+    assert [p.name for p in paths] == ["step000002-0.png", "step000002-1.png"]
+    for k, (prompt, path) in enumerate(zip(prompts, paths)):
+        x = noise(cfg.seed + k, SIZE // 8, SIZE // 8)
+        for step in pipe.denoise([cache.features[prompt]], x, pipe.sigmas(2, width=SIZE, height=SIZE)):
+            x = step.latents
+        np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(pipe.decode(x)[0]))
+        r = Recipe.from_png(path)
+        assert (r.prompt, r.seed, r.steps, r.width, r.height, r.guidance) == (prompt, cfg.seed + k, 2, SIZE, SIZE, 0)
+        assert [(x.name, x.scale) for x in r.loras] == [("lora.safetensors", 1.0)]
+    # A pipeline without the prompts cached (load_for_training's) takes them from the features given.
+    pipe._prompt_cache.clear()
+    monkeypatch.setattr(pipe, "_load_text_encoder", lambda: pytest.fail("the text encoder was loaded for samples"))
+    again = T.sample_images(pipe, trainer, prompts, cache.features, SIZE, 2, cfg.seed)
+    for path, image in zip(paths, again):
+        np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(image))
+        assert image.info["recipe"].prompt in prompts
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,7 +55,11 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .errors import InputError, ZImageError
+<<<<<<< HEAD
 from .inputs import MAX_SEED
+=======
+from .inputs import LATENT_CHANNELS, MAX_SEED
+>>>>>>> dist
 
 MODES = ("auto", "data", "tensor", "cfg")
 TIMEOUT_ENV = "ZIMAGE_MLX_TIMEOUT"
@@ -484,29 +488,39 @@ class Parallel:
         mine = random.randint(0, MAX_SEED).to_bytes(4, "little")
         return int.from_bytes(_all_gather_bytes(self.group, mine)[0], "little")
 
-    def generate(self, pipe, args: dict) -> list:
-        """`pipe.generate(**args)` over the group (called by it)."""
-        prompts = [args["prompt"]] if isinstance(args["prompt"], str) else list(args["prompt"])
-        if isinstance(args["seed"], (list, tuple)) and args["seed"]:  # one seed per image of each prompt
-            args = dict(args, num_images=len(args["seed"]))
-        n = len(prompts) * args["num_images"]
+    def run(self, pipe, recipe, *, latents: mx.array | None = None, on_step=None, cancel=None, release: bool = False,
+            on_image=None) -> list:
+        """`pipe.run(recipe)` over the group (called by it, with the recipe prepared): every rank calls it with
+        the same arguments and gets every image back, in `recipe.images()` order, each carrying its one-image
+        recipe (`info["recipe"]`) and, without `latents`, its seed. `on_image(j, image)` is called on rank 0
+        alone, in order (rank 0 writes the files). `release`: the process's last use of the pipeline.
+
+        The mode: the pipeline's, or for "auto" cfg when guidance > 0 on 2 ranks with fewer images than ranks,
+        else data. cfg and tensor run the whole recipe on every rank together; data deals image j out to rank
+        j % size in rounds, each made alone as one process makes it, and gathers each round."""
+        if recipe.seed is None:
+            recipe = recipe.replace(seed=self.agree_seed(None))
+        items = recipe.images()
+        n = len(items)
+        if latents is not None and (latents.ndim != 4 or latents.shape[0] != n or tuple(latents.shape[1:]) != (
+                recipe.height // 8, recipe.width // 8, LATENT_CHANNELS)):
+            raise InputError(f"latents must have shape {(n, recipe.height // 8, recipe.width // 8, LATENT_CHANNELS)}, "
+                             f"got {tuple(latents.shape)}", "latents")
         mode = self.mode
         if mode == "auto":
-            mode = "cfg" if args["guidance"] > 0 and self.size == 2 and n < self.size else "data"
+            mode = "cfg" if recipe.guidance > 0 and self.size == 2 and n < self.size else "data"
+
+        def beat(step):
+            self.watchdog.beat()
+            if on_step is not None:
+                on_step(step)
+
         with self.collective("generating"):
-            args = dict(args, seed=self.agree_seed(args["seed"]))
-            on_step = args["on_step"]
-
-            def beat(step):
-                self.watchdog.beat()
-                if on_step is not None:
-                    on_step(step)
-
-            args["on_step"] = beat
             if mode != "data":
                 with self.serial(), self._mode(mode):
-                    return pipe.generate(**args)
-            return self._generate_data(pipe, args, prompts, n)
+                    return pipe.run(recipe, latents=latents, on_step=beat, cancel=cancel, release=release,
+                                    on_image=on_image if self.rank == 0 else None)
+            return self._run_data(pipe, recipe, items, latents, beat, cancel, release, on_image)
 
     @contextmanager
     def _mode(self, mode: str):
@@ -516,6 +530,7 @@ class Parallel:
         finally:
             self.mode = old
 
+<<<<<<< HEAD
     def _generate_data(self, pipe, args: dict, prompts: list[str], n: int) -> list:
         k_per = args["num_images"]
         negatives = args["negative_prompt"]
@@ -524,27 +539,47 @@ class Parallel:
         seed = args["seed"]  # generate's rule: image k of every prompt has seed + k, or the list's k-th seed
         per_prompt = list(seed) if isinstance(seed, (list, tuple)) else [(seed + k) % (MAX_SEED + 1) for k in range(k_per)]
         seeds = [per_prompt[j % k_per] for j in range(n)]
+=======
+    def _run_data(self, pipe, recipe, items: list, latents, on_step, cancel, release: bool, on_image) -> list:
+        """The data mode: image j (a one-image recipe of `recipe.images()`) on rank j % size, in rounds."""
+        n = len(items)
+        z = recipe.init_latents  # the image's latents: one for every image, or one per image
+        per_image = z is not None and n > 1 and z.shape[0] == n
+        enhance = recipe.enhance and recipe.original_prompt is None  # each rank rewrites its own images' prompts
+        last = max(range(self.rank, n, self.size), default=None)
+>>>>>>> dist
         images = []
         for first in range(0, n, self.size):
             j = first + self.rank
             mine = None
             if j < n:
-                p = j // k_per
-                one = dict(args, prompt=prompts[p], seed=seeds[j], num_images=1,
-                           negative_prompt=negatives[p] if isinstance(negatives, (list, tuple)) else negatives)
-                if args["latents"] is not None:
-                    one["latents"] = args["latents"][j: j + 1]
-                if args["image_latents"] is not None and args["image_latents"].shape[0] == n > 1:
-                    one["image_latents"] = args["image_latents"][j: j + 1]
-                one["release_transformer"] = args["release_transformer"] and j + self.size >= n
+                one = items[j].replace(init_latents=z[j: j + 1]) if per_image else items[j]
                 with self.serial():
-                    mine = pipe.generate(**one)[0]
+                    mine = pipe.run(one, latents=None if latents is None else latents[j: j + 1], on_step=on_step,
+                                    cancel=cancel, release=release and j == last)[0]
+                self.watchdog.beat()
+            rewrites = self._gather_text(mine.info["recipe"].prompt if mine is not None else None) if enhance else None
             for k, image in enumerate(self.gather_images(mine)):
-                if first + k < n:
-                    if args["latents"] is None:
-                        image.info["seed"] = seeds[first + k]
-                    images.append(image)
+                if first + k >= n:
+                    continue
+                r = items[first + k]
+                if rewrites is not None:
+                    r = r.replace(prompt=rewrites[k], original_prompt=r.prompt)
+                image.info["recipe"] = pipe.describe(r)
+                if latents is None:
+                    image.info["seed"] = r.seed
+                images.append(image)
+                if on_image is not None and self.rank == 0:
+                    on_image(first + k, image)
         return images
+
+    def _gather_text(self, text: str | None) -> list:
+        """One string (or None) per rank -> every rank's, in rank order."""
+        data = b"" if text is None else b"\1" + text.encode()
+        with self.collective("gathering the prompts"):
+            sizes = [int.from_bytes(b, "little") for b in _all_gather_bytes(self.group, len(data).to_bytes(8, "little"))]
+            rows = _all_gather_bytes(self.group, data.ljust(max(sizes), b"\0")) if max(sizes) else [b""] * self.size
+        return [row[1: size].decode() if size else None for row, size in zip(rows, sizes)]
 
     def gather_images(self, image) -> list:
         """One PIL image (or None) per rank -> every rank's image, in rank order (None where a rank had none).
@@ -590,39 +625,3 @@ def start(group, mode: str, root: Path, *, dtype: str, quantize: int | None, tim
         check_degree(TransformerArgs.from_dict(read_config(Path(root) / "transformer")).n_heads, group.size())
     par.check_start(root, {"parallel": mode, "dtype": dtype, "quantize": quantize})
     return par
-
-
-def generate_files(pipe, jobs: list, make, save, progress, report) -> tuple[int, float]:
-    """The CLI's data-parallel loop: job j of `jobs` ((prompt index, seed) pairs) runs on rank j % size, in rounds
-    of one image per rank; after each round the images are gathered and rank 0 calls `save(j, image)` and
-    `report(j, rank, step_seconds or None)` in job order. `make(prompt_index, seed, last, callback)` makes one
-    image alone (`last`: this rank's final one); `progress` is the CLI's bar. Returns this rank's image count
-    and its seconds in denoising steps."""
-    par = pipe.parallel
-    n = len(jobs)
-    last = max(range(par.rank, n, par.size), default=None)
-    own, seconds = 0, 0.0
-    with par.collective("generating"):
-        for first in range(0, n, par.size):
-            j = first + par.rank
-            image, took = None, None
-            if j < n:
-                p, s = jobs[j]
-                progress.start(f"image {j + 1}/{n} seed {s}")
-
-                def callback(step, total, latents):
-                    par.watchdog.beat()
-                    progress(step, total, latents)
-
-                with par.serial():
-                    image = make(p, s, j == last, callback)
-                progress.finish()
-                own, took = own + 1, progress.step_seconds
-                seconds += took
-            images = par.gather_images(image)
-            if par.rank == 0:
-                for k, im in enumerate(images):
-                    if first + k < n:
-                        save(first + k, im)
-                        report(first + k, k, took if k == 0 else None)
-    return own, seconds

@@ -204,6 +204,11 @@ class ZImagePipeline:
             self._prompt_cache.popitem(last=False)
         return out
 
+    def cache_prompt(self, prompt: str, features: mx.array, max_sequence_length: int = 512) -> None:
+        """Give the prompt cache a prompt's features encoded elsewhere (training encodes its captions once), so
+        that a run with that prompt loads no text encoder."""
+        self._prompt_cache[(prompt, max_sequence_length)] = features
+
     def enhance_prompt(self, prompt: str | list[str], *, system_prompt: str | None = None, max_tokens: int = 512,
                        temperature: float = 0.7, seed: int | list[int] | None = None,
                        callback: Callable[[str], None] | None = None) -> str | list[str]:

@@ -48,9 +48,11 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from . import kernels
 from ._version import __version__
-from .errors import ZImageError
+from .errors import Cancelled, ZImageError  # Cancelled: also raised by Trainer.run when its cancel token is set
+from .inputs import MAX_SEED
 from .lora import LoraLinear, apply_lora, layer_dims, linear_layers, read_lora
-from .pipeline import Cancelled  # also raised by Trainer.run when its cancel token is set
+from .noise import image_key
+from .recipe import LoraRef, Recipe
 from .transformer import ZImageTransformer
 from .weights import model_label
 
@@ -285,8 +287,6 @@ def cache_dataset(pipe, dataset: Dataset, seed: int = 0, extra_prompts=()) -> Ca
 def encode_images(vae, dataset: Dataset, seed: int = 0) -> list[mx.array]:
     """Every example's latents (1, h, w, 16), one at a time: the VAE posterior sampled with the img2img key
     of seed + index (noise.image_key), scaled and shifted. Evaluated."""
-    from .noise import image_key
-
     latents = []
     for i, ex in enumerate(dataset.examples):
         _, z = vae.encode(load_image(ex), key=image_key((seed + i) % 2**32))
@@ -694,20 +694,22 @@ def add_adapters(model: ZImageTransformer, adapters) -> int:
     return n
 
 
-def sample_images(pipe, trainer: Trainer, prompts: list[str], features: dict, size: int, steps: int, seed: int):
-    """Images of the prompts with the LoRA as trained so far and the training adapters off (PIL)."""
-    from .noise import noise
+def sample_recipes(prompts: list[str], size: int, steps: int, seed: int) -> list[Recipe]:
+    """The recipes of a run's samples: prompt k at seed + k, `steps` steps, size x size, no guidance."""
+    return [Recipe(prompt=p, steps=steps, seed=(seed + k) % (MAX_SEED + 1), width=size, height=size)
+            for k, p in enumerate(prompts)]
 
+
+def sample_images(pipe, trainer: Trainer, prompts: list[str], features: dict, size: int, steps: int, seed: int):
+    """Images of the prompts with the LoRA as trained so far and the training adapters off (PIL), made by
+    `pipe.run` from `sample_recipes` (each carries its recipe in `info["recipe"]`). The prompts' features
+    come from `features` (encoded with the dataset), so no text encoder is loaded."""
     trainer.set_adapters(False)
     try:
         images = []
-        h = w = size // 8
-        sigmas = pipe.sigmas(steps, width=size, height=size)
-        for k, prompt in enumerate(prompts):
-            x = noise(seed + k, h, w)
-            for step in pipe.denoise([features[prompt]], x, sigmas):
-                x = step.latents
-            images.extend(pipe.decode(x))
+        for recipe in sample_recipes(prompts, size, steps, seed):
+            pipe.cache_prompt(recipe.prompt, features[recipe.prompt], recipe.max_sequence_length)
+            images.extend(pipe.run(recipe))
         return images
     finally:
         trainer.set_adapters(True)
@@ -777,7 +779,9 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None, 
         paths = []
         for k, im in enumerate(images):
             paths.append(folder / f"step{step:06d}-{k}.png")
-            im.save(paths[-1])
+            recipe = im.info["recipe"]  # the LoRA being trained is named by its output file (as of this step)
+            recipe = recipe.replace(loras=[*(recipe.loras or []), LoraRef(output.name, 1.0)])
+            im.save(paths[-1], pnginfo=recipe.to_png())
         emit(Event("sample", step, config.steps, paths=paths))
 
     try:
