@@ -55,11 +55,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .errors import InputError, ZImageError
-<<<<<<< HEAD
-from .inputs import MAX_SEED
-=======
 from .inputs import LATENT_CHANNELS, MAX_SEED
->>>>>>> dist
 
 MODES = ("auto", "data", "tensor", "cfg")
 TIMEOUT_ENV = "ZIMAGE_MLX_TIMEOUT"
@@ -530,16 +526,6 @@ class Parallel:
         finally:
             self.mode = old
 
-<<<<<<< HEAD
-    def _generate_data(self, pipe, args: dict, prompts: list[str], n: int) -> list:
-        k_per = args["num_images"]
-        negatives = args["negative_prompt"]
-        if isinstance(negatives, (list, tuple)) and len(negatives) == 1:
-            negatives = negatives[0]
-        seed = args["seed"]  # generate's rule: image k of every prompt has seed + k, or the list's k-th seed
-        per_prompt = list(seed) if isinstance(seed, (list, tuple)) else [(seed + k) % (MAX_SEED + 1) for k in range(k_per)]
-        seeds = [per_prompt[j % k_per] for j in range(n)]
-=======
     def _run_data(self, pipe, recipe, items: list, latents, on_step, cancel, release: bool, on_image) -> list:
         """The data mode: image j (a one-image recipe of `recipe.images()`) on rank j % size, in rounds."""
         n = len(items)
@@ -547,7 +533,6 @@ class Parallel:
         per_image = z is not None and n > 1 and z.shape[0] == n
         enhance = recipe.enhance and recipe.original_prompt is None  # each rank rewrites its own images' prompts
         last = max(range(self.rank, n, self.size), default=None)
->>>>>>> dist
         images = []
         for first in range(0, n, self.size):
             j = first + self.rank
