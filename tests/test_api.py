@@ -70,7 +70,7 @@ def test_a_bug_keeps_its_traceback_in_the_cli(pipe, reference_checkpoint, tmp_pa
     def broken(*args, **kwargs):
         raise ValueError("[matmul] Last dimension of first input with shape (1,4) must match ...")
 
-    broken_pipe.generate = broken
+    broken_pipe.run = broken
     broken_pipe.release_text_encoder = lambda: None  # the CLI's; this copy shares the module's encoder
     monkeypatch.setattr(ZImagePipeline, "from_pretrained", classmethod(lambda cls, *a, **k: broken_pipe))
     r = CliRunner().invoke(cli.main, ["generate", "a cat", "-m", reference_checkpoint, "--size", "32x32",
