@@ -19,7 +19,7 @@ from PIL import Image
 
 from server_fakes import LiveServer
 from zimage_mlx.server import ServerConfig
-from zimage_mlx.server_engine import JobRunner
+from zimage_mlx.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -44,7 +44,7 @@ def live(reference_checkpoint):
         loads.append(1)
         return ZImagePipeline.from_pretrained(reference_checkpoint)
 
-    runner = JobRunner(load, queue_size=4)
+    runner = Worker(load, queue_size=4)
     runner.start(timeout=120)
     cfg = ServerConfig(model_id="z-image-tiny", max_side=256)
     with LiveServer(runner, cfg) as server:
@@ -73,7 +73,7 @@ def test_openai_sdk_generate_is_pixel_identical(live, reference):
     for d, e in zip(result.data, expected):
         assert_identical(decode(d.b64_json), e)
     assert result.usage.total_tokens == 0 and result.output_format == "png"
-    assert live.runner.engine._owner == live.runner.thread_ident  # the worker thread owns the pipeline
+    assert live.worker.pipeline._owner == live.worker.thread_ident  # the worker thread owns the pipeline
 
 
 def test_enhance_is_the_pipelines_rewrite_then_its_image(live, reference):
