@@ -39,13 +39,13 @@ def page(browser):
 
 
 def live_server(engine_factory, **cfg):
-    """The real app around a started JobRunner, served by uvicorn on 127.0.0.1 port 0 (tests/server_fakes.py)."""
+    """The real app around a started Worker, served by uvicorn on 127.0.0.1 port 0 (tests/server_fakes.py)."""
     from server_fakes import LiveServer
 
     from zimage_mlx.server import ServerConfig
-    from zimage_mlx.server_engine import JobRunner
+    from zimage_mlx.worker import Worker
 
-    runner = JobRunner(engine_factory, queue_size=8)
+    runner = Worker(engine_factory, queue_size=8)
     runner.start(timeout=120)
     return LiveServer(runner, ServerConfig(default_width=64, default_height=64, default_steps=4, **cfg))
 

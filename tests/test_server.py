@@ -21,14 +21,14 @@ from starlette.testclient import TestClient
 from server_fakes import FakeEngine, LiveServer, fake_image
 from zimage_mlx.errors import InputError
 from zimage_mlx.server import ServerConfig, create_app, host_name, partial_steps
-from zimage_mlx.server_engine import JobRunner
+from zimage_mlx.worker import Worker
 
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
 
 
 def make(engine=None, queue_size=8, **cfg):
     engine = engine or FakeEngine()
-    runner = JobRunner(lambda: engine, queue_size=queue_size)
+    runner = Worker(lambda: engine, queue_size=queue_size)
     runner.start(timeout=10)
     cfg.setdefault("max_side", 512)
     config = ServerConfig(**cfg)
@@ -456,7 +456,7 @@ def test_a1111_txt2img(app_factory):
 @pytest.mark.parametrize("body,param", [
     ({"sampler_name": "Euler a"}, "sampler_name"), ({"sampler_name": "DPM++ 2M"}, "sampler_name"),
     ({"scheduler": "Karras"}, "scheduler"), ({"enable_hr": True}, "enable_hr"), ({"cfg_scale": 0.5}, "cfg_scale"),
-    ({"negative_prompt": "x"}, "negative_prompt"), ({"width": 100}, "width"), ({"width": 4096}, "width"),
+    ({"width": 100}, "width"), ({"width": 4096}, "width"),
     ({"batch_size": 3, "n_iter": 2}, "batch_size"), ({"styles": ["s"]}, "styles"), ({"clip_skip": 2}, "clip_skip"),
     ({"override_settings": {"sd_model_checkpoint": "sdxl"}}, "override_settings"), ({"seed": -3}, "seed"),
     ({"subseed_strength": 0.5}, "subseed_strength"), ({"restore_faces": True}, "restore_faces"),
@@ -744,7 +744,7 @@ def test_every_engine_call_on_the_worker_thread(app_factory, lora_dir):
                                                 "partial_images": 1})
     client.post("/sdapi/v1/txt2img", json={"prompt": "p", "width": 64, "height": 64, "steps": 2})
     wait_for(lambda: runner.running is None and not runner.queued())
-    assert {c for c, _ in engine.calls} >= {"generate", "fast_preview", "load_lora", "unload_loras"}
+    assert {c for c, _ in engine.calls} >= {"run", "fast_preview", "load_lora", "unload_loras"}
     assert engine.threads() == {runner.thread_ident} and runner.thread_ident != threading.get_ident()
 
 
@@ -829,3 +829,170 @@ def test_step_previews_are_made_at_their_wire_size(app_factory):
               if line.startswith("data: ") and '"preview"' in line]
     assert events and all(Image.open(io.BytesIO(base64.b64decode(e["preview"]))).size == (512, 256) for e in events)
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Recipe decides: metadata in every dialect's images, and its errors named the dialect's way (#24)
+
+from zimage_mlx.recipe import Recipe  # noqa: E402
+from zimage_mlx.worker import user_comment  # noqa: E402
+
+OPENAI_NAMES = {"num_images": "n"}
+A1111_NAMES = {"guidance": "cfg_scale", "num_images": "batch_size", "strength": "denoising_strength",
+               "image": "init_images"}
+NATIVE_NAMES = {"num_images": "n"}
+
+
+def library_error(names: dict, **recipe) -> tuple[str, str]:
+    """(param, message) the server must answer for the InputError the Recipe raises."""
+    with pytest.raises(InputError) as e:
+        r = Recipe(**recipe).validate(max_side=512, max_images=4, max_steps=50)
+        r.settle().validate(max_side=512, max_images=4, max_steps=50)
+    return names.get(e.value.field, e.value.field), e.value.render(lambda f: names.get(f, f))
+
+
+def test_pngs_of_every_dialect_carry_their_recipe(app_factory):
+    client, _, _ = app_factory()
+    r = client.post("/v1/images/generations", json={"prompt": "a fox", "size": "64x32", "steps": 3, "seed": 7, "n": 2})
+    for k, d in enumerate(r.json()["data"]):
+        got = Recipe.from_png(base64.b64decode(d["b64_json"]))
+        assert (got.prompt, got.seed, got.width, got.height, got.steps, got.model) == ("a fox", 7 + k, 64, 32, 3, "fake")
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a boat", "width": 32, "height": 48, "steps": 2, "seed": 5,
+                                               "cfg_scale": 3, "negative_prompt": "blur"})
+    got = Recipe.from_png(base64.b64decode(r.json()["images"][0]))
+    assert (got.prompt, got.seed, got.width, got.height, got.guidance, got.negative_prompt) == ("a boat", 5, 32, 48,
+                                                                                                2.0, "blur")
+    assert json.loads(r.json()["info"])["infotexts"] == [got.to_infotext()]
+    job = client.post("/v1/jobs", json={"prompt": "a hut", "size": "32x32", "steps": 2, "seed": 9}).json()
+    client.get(job["events_url"])
+    got = Recipe.from_png(client.get(f"/v1/jobs/{job['id']}/images/0").content)
+    assert (got.prompt, got.seed, got.steps) == ("a hut", 9, 2)
+    r = client.post("/v1/images/generations", json={"prompt": "a fox", "size": "32x32", "seed": 3,
+                                                    "output_format": "jpeg"})
+    text = user_comment(base64.b64decode(r.json()["data"][0]["b64_json"]))
+    assert Recipe.from_infotext(text).seed == 3 and text.startswith("a fox")
+
+
+def test_a1111_negative_prompt_at_cfg_1_is_left_out_and_said(app_factory):
+    client, _, engine = app_factory()
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "p", "negative_prompt": "x", "width": 32, "height": 32,
+                                               "scheduler": "simple"})
+    assert r.status_code == 200, r.text
+    assert engine.generated[-1]["negative_prompt"] is None
+    assert "negative_prompt has no effect" in json.loads(r.json()["info"])["comments"]
+
+
+@pytest.mark.parametrize("body,recipe", [
+    ({"negative_prompt": "ugly"}, dict(negative_prompt="ugly")),
+    ({"size": "100x96"}, dict(width=100, height=96)),
+    ({"steps": 0}, dict(steps=0)),
+    ({"num_inference_steps": 0}, dict(steps=0)),
+    ({"n": 9}, dict(num_images=9)),
+])
+def test_openai_errors_are_the_recipes_named_the_openai_way(client, body, recipe):
+    names = {**OPENAI_NAMES, **({"width": "size", "height": "size"} if "size" in body else {}),
+             **({"steps": "num_inference_steps"} if "num_inference_steps" in body else {})}
+    param, message = library_error(names, prompt="p", **recipe)
+    err = error_of(client.post("/v1/images/generations", json={"prompt": "p", **body}), 400, param)
+    assert err["message"] == message
+
+
+def test_openai_edit_errors_are_the_recipes(client):
+    image = Image.new("RGB", (32, 32))
+    files = [("image", ("a.png", png_bytes(image), "image/png"))]
+    param, message = library_error(OPENAI_NAMES, prompt="x", init_image=image, strength=1.5)
+    err = error_of(client.post("/v1/images/edits", files=files, data={"prompt": "x", "strength": "1.5"}), 400, param)
+    assert err["message"] == message
+    mask = Image.new("L", (16, 16))
+    param, message = library_error(OPENAI_NAMES, prompt="x", init_image=image, init_mask=mask)
+    files.append(("mask", ("m.png", png_bytes(openai_mask((16, 16), (0, 0, 8, 8))), "image/png")))
+    err = error_of(client.post("/v1/images/edits", files=files, data={"prompt": "x"}), 400, "mask")
+    assert err["message"] == message
+
+
+def test_a1111_errors_are_the_recipes_named_the_a1111_way(client):
+    b64 = lambda im: base64.b64encode(png_bytes(im)).decode()  # noqa: E731
+    image = Image.new("RGB", (32, 32))
+    cases = [({"width": 100}, dict(width=100, height=64)), ({"steps": 0}, dict(steps=0)),
+             ({"batch_size": 5}, dict(num_images=5)),
+             ({"cfg_scale": 1, "negative_prompt": ""}, None)]
+    for body, recipe in cases[:3]:
+        param, message = library_error(A1111_NAMES, prompt="p", **{"width": 64, "height": 64, **recipe})
+        err = error_of(client.post("/sdapi/v1/txt2img", json={"prompt": "p", "width": 64, "height": 64, **body}), 400,
+                       param)
+        assert err["message"] == message
+    param, message = library_error(A1111_NAMES, prompt="p", init_image=image, strength=1.5)
+    err = error_of(client.post("/sdapi/v1/img2img", json={"prompt": "p", "init_images": [b64(image)],
+                                                          "denoising_strength": 1.5}), 400, "denoising_strength")
+    assert err["message"] == message
+    mask = Image.new("L", (16, 16))
+    param, message = library_error(A1111_NAMES, prompt="p", init_image=image, init_mask=mask)
+    err = error_of(client.post("/sdapi/v1/img2img", json={"prompt": "p", "init_images": [b64(image)],
+                                                          "mask": b64(mask)}), 400, "mask")
+    assert err["message"] == message and "init_images" in message
+
+
+@pytest.mark.parametrize("body,recipe", [
+    ({"negative_prompt": "ugly"}, dict(negative_prompt="ugly")), ({"width": 100}, dict(width=100, height=64)),
+    ({"steps": 0}, dict(steps=0)), ({"n": 0}, dict(num_images=0)), ({"guidance": -1}, dict(guidance=-1)),
+])
+def test_native_errors_are_the_recipes(client, body, recipe):
+    param, message = library_error(NATIVE_NAMES, prompt="p", **{"width": 64, "height": 64, **recipe})
+    err = error_of(client.post("/v1/jobs", json={"prompt": "p", "width": 64, "height": 64, **body}), 400, param)
+    assert err["message"] == message
+
+
+def test_unknown_lora_name_is_404_in_every_dialect(app_factory, lora_dir):
+    client, _, engine = app_factory(lora_dir=lora_dir)
+    error_of(client.post("/v1/jobs", json={"prompt": "p", "loras": [{"name": "nope"}]}), 404, "loras", "lora_not_found")
+    error_of(client.post("/v1/images/generations", json={"prompt": "p", "loras": [{"name": "nope"}]}), 404, "loras")
+    assert engine.generated == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# The hand-written OpenAPI document and the parsers agree field by field
+
+
+def request_fields(doc: dict, path: str, content: str = "application/json") -> set[str]:
+    schema = doc["paths"][path]["post"]["requestBody"]["content"][content]["schema"]
+    if "$ref" in schema:
+        schema = doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return set(schema["properties"])
+
+
+def test_openapi_request_schemas_are_the_parsers_fields(client):
+    from zimage_mlx.server import a1111, jobs, openai
+
+    doc = client.get("/openapi.json").json()
+    assert request_fields(doc, "/v1/images/generations") == openai.GENERATION_FIELDS | openai.IGNORED
+    assert request_fields(doc, "/v1/images/edits") == openai.EDIT_FIELDS | openai.IGNORED
+    assert request_fields(doc, "/v1/images/edits", "multipart/form-data") == openai.EDIT_FIELDS | openai.IGNORED
+    assert request_fields(doc, "/v1/jobs") == jobs.NATIVE_FIELDS
+    assert request_fields(doc, "/sdapi/v1/txt2img") == a1111.TXT2IMG_FIELDS | a1111.TXT2IMG_IGNORED
+    assert request_fields(doc, "/sdapi/v1/img2img") == a1111.IMG2IMG_FIELDS | a1111.IGNORED
+
+
+def test_parsers_read_exactly_their_declared_fields(monkeypatch):
+    """Each parser reads every field it declares (and reading an undeclared one fails: fields.Fields)."""
+    from zimage_mlx.server import a1111, fields, jobs, openai
+
+    seen = []
+    real = fields.Fields.__init__
+
+    def tracking(self, *a, **kw):
+        real(self, *a, **kw)
+        seen.append(self)
+
+    monkeypatch.setattr(fields.Fields, "__init__", tracking)
+    cfg = ServerConfig(max_side=512)
+    image = Image.new("RGB", (32, 32))
+    openai.parse_openai(fields.Fields({"prompt": "p"}, known=openai.EDIT_FIELDS | set(openai.REFUSED)), cfg,
+                        any_model=False, edit=True, image=image)
+    assert seen[0].seen - set(openai.REFUSED) == openai.EDIT_FIELDS - {"image", "mask"}  # files, read by the route
+    seen.clear()
+    jobs.parse_native({"prompt": "p"}, cfg)
+    assert seen[0].seen == jobs.NATIVE_FIELDS
+    seen.clear()
+    b64 = base64.b64encode(png_bytes(image)).decode()
+    a1111.parse_a1111({"prompt": "p", "init_images": [b64], "mask": b64}, cfg, img2img=True)
+    assert seen[0].seen == a1111.IMG2IMG_FIELDS

@@ -19,7 +19,7 @@ from PIL import Image
 
 from server_fakes import LiveServer
 from zimage_mlx.server import ServerConfig
-from zimage_mlx.server_engine import JobRunner
+from zimage_mlx.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -44,7 +44,7 @@ def live(reference_checkpoint):
         loads.append(1)
         return ZImagePipeline.from_pretrained(reference_checkpoint)
 
-    runner = JobRunner(load, queue_size=4)
+    runner = Worker(load, queue_size=4)
     runner.start(timeout=120)
     cfg = ServerConfig(model_id="z-image-tiny", max_side=256)
     with LiveServer(runner, cfg) as server:
@@ -73,7 +73,7 @@ def test_openai_sdk_generate_is_pixel_identical(live, reference):
     for d, e in zip(result.data, expected):
         assert_identical(decode(d.b64_json), e)
     assert result.usage.total_tokens == 0 and result.output_format == "png"
-    assert live.runner.engine._owner == live.runner.thread_ident  # the worker thread owns the pipeline
+    assert live.worker.pipeline._owner == live.worker.thread_ident  # the worker thread owns the pipeline
 
 
 def test_enhance_is_the_pipelines_rewrite_then_its_image(live, reference):
@@ -235,3 +235,50 @@ def test_serve_refuses_before_loading(args, message, tmp_path):
     proc = cli("serve", "--model", str(tmp_path / "no-such-model"), "--port", "0", *args)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and message in err and out == ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metadata: a PNG from any dialect replays to the same pixels (#24)
+
+
+def replay(reference, png: bytes):
+    from zimage_mlx.recipe import Recipe
+
+    recipe = Recipe.from_png(png)
+    return recipe, reference.run(recipe)[0]
+
+
+def test_pngs_from_every_dialect_replay_to_the_same_pixels(live, reference):
+    with httpx.Client(base_url=live.url, timeout=120) as c:
+        r = c.post("/v1/images/generations", json={"prompt": "a fox", "size": "32x32", "steps": 2, "seed": 11})
+        openai_png = base64.b64decode(r.json()["data"][0]["b64_json"])
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "a boat", "width": 32, "height": 32, "steps": 2, "seed": 12,
+                                              "cfg_scale": 2, "negative_prompt": "blur"})
+        a1111_png = base64.b64decode(r.json()["images"][0])
+        job = c.post("/v1/jobs", json={"prompt": "a hut", "size": "32x32", "steps": 2, "seed": 13}).json()
+        c.get(job["events_url"])
+        native_png = c.get(f"/v1/jobs/{job['id']}/images/0").content
+    for png, (prompt, seed) in ((openai_png, ("a fox", 11)), (a1111_png, ("a boat", 12)), (native_png, ("a hut", 13))):
+        recipe, image = replay(reference, png)
+        assert (recipe.prompt, recipe.seed, recipe.width, recipe.height, recipe.steps) == (prompt, seed, 32, 32, 2)
+        assert_identical(Image.open(io.BytesIO(png)), image)
+    assert Recipe_guidance(a1111_png) == 1.0
+
+
+def Recipe_guidance(png: bytes) -> float:
+    from zimage_mlx.recipe import Recipe
+
+    return Recipe.from_png(png).guidance
+
+
+def test_worker_example_runs(reference_checkpoint, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "worker.py"), "--model", str(reference_checkpoint),
+                           "--width", "32", "--height", "32", "--steps", "1", "--out-dir", str(tmp_path)],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1",
+                               "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "cancelled: cancelled" in proc.stdout and "done" in proc.stdout
+    from zimage_mlx.recipe import Recipe
+
+    assert sorted(Recipe.from_png(p).seed for p in tmp_path.glob("worker-*.png")) == [7, 8]

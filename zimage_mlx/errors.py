@@ -10,6 +10,7 @@ can name the parameters it mentions the way a face names them: the library says 
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 
@@ -35,7 +36,9 @@ class InputError(ZImageError):
         """The message with each parameter named by `name(field)` (default: the field itself)."""
         if not self.fields:
             return self.template
-        return self.template.format(**{f: (name or str)(f) for f in self.fields})
+        names = {f: (name or str)(f) for f in self.fields}
+        # Only the named placeholders: a value quoted in the message may hold braces of its own ({}, "{0}").
+        return re.sub(r"\{(\w+)\}", lambda m: names.get(m[1], m[0]), self.template)
 
 
 class CheckpointError(ZImageError):

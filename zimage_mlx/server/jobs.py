@@ -1,0 +1,147 @@
+"""The native job API: POST /v1/jobs (202), GET/DELETE /v1/jobs/{id}, its SSE events, its images, /v1/status.
+
+Strict where the OpenAI routes are lenient: an unknown field is a 400 naming it. Fields are the Recipe's
+names, but `n` (num_images) and `size` (width x height).
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..recipe import Recipe
+from ..worker import FORMATS, Job
+from .core import ApiError, Server, ServerConfig, bad
+from .fields import Fields, check_recipe, list_loras, parse_size, read_json, read_loras
+
+NATIVE_FIELDS = frozenset({"prompt", "negative_prompt", "width", "height", "size", "steps", "seed", "n", "guidance",
+                           "loras", "enhance", "output_format", "previews"})
+NAMES = {"num_images": "n"}
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+
+def parse_native(body: dict, cfg: ServerConfig) -> tuple[Recipe, dict]:
+    """A job's body -> (the checked Recipe, the worker's options)."""
+    unknown = sorted(set(body) - NATIVE_FIELDS)
+    if unknown:
+        raise bad(unknown[0], f"unknown field {unknown[0]!r}; the fields are {', '.join(sorted(NATIVE_FIELDS))}",
+                  "unknown_parameter")
+    f = Fields(body, known=NATIVE_FIELDS)
+    prompt = f.str("prompt", required=True)
+    names = dict(NAMES)
+    if f.has("size"):
+        if f.has("width") or f.has("height"):
+            raise bad("size", "give size or width and height, not both")
+        names.update(width="size", height="size")
+        size = parse_size(f.str("size")) or (cfg.default_width, cfg.default_height)
+    else:
+        size = (f.raw("width")[1] or cfg.default_width, f.raw("height")[1] or cfg.default_height)
+    given = {k: v for k, v in (("steps", f.raw("steps")[1]), ("guidance", f.raw("guidance")[1]),
+                               ("num_images", f.raw("n")[1])) if v is not None}
+    recipe = Recipe(prompt=prompt, negative_prompt=f.str("negative_prompt") or None, width=size[0], height=size[1],
+                    seed=f.seed("seed")[1], loras=read_loras(f.first("loras")[1], cfg), enhance=f.bool("enhance"),
+                    **{"steps": cfg.default_steps, **given})
+    options = {"output_format": f.choice("output_format", FORMATS, "png"), "previews": f.bool("previews", True)}
+    return check_recipe(recipe, cfg, names), options
+
+
+def settings(job: Job) -> dict:
+    r = job.recipe
+    return {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "width": r.width, "height": r.height,
+            "steps": r.steps, "seed": r.seed, "n": r.num_images, "guidance": r.guidance,
+            "loras": [{"name": x.name, "scale": x.scale} for x in r.loras or []],
+            "output_format": job.options.output_format, "previews": job.options.previews, "enhance": r.enhance}
+
+
+def image_entries(job: Job) -> list[dict]:
+    return [{"url": f"/v1/jobs/{job.id}/images/{e.pop('index')}", **e} for e in job.image_entries()]
+
+
+def routes(server: Server) -> list[Route]:
+    api = JobRoutes(server)
+    return [Route("/v1/jobs", api.create, methods=["POST"]), Route("/v1/jobs/{job_id}", api.get),
+            Route("/v1/jobs/{job_id}", api.delete, methods=["DELETE"]), Route("/v1/jobs/{job_id}/events", api.events),
+            Route("/v1/jobs/{job_id}/images/{index:int}", api.image), Route("/v1/status", api.status)]
+
+
+class JobRoutes:
+    def __init__(self, server: Server):
+        self.server = server
+        self.cfg = server.cfg
+
+    def to_json(self, job: Job) -> dict:
+        error = self.server.job_error(job, NAMES).body["error"] if job.status == "failed" else None
+        return {"id": job.id, "status": job.status, "queue_position": job.position, "step": job.step,
+                "total": job.total, "settings": settings(job), "images": image_entries(job), "error": error}
+
+    def find(self, request) -> Job:
+        job = self.server.jobs.get(request.path_params["job_id"])
+        if job is None:
+            raise ApiError(404, f"no job {request.path_params['job_id']!r}", "id", "job_not_found")
+        return job
+
+    def remember(self, job: Job) -> None:
+        jobs = self.server.jobs
+        jobs[job.id] = job
+        finished = [j for j in jobs.values() if j.is_finished]
+        for old in finished[: max(0, len(finished) - self.cfg.keep_jobs)]:
+            del jobs[old.id]
+
+    async def create(self, request: Request):
+        recipe, options = parse_native(await read_json(request), self.cfg)
+        job = self.server.submit(recipe, **options)
+        self.remember(job)
+        return JSONResponse({"id": job.id, "status": "queued", "queue_position": job.position,
+                             "events_url": f"/v1/jobs/{job.id}/events"}, 202)
+
+    async def get(self, request):
+        return JSONResponse(self.to_json(self.find(request)))
+
+    async def delete(self, request):
+        job = self.find(request)
+        self.server.worker.cancel(job, "user")
+        return JSONResponse(self.to_json(job))
+
+    async def events(self, request):
+        job = self.find(request)
+
+        async def stream():
+            async for type_, data in job.stream(ping=self.cfg.ping_seconds):
+                if type_ == "ping":
+                    yield ": ping\n\n"
+                elif type_ != "partial":
+                    yield f"event: {type_}\ndata: {json.dumps(self.event_data(job, type_, data))}\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def event_data(self, job: Job, type_: str, data: dict) -> dict:
+        """The worker's event as this API shows it: images with their URLs, errors in the envelope."""
+        if type_ == "done":
+            return {**data, "images": image_entries(job)}
+        if type_ == "failed":
+            return self.server.job_error(job, NAMES).body
+        return data
+
+    async def image(self, request):
+        job = self.find(request)
+        k = request.path_params["index"]
+        if job.status != "completed" or not 0 <= k < len(job.images):
+            raise ApiError(404, f"job {job.id} has no image {k}" + ("" if job.status == "completed" else
+                                                                     f" (it is {job.status})"), "index", "image_not_found")
+        ext = EXTENSIONS[job.options.output_format]
+        return Response(job.images[k], media_type=job.media_type,
+                        headers={"Content-Disposition": f'inline; filename="zimage-{job.seeds[k]}.{ext}"'})
+
+    async def status(self, request):
+        worker, cfg = self.server.worker, self.cfg
+        running = worker.running
+        return JSONResponse({
+            "model": cfg.model_id, "running": running.id if running else None,
+            "queue": [j.id for j in worker.queued()], "queue_size": worker.queue_size,
+            "limits": {"max_side": cfg.max_side, "max_n": cfg.max_n, "max_steps": cfg.max_steps},
+            "defaults": {"width": cfg.default_width, "height": cfg.default_height, "steps": cfg.default_steps},
+            "loras": list_loras(cfg)})
