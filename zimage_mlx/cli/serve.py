@@ -60,7 +60,7 @@ def serve(model, quantize, low_memory, dtype, host, port, api_key, queue_size, l
                         "ZIMAGE_MLX_API_KEY), or pass --insecure-no-auth if you really mean it")
     try:
         from ..server import ServerConfig, allowed_hosts, serve as run_server
-        from ..server_engine import JobRunner
+        from ..worker import Worker
     except ImportError as e:
         raise UserError(f"the server needs its extra dependencies: pip install 'zimage-mlx[serve]' ({e})") from None
     try:
@@ -84,7 +84,7 @@ def serve(model, quantize, low_memory, dtype, host, port, api_key, queue_size, l
         return ZImagePipeline.from_pretrained(resolve_model(model), dtype=dtype, quantize=quantize,
                                               low_memory=low_memory)
 
-    runner = JobRunner(load, queue_size=queue_size)
+    runner = Worker(load, queue_size=queue_size)
     click.echo(f"Loading {model} ...", err=True)
     with expected_errors():
         runner.start()
