@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from zimage_mlx.cli_convert import convert_command  # noqa: E402
+from zimage_mlx.cli.convert import convert_command  # noqa: E402
 
 if __name__ == "__main__":
     convert_command(prog_name="convert.py")

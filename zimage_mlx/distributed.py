@@ -533,6 +533,7 @@ class Parallel:
         per_image = z is not None and n > 1 and z.shape[0] == n
         enhance = recipe.enhance and recipe.original_prompt is None  # each rank rewrites its own images' prompts
         last = max(range(self.rank, n, self.size), default=None)
+        described = [pipe.describe(r) for r in items]  # before a rank's last image frees its ControlNet
         images = []
         for first in range(0, n, self.size):
             j = first + self.rank
@@ -547,10 +548,10 @@ class Parallel:
             for k, image in enumerate(self.gather_images(mine)):
                 if first + k >= n:
                     continue
-                r = items[first + k]
+                r = described[first + k]
                 if rewrites is not None:
                     r = r.replace(prompt=rewrites[k], original_prompt=r.prompt)
-                image.info["recipe"] = pipe.describe(r)
+                image.info["recipe"] = r
                 if latents is None:
                     image.info["seed"] = r.seed
                 images.append(image)

@@ -546,11 +546,12 @@ class ZImagePipeline:
             last, batch = hi == len(items), items[lo:hi]
             if z is not None and z.shape[0] == len(items) > 1:  # one row per image: this batch's rows
                 batch = [x.replace(init_latents=z[lo:hi]) for x in batch]
+            described = [self.describe(r) for r in batch]  # before release_transformer frees the ControlNet
             made = self._make(batch, None if latents is None else latents[lo:hi], prompts=[r.prompt for r in items],
                               release=release, release_transformer=(release or release_transformer) and last,
                               on_step=on_step, cancel=cancel)
-            for k, (r, image) in enumerate(zip(batch, made), lo):
-                image.info["recipe"] = self.describe(r)
+            for k, (r, image) in enumerate(zip(described, made), lo):
+                image.info["recipe"] = r
                 if latents is None:
                     image.info["seed"] = r.seed
                 if on_image is not None:

@@ -202,7 +202,7 @@ class Recipe:
         for name in ("mask", "strength"):
             if getattr(self, name) is not None or (name == "mask" and self.init_mask is not None):
                 if not self.has_image:
-                    raise InputError(f"{{{name}}} needs an {{image}} to start from", name, (name, "image"))
+                    raise InputError(f"{{{name}}} needs {{image}} to start from", name, (name, "image"))
         if self.strength is not None:
             _check_number("strength", self.strength, 0, 1)
         im, mask = self.init_image, self.init_mask
