@@ -249,7 +249,7 @@ def test_existing_dst_needs_force(reference_checkpoint, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "keep.txt").write_text("x")
-    with pytest.raises(ValueError, match="already exists; pass --force"):
+    with pytest.raises(ValueError, match=r"already exists; allow replacing it \(force\)"):  # library words
         convert(reference_checkpoint, dst)
     assert (dst / "keep.txt").exists()
     convert(reference_checkpoint, dst, force=True)

@@ -347,8 +347,8 @@ def test_cli_image_mask_strength_and_from_image(pipe, files, cli_loads, referenc
 
 
 CLI_BAD = {
-    "mask without image": (["--mask", "mask.png"], "--mask needs --image"),
-    "strength without image": (["--strength", "0.5"], "--strength needs --image"),
+    "mask without image": (["--mask", "mask.png"], "--mask needs an image to start from (--image)"),
+    "strength without image": (["--strength", "0.5"], "--strength needs an image to start from (--image)"),
     "not an image": (["--image", "notes.png"], "--image"),
     "missing image": (["--image", "missing.png"], "no such file"),
     "strength above 1": (["--image", "photo.png", "--strength", "1.5"], "strength must be a number in [0, 1]"),

@@ -835,7 +835,7 @@ def test_step_previews_are_made_at_their_wire_size(app_factory):
 # The Recipe decides: metadata in every dialect's images, and its errors named the dialect's way (#24)
 
 from zimage_mlx.recipe import Recipe  # noqa: E402
-from zimage_mlx.worker import user_comment  # noqa: E402
+from zimage_mlx.metadata import user_comment  # noqa: E402
 
 OPENAI_NAMES = {"num_images": "n"}
 A1111_NAMES = {"guidance": "cfg_scale", "num_images": "batch_size", "strength": "denoising_strength",
@@ -869,8 +869,10 @@ def test_pngs_of_every_dialect_carry_their_recipe(app_factory):
     assert (got.prompt, got.seed, got.steps) == ("a hut", 9, 2)
     r = client.post("/v1/images/generations", json={"prompt": "a fox", "size": "32x32", "seed": 3,
                                                     "output_format": "jpeg"})
-    text = user_comment(base64.b64decode(r.json()["data"][0]["b64_json"]))
+    jpeg = base64.b64decode(r.json()["data"][0]["b64_json"])
+    text = user_comment(Image.open(io.BytesIO(jpeg)))
     assert Recipe.from_infotext(text).seed == 3 and text.startswith("a fox")
+    assert Recipe.from_png(jpeg).seed == 3  # a JPEG's infotext reads back as its recipe
 
 
 def test_a1111_negative_prompt_at_cfg_1_is_left_out_and_said(app_factory):

@@ -142,7 +142,8 @@ def find_sources(src, *, transformer=None, text_encoder=None, vae=None, base=Non
         (path / "model_index.json").exists() or any((path / c / "config.json").exists() for c in WEIGHTS))
     if diffusers:
         if base is not None:
-            raise CheckpointError(f"--base is for single files; {src} is a checkpoint with its own tokenizer and configs")
+            raise InputError(f"{{base}} is for single files; {src} is a checkpoint with its own tokenizer and configs",
+                             "base", ("base",))
         # a Hub id: the small files plus the weights of the components not given as files only
         root = resolve_model(src, components=tuple(c for c in WEIGHTS if files[c] is None))
     else:
@@ -451,7 +452,7 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
 
     dst = Path(dst).expanduser()
     if dst.exists() and not force:
-        raise InputError(f"{dst} already exists; pass --force to replace it")
+        raise InputError(f"{dst} already exists; allow replacing it ({{force}})", "force", ("force",))
     src_path = Path(src).expanduser()
     if src_path.exists():
         a, b = src_path.resolve(), dst.resolve()
@@ -479,7 +480,8 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
         c.out_bytes = sum(w.nbytes for _, w in _converted(iter(sanitized.items()), modules, predicate, out_dtype))
         if predicate and not any(predicate(p, m) for p, m in modules.items()):
             raise InputError(f"no layer of the {LABELS[name]} can be quantized with group size {group_size} "
-                             f"(its widths are not multiples of it): choose another --group-size")
+                             f"(its widths are not multiples of it): choose another {{group_size}}", "group_size",
+                             ("group_size",))
         models[name] = (model, sanitize, modules, predicate, out_dtype)
         del tensors, sanitized
     hidden, cap_feat_dim = models["text_encoder"][0].args.hidden_size, models["transformer"][0].args.cap_feat_dim
@@ -562,12 +564,13 @@ def convert_controlnet(src, dst, *, dtype: str = "bfloat16", quantize: int | Non
         check_quantization(quantize, group_size)
     dst = Path(dst).expanduser()
     if dst.exists() and not force:
-        raise InputError(f"{dst} already exists; pass --force to replace it")
+        raise InputError(f"{dst} already exists; allow replacing it ({{force}})", "force", ("force",))
     dit = TransformerArgs()
     if base is not None:
         folder = Path(base).expanduser()
         if not folder.is_dir():
-            raise InputError(f"--base {base} must be a checkpoint folder for a ControlNet (its transformer/config.json)")
+            raise InputError(f"{{base}} {base} must be a checkpoint folder for a ControlNet (its transformer/config.json)",
+                             "base", ("base",))
         dit = TransformerArgs.from_dict(read_config(folder / "transformer"))
     weights, config = read_controlnet(src)
     if config and config.get("quantization"):

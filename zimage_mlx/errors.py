@@ -3,7 +3,7 @@
 
 Each error is a ValueError too, so code written against the earlier `except ValueError` keeps working.
 
-An `InputError` knows which parameter it is about (`field`, a `Recipe` field name such as "guidance") and
+An error knows which parameter it is about (`field`, a `Recipe` field name such as "guidance") and
 can name the parameters it mentions the way a face names them: the library says `guidance`, the CLI
 `--guidance`, the A1111 route `cfg_scale` (`render`).
 """
@@ -15,18 +15,14 @@ from typing import Callable
 
 
 class ZImageError(ValueError):
-    """Base class: a mistake in what was asked for or given, with a one-line reason."""
-
-
-class InputError(ZImageError):
-    """A bad argument: a size, a step count, a seed, a prompt list, an image or mask file.
+    """Base class: a mistake in what was asked for or given, with a one-line reason.
 
     `field` is the parameter at fault (None when it is not one parameter). A message written with
     placeholders ("{negative_prompt} needs {guidance} > 0") names its `fields` through `render`; str() names
     them as the library does.
     """
 
-    def __init__(self, message: str, field: str | None = None, fields: tuple[str, ...] = ()):
+    def __init__(self, message: str = "", field: str | None = None, fields: tuple[str, ...] = ()):
         self.template = message
         self.field = field
         self.fields = tuple(fields)
@@ -39,6 +35,10 @@ class InputError(ZImageError):
         names = {f: (name or str)(f) for f in self.fields}
         # Only the named placeholders: a value quoted in the message may hold braces of its own ({}, "{0}").
         return re.sub(r"\{(\w+)\}", lambda m: names.get(m[1], m[0]), self.template)
+
+
+class InputError(ZImageError):
+    """A bad argument: a size, a step count, a seed, a prompt list, an image or mask file."""
 
 
 class CheckpointError(ZImageError):

@@ -39,7 +39,7 @@ def image_input(image, mask=None, strength: float | None = None, width: int | No
     """
     if image is None and image_latents is None:
         name = "mask" if mask is not None else "strength"
-        raise InputError(f"{{{name}}} needs {{image}} to start from", name, (name, "image"))
+        raise InputError(f"{{{name}}} needs an image to start from ({{image}})", name, (name, "image"))
     validate(width=width, height=height, strength=strength)
     image = open_image(image, "image") if image is not None else None
     mask = open_image(mask, "mask") if mask is not None else None

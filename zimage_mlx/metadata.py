@@ -24,6 +24,8 @@ KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "cfg_normaliza
 INTS = ("seed", "steps", "width", "height")
 FLOATS = ("guidance", "cfg_normalization", "cfg_truncation", "strength", "control_start", "control_end")
 BITS = ("quantization", "text_encoder_quantization", "quantize")
+USER_COMMENT = 0x9286  # EXIF UserComment, where A1111 writes its infotext in a JPEG or WebP
+EXIF_IFD = 0x8769
 
 
 def number(x: float) -> str:
@@ -137,7 +139,9 @@ def read_text(source) -> dict[str, str]:
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, Image.Image):
-        return {k: v for k, v in (getattr(source, "text", None) or source.info).items() if isinstance(v, str)}
+        text = {k: v for k, v in (getattr(source, "text", None) or source.info).items() if isinstance(v, str)}
+        comment = None if text else user_comment(source)
+        return {"parameters": comment} if comment else text
     what = "the image" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray))
@@ -191,3 +195,25 @@ def _value(key: str, value: str):
     if key == "controls":
         return [{"image": str(x["image"]), "scale": float(x["scale"])} for x in json.loads(value)]
     return value
+
+
+def exif(infotext: str) -> bytes:
+    """EXIF bytes holding an infotext as the UserComment (UTF-16), for `save(..., exif=...)` of a JPEG or WebP."""
+    from PIL import Image
+
+    data = Image.Exif()
+    data.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + infotext.encode("utf-16-be")
+    return data.tobytes()
+
+
+def user_comment(image) -> str | None:
+    """The EXIF UserComment of a PIL image (A1111's infotext in a JPEG or WebP), or None."""
+    raw = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if not raw:
+        return None
+    if isinstance(raw, str):
+        return raw
+    head, body = raw[:8], raw[8:]
+    if head.startswith(b"UNICODE"):
+        return body.decode("utf-16-be", "replace")  # what A1111 (piexif's "unicode") and `exif` write
+    return body.decode("latin-1", "replace")

@@ -405,7 +405,8 @@ class ZImagePipeline:
         """
         dit = self._dit()
         if self.parallel is not None and self.parallel.mode == "tensor":
-            raise InputError("LoRAs are not supported with tensor parallelism yet: use --parallel data or cfg")
+            raise InputError("LoRAs are not supported with tensor parallelism yet: choose data or cfg for {parallel}",
+                             "parallel", ("parallel",))
         lora = lora if isinstance(lora, Lora) else read_lora(lora)
         apply_lora(dit, lora, scale, self._lora_originals, fuse=fuse)
         self.loras.append((lora.name, float(scale)))

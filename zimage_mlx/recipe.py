@@ -192,7 +192,7 @@ class Recipe:
             raise InputError("{seed} is an empty list: give at least one seed, or none for a random one", "seed",
                              ("seed",))
         for s in seeds:
-            if s is not None:
+            if s is not None or isinstance(self.seed, (list, tuple)):  # None (draw one) only alone
                 _check_int("seed", s, 0, MAX_SEED)
         n = len(seeds) * self.num_images * len(self.prompts)
         if max_images is not None and n > max_images:
@@ -202,7 +202,7 @@ class Recipe:
         for name in ("mask", "strength"):
             if getattr(self, name) is not None or (name == "mask" and self.init_mask is not None):
                 if not self.has_image:
-                    raise InputError(f"{{{name}}} needs {{image}} to start from", name, (name, "image"))
+                    raise InputError(f"{{{name}}} needs an image to start from ({{image}})", name, (name, "image"))
         if self.strength is not None:
             _check_number("strength", self.strength, 0, 1)
         im, mask = self.init_image, self.init_mask

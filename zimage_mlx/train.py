@@ -750,7 +750,8 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None, 
     config.check()
     output = Path(config.output).expanduser()
     if output.exists() and not config.force:
-        raise TrainError(f"{output} exists; choose another output or allow overwriting (--force)")
+        raise TrainError(f"{output} exists; choose another output or allow overwriting ({{force}})", "force",
+                         ("force",))
     dataset = Dataset.from_folder(config.data, config.resolution, config.allow_empty_captions)
     if pipe is None:
         pipe, cache = load_for_training(config, dataset)

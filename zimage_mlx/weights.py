@@ -104,9 +104,8 @@ def quantize_as_stored(model: nn.Module, weights: dict[str, mx.array], config: d
         return None
     if requested is not None and requested != q.get("bits"):
         raise CheckpointError(
-            f"{what} is stored quantized to {q.get('bits')} bits: load it without quantize, "
-            f"or convert the original checkpoint again with --quantize {requested}"
-        )
+            f"{what} is stored quantized to {q.get('bits')} bits: load it without {{quantize}}, "
+            f"or convert the original checkpoint again with {{quantize}} {requested}", "quantize", ("quantize",))
     try:
         nn.quantize(model, q["group_size"], q["bits"], mode=q.get("mode", "affine"),
                     class_predicate=lambda p, m: f"{p}.scales" in weights and q.get(p, True))

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field as _field
 from typing import Callable
 
 from .errors import Cancelled, InputError, LoraError, ZImageError
+from .metadata import exif
 from .recipe import Recipe
 
 log = logging.getLogger("zimage_mlx.worker")
@@ -41,8 +42,6 @@ TERMINAL = ("done", "failed", "cancelled")
 FORMATS = ("png", "jpeg", "webp")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 PREVIEW_SIDE = 512  # step previews are at most this many pixels a side
-USER_COMMENT = 0x9286  # EXIF UserComment, where A1111 writes its infotext in a JPEG or WebP
-EXIF_IFD = 0x8769
 
 
 class QueueFull(Exception):
@@ -382,7 +381,7 @@ class Worker:
             self._fail(job, JobError("input", " ".join(str(e).split()), field, e))
         elif is_out_of_memory(e):
             clear_cache()
-            self._fail(job, JobError("oom", "out of memory: try a smaller size, fewer images or --low-memory",
+            self._fail(job, JobError("oom", "out of memory: try a smaller size or fewer images, or load the model in low-memory mode",
                                      None, e))
         else:
             log.error("job %s failed:\n%s", job.id, traceback.format_exc())
@@ -441,29 +440,14 @@ def clear_cache() -> None:
 def encode_image(image, fmt: str = "png", compression: int | None = None, recipe: Recipe | None = None) -> bytes:
     """A PIL image -> bytes with `recipe` in its metadata: PNG text chunks (`Recipe.to_png`), or A1111's
     infotext as the EXIF UserComment of a JPEG or WebP. Nothing else (no path from this disk) is written."""
-    from PIL import Image
-
     buf = io.BytesIO()
     if fmt == "png":  # lossless at any level; level 1 encodes ~2x faster than the default 6 for ~15 % more bytes
         image.save(buf, format="PNG", compress_level=1, pnginfo=recipe.to_png() if recipe is not None else None)
         return buf.getvalue()
-    exif = Image.Exif()
-    if recipe is not None:
-        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + recipe.to_infotext().encode("utf-16-be")
     quality = 100 if compression is None else int(compression)
-    image.convert("RGB").save(buf, format="JPEG" if fmt == "jpeg" else "WEBP", quality=quality, exif=exif.tobytes())
+    extra = {"exif": exif(recipe.to_infotext())} if recipe is not None else {}
+    image.convert("RGB").save(buf, format="JPEG" if fmt == "jpeg" else "WEBP", quality=quality, **extra)
     return buf.getvalue()
-
-
-def user_comment(data: bytes) -> str | None:
-    """The infotext of a JPEG or WebP made by `encode_image` (None when it has none)."""
-    from PIL import Image
-
-    raw = Image.open(io.BytesIO(data)).getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
-    if not raw:
-        return None
-    head, body = raw[:8], raw[8:]
-    return body.decode("utf-16-be" if head.startswith(b"UNICODE") else "latin-1", "replace")
 
 
 def preview_size(step) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from .._version import __version__
-from ..errors import InputError, ZImageError
+from ..errors import ZImageError
 
 # A Recipe field -> the flag that sets it (the library names fields; the CLI names flags).
 FLAGS = {"prompt": "the prompt", "loras": "--lora", "controls": "--control", "num_images": "--num-images",
@@ -28,7 +28,7 @@ def flag(field: str) -> str:
 
 def user_error(e: ZImageError) -> "UserError":
     """A library error as the CLI's one-line error, its parameters named as flags."""
-    return UserError((e.render(flag) if isinstance(e, InputError) else str(e)) or type(e).__name__)
+    return UserError(e.render(flag) or type(e).__name__)
 
 
 class UserError(click.ClickException):
