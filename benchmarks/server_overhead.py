@@ -1,7 +1,7 @@
 """The server's overhead per image against a direct `generate()` call, and the cheap preview's cost against a step.
 
 Same process, same checkpoint, same settings: one pipeline is called directly on the main thread; another
-sits behind `zimage-mlx serve`'s app (its JobRunner worker thread, a real uvicorn on 127.0.0.1, port 0) and
+sits behind `zimage-mlx serve`'s app (its Worker thread, a real uvicorn on 127.0.0.1, port 0) and
 is called with POST /v1/images/generations over HTTP. Runs alternate (direct, server, direct, ...) so that
 drift in machine load hits both. The server's time is the client's: request, queue hand-off, generate, PNG
 encode, base64, JSON, response; "outside generate()" subtracts the worker's own generate() time in that
@@ -40,14 +40,14 @@ def main() -> None:
     from server_fakes import LiveServer
     from zimage_mlx.pipeline import ZImagePipeline
     from zimage_mlx.server import ServerConfig
-    from zimage_mlx.server_engine import JobRunner
+    from zimage_mlx.worker import Worker
 
     thread_local_streams()
     ckpt = args.checkpoint
     if not (ckpt / "model_index.json").exists():
         reference.build_checkpoint(ckpt)
     direct = ZImagePipeline.from_pretrained(ckpt)
-    runner = JobRunner(lambda: ZImagePipeline.from_pretrained(ckpt), queue_size=2)
+    runner = Worker(lambda: ZImagePipeline.from_pretrained(ckpt), queue_size=2)
     runner.start()
     cfg = ServerConfig(max_side=max(args.sizes))
     print(f"device {mx.default_device()}, dtype {direct.dtype}, steps {args.steps}, repeats {args.repeats} "

@@ -380,7 +380,7 @@ def test_cli(reference_checkpoint, tmp_path):
     assert lines[-1].startswith(f"Wrote {dst}")
     again = CliRunner().invoke(cli.main, args)
     assert again.exit_code == 2
-    assert again.stderr.strip() == f"Error: {dst} already exists; pass --force to replace it"
+    assert again.stderr.strip() == f"Error: {dst} already exists; allow replacing it (--force)"
     bad = CliRunner().invoke(cli.main, ["convert", str(reference_checkpoint), str(tmp_path / "x"), "--quantize", "3"])
     assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert (tmp_path / "x").exists() is False

@@ -248,7 +248,11 @@ def replay(reference, png: bytes):
     return recipe, reference.run(recipe)[0]
 
 
-def test_pngs_from_every_dialect_replay_to_the_same_pixels(live, reference):
+def test_pngs_from_every_dialect_replay_to_the_same_pixels(live, reference, reference_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from zimage_mlx import cli
+
     with httpx.Client(base_url=live.url, timeout=120) as c:
         r = c.post("/v1/images/generations", json={"prompt": "a fox", "size": "32x32", "steps": 2, "seed": 11})
         openai_png = base64.b64decode(r.json()["data"][0]["b64_json"])
@@ -258,17 +262,19 @@ def test_pngs_from_every_dialect_replay_to_the_same_pixels(live, reference):
         job = c.post("/v1/jobs", json={"prompt": "a hut", "size": "32x32", "steps": 2, "seed": 13}).json()
         c.get(job["events_url"])
         native_png = c.get(f"/v1/jobs/{job['id']}/images/0").content
-    for png, (prompt, seed) in ((openai_png, ("a fox", 11)), (a1111_png, ("a boat", 12)), (native_png, ("a hut", 13))):
+    cases = {"openai": (openai_png, ("a fox", 11)), "a1111": (a1111_png, ("a boat", 12)),
+             "native": (native_png, ("a hut", 13))}
+    for name, (png, (prompt, seed)) in cases.items():
         recipe, image = replay(reference, png)
         assert (recipe.prompt, recipe.seed, recipe.width, recipe.height, recipe.steps) == (prompt, seed, 32, 32, 2)
         assert_identical(Image.open(io.BytesIO(png)), image)
+        # and through the CLI, as a user would: the server's model is a local folder, named again with -m
+        (tmp_path / f"{name}.png").write_bytes(png)
+        r = CliRunner().invoke(cli.main, ["generate", "--from-image", str(tmp_path / f"{name}.png"),
+                                          "-m", str(reference_checkpoint), "-o", str(tmp_path / f"{name}-again.png")])
+        assert r.exit_code == 0, r.output
+        assert_identical(Image.open(tmp_path / f"{name}-again.png"), Image.open(io.BytesIO(png)))
     assert Recipe_guidance(a1111_png) == 1.0
-
-
-def Recipe_guidance(png: bytes) -> float:
-    from zimage_mlx.recipe import Recipe
-
-    return Recipe.from_png(png).guidance
 
 
 def test_worker_example_runs(reference_checkpoint, tmp_path):

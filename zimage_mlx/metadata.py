@@ -113,9 +113,11 @@ def parse_infotext(text: str) -> dict:
 
 
 def from_infotext(text: str) -> dict:
-    """A recipe dict from an infotext. Ours (Version: zimage-mlx) completely. Another tool's (A1111, Forge):
-    the prompt, negative prompt, seed and size, which mean the same here; its steps, CFG scale, sampler and
-    model were chosen for another model and do not apply to Z-Image, so the recipe keeps its own."""
+    """A recipe dict from an infotext. Ours (Version: zimage-mlx): all of it. Another tool's (A1111, Forge):
+    the prompt, seed and size always; its steps and CFG scale (classic: 1 = no guidance, so guidance = CFG
+    scale - 1) only when its model is a Z-Image one (Forge runs Z-Image), since for another model they were
+    chosen for that model. A negative prompt comes with guidance only; the input image of an img2img run is
+    not named, so its denoising strength cannot apply."""
     a = parse_infotext(text)
     raw = {"prompt": a["prompt"], "negative_prompt": a["negative_prompt"], "seed": a.get("Seed")}
     if "Size" in a:
@@ -128,9 +130,14 @@ def from_infotext(text: str) -> dict:
         if a.get("LoRA"):
             raw["loras"] = json.dumps([{"name": n, "scale": float(s)} for n, _, s in
                                        (x.strip().rpartition(":") for x in a["LoRA"].split(","))])
-    else:
-        raw["negative_prompt"] = ""  # another tool's negative prompt goes with its CFG, which does not apply
-    return _typed({k: v for k, v in raw.items() if v is not None}, "parameters")
+    elif re.search(r"z[-_ ]?image", a.get("Model", ""), re.I):
+        raw["steps"] = a.get("Steps")  # (its model name is another tool's file name: not a model to load here)
+        if a.get("CFG scale") is not None:
+            raw["guidance"] = str(max(float(a["CFG scale"]) - 1, 0.0))
+    out = _typed({k: v for k, v in raw.items() if v is not None}, "parameters")
+    if not out.get("guidance", 0) > 0:
+        out["negative_prompt"] = None  # without guidance a negative prompt has no effect
+    return out
 
 
 def read_text(source) -> dict[str, str]:
