@@ -274,7 +274,7 @@ def test_pngs_from_every_dialect_replay_to_the_same_pixels(live, reference, refe
                                           "-m", str(reference_checkpoint), "-o", str(tmp_path / f"{name}-again.png")])
         assert r.exit_code == 0, r.output
         assert_identical(Image.open(tmp_path / f"{name}-again.png"), Image.open(io.BytesIO(png)))
-    assert Recipe_guidance(a1111_png) == 1.0
+    assert replay(reference, a1111_png)[0].guidance == 1.0  # A1111's cfg_scale 2: guidance 1
 
 
 def test_worker_example_runs(reference_checkpoint, tmp_path):
