@@ -64,6 +64,7 @@ def import_graph(package_dir: Path) -> dict[str, dict[str, list[str]]]:
     """{module: {imported module of the same package: ["file:line", ...]}} for every module of the package in
     `package_dir`, from every import statement in it (module level and inside functions)."""
     modules = module_names(package_dir)
+    root = Path(package_dir).name
     graph: dict[str, dict[str, list[str]]] = {m: {} for m in modules}
     for module, path in modules.items():
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
@@ -80,9 +81,11 @@ def import_graph(package_dir: Path) -> dict[str, dict[str, list[str]]]:
                     add(alias.name, node.lineno)
             elif isinstance(node, ast.ImportFrom):
                 base = _resolve(module, is_package, node)
-                for alias in node.names:
-                    sub = f"{base}.{alias.name}"
+                subs = [f"{base}.{alias.name}" for alias in node.names]
+                for sub in subs:
                     add(sub if sub in modules else base, node.lineno)
+                if base != root and any(sub in modules for sub in subs) and base not in graph[module]:
+                    add(base, node.lineno)  # `from . import x` in a subpackage runs its __init__ as well
     return graph
 
 
@@ -258,6 +261,17 @@ def test_checker_reports_a_library_module_importing_a_face(tmp_path):
         "fakepkg.tool imports fakepkg.server.app (fakepkg/tool.py:1)",
     ]
     assert [c.split(":")[0] for c in find_cycles(graph)] == ["{fakepkg.cli, fakepkg.lib}"]
+
+
+def test_checker_sees_a_subpackage_module_importing_its_package(tmp_path):
+    """`from . import views` in server/app.py runs server/__init__.py, which imports app: a cycle (the stop
+    hook's checker counts it too)."""
+    root = _package(tmp_path, {
+        "server/__init__.py": "from .app import serve\n",
+        "server/app.py": "from . import views\n",
+        "server/views.py": "",
+    })
+    assert [c.split(":")[0] for c in find_cycles(import_graph(root))] == ["{fakepkg.server, fakepkg.server.app}"]
 
 
 def test_face_names():

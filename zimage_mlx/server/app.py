@@ -26,7 +26,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ..worker import Worker
-from . import a1111, jobs, openai, page
+from .a1111 import routes as a1111_routes
+from .jobs import routes as job_routes
+from .openai import routes as openai_routes
+from .page import routes as page_routes
 from .core import LOOPBACK_NAMES, ApiError, Server, ServerConfig, bad
 
 log = logging.getLogger("zimage_mlx.server")
@@ -142,7 +145,7 @@ def allowed_hosts(bind: str, extra: tuple = ()) -> frozenset | None:
 def create_app(worker: Worker, cfg: ServerConfig | None = None) -> Starlette:
     """The ASGI app around a started worker."""
     server = Server(worker, cfg or ServerConfig())
-    routes = page.routes(server) + openai.routes(server) + jobs.routes(server) + a1111.routes(server)
+    routes = page_routes(server) + openai_routes(server) + job_routes(server) + a1111_routes(server)
 
     async def api_error(request, exc: ApiError):
         return exc.response()
