@@ -457,7 +457,7 @@ class ZImageTransformer(nn.Module):
             raise ValueError(f"{B} latents but {len(cap_feats)} captions")
         cap_lens = [int(c.shape[0]) for c in cap_feats]
         self.check_sizes(h, w, cap_lens)
-        dtype, dim = self.dtype, self.args.dim
+        dtype = self.dtype
         if self.scaled:
             # GEMMs in act; the residual stream, the timestep embedding and the modulation in float32.
             act, kw = activations or dtype, {"act": activations or dtype}
@@ -469,67 +469,79 @@ class ZImageTransformer(nn.Module):
             kw, gemm = {}, dtype
             adaln = self.t_embedder(t * self.args.t_scale).astype(dtype)  # (B, adaln_dim)
 
-        # Image tokens, padded to a multiple of 32 with the learned x_pad_token.
-        N = (h // 2) * (w // 2)
-        n_pad = padded(N) - N
-        img = _linear(self.all_x_embedder["2-1"], patchify(x.astype(gemm))).astype(dtype)  # (B, N, dim)
-        if n_pad:
-            pad = self.x_pad_token.astype(dtype)
-            img = mx.concatenate([img, mx.broadcast_to(pad, (B, n_pad, dim))], axis=1)
-
+        img = self._image_tokens(x, gemm, dtype)  # (B, n_img, dim)
+        n_img, N = img.shape[1], (h // 2) * (w // 2)
         # RoPE for every item's unified sequence [image, caption]; items differ only through caption length.
         cap_padded = [padded(n) for n in cap_lens]
-        L_max = N + n_pad + max(cap_padded)
+        L_max = n_img + max(cap_padded)
         pos = np.zeros((B, L_max, 3), dtype=np.int64)
         for i, lc in enumerate(cap_padded):
-            pos[i, : N + n_pad + lc] = self.positions(h, w, cap_lens[i])
+            pos[i, : n_img + lc] = self.positions(h, w, cap_lens[i])
         cos, sin = rope_angles(pos, self.args.axes_dims, self.args.rope_theta)  # (B, L_max, head_dim/2)
-        n_img = N + n_pad
 
         img_rope = (cos[:, :n_img], sin[:, :n_img])
         extra = control.refiner(self, img, img_rope, adaln) if control is not None else None
         img = _blocks(self.noise_refiner, img, img_rope, None, adaln, extra, **kw)
-
-        # Caption tokens: embed, pad with the learned cap_pad_token, refine (no modulation).
-        caps = []
-        for i, (feats, n, lc) in enumerate(zip(cap_feats, cap_lens, cap_padded)):
-            c = _linear(self.cap_embedder[1], self.cap_embedder[0](feats.astype(dtype)).astype(gemm)).astype(dtype)
-            if lc > n:
-                c = mx.concatenate([c, mx.broadcast_to(self.cap_pad_token.astype(dtype), (lc - n, dim))], axis=0)
-            caps.append(c)
-        if len(set(cap_padded)) == 1:
-            cap = mx.stack(caps)
-            rope = (cos[:, n_img:], sin[:, n_img:])
-            for layer in self.context_refiner:
-                cap = layer(cap, rope, **kw)
-            caps = list(cap)
-        else:  # ragged: refine each caption alone rather than pay for padding and masks
-            for i in range(B):
-                rope = (cos[i : i + 1, n_img : n_img + cap_padded[i]], sin[i : i + 1, n_img : n_img + cap_padded[i]])
-                c = caps[i][None]
-                for layer in self.context_refiner:
-                    c = layer(c, rope, **kw)
-                caps[i] = c[0]
-
-        # Unified sequence: image first, then caption. Ragged items are right-padded and masked as keys.
-        mask = None
-        if len(set(cap_padded)) == 1:
-            unified = mx.concatenate([img, mx.stack(caps)], axis=1)
-        else:
-            rows = []
-            for i in range(B):
-                fill = L_max - n_img - cap_padded[i]
-                parts = [img[i], caps[i]] + ([mx.zeros((fill, dim), dtype=dtype)] if fill else [])
-                rows.append(mx.concatenate(parts, axis=0))
-            unified = mx.stack(rows)
-            valid = np.arange(L_max)[None, :] < (n_img + np.array(cap_padded))[:, None]
-            mask = mx.array(valid)[:, None, None, :]  # (B, 1, 1, L): True = attend
+        caps = self._caption_tokens(cap_feats, cap_padded, (cos[:, n_img:], sin[:, n_img:]), gemm, dtype, kw)
+        unified, mask = self._unified(img, caps, L_max)
 
         extra = control.main(self, unified, (cos, sin), mask, adaln) if control is not None else None
         unified = _blocks(self.layers, unified, (cos, sin), mask, adaln, extra, **kw)
 
         out = self.all_final_layer["2-1"](unified[:, :N], adaln, **kw)  # (B, N, 4C)
         return unpatchify(out, h, w)
+
+    def _image_tokens(self, x: mx.array, gemm: mx.Dtype, dtype: mx.Dtype) -> mx.array:
+        """Patch-embedded latents, padded to a multiple of 32 with the learned x_pad_token: (B, n_img, dim)."""
+        B, h, w, _ = x.shape
+        N = (h // 2) * (w // 2)
+        n_pad = padded(N) - N
+        img = _linear(self.all_x_embedder["2-1"], patchify(x.astype(gemm))).astype(dtype)  # (B, N, dim)
+        if n_pad:
+            pad = self.x_pad_token.astype(dtype)
+            img = mx.concatenate([img, mx.broadcast_to(pad, (B, n_pad, self.args.dim))], axis=1)
+        return img
+
+    def _caption_tokens(self, cap_feats: list[mx.array], cap_padded: list[int], rope: tuple, gemm: mx.Dtype,
+                        dtype: mx.Dtype, kw: dict) -> list[mx.array]:
+        """Caption tokens: embedded, padded with the learned cap_pad_token and refined (no modulation); one
+        (padded length, dim) array per item. `rope`: the caption part of the RoPE tables, (B, L_cap_max, ...)."""
+        caps = []
+        for feats, lc in zip(cap_feats, cap_padded):
+            n = feats.shape[0]
+            c = _linear(self.cap_embedder[1], self.cap_embedder[0](feats.astype(dtype)).astype(gemm)).astype(dtype)
+            if lc > n:
+                c = mx.concatenate([c, mx.broadcast_to(self.cap_pad_token.astype(dtype), (lc - n, self.args.dim))],
+                                   axis=0)
+            caps.append(c)
+        cos, sin = rope
+        if len(set(cap_padded)) == 1:
+            cap = mx.stack(caps)
+            for layer in self.context_refiner:
+                cap = layer(cap, (cos, sin), **kw)
+            return list(cap)
+        for i, lc in enumerate(cap_padded):  # ragged: refine each caption alone rather than pay for padding and masks
+            c = caps[i][None]
+            for layer in self.context_refiner:
+                c = layer(c, (cos[i: i + 1, :lc], sin[i: i + 1, :lc]), **kw)
+            caps[i] = c[0]
+        return caps
+
+    @staticmethod
+    def _unified(img: mx.array, caps: list[mx.array], L_max: int) -> tuple[mx.array, mx.array | None]:
+        """The unified sequence, image first, then caption: (B, L_max, dim), and the key mask of ragged items
+        (right-padded; (B, 1, 1, L), True = attend), or None when every caption has the same length."""
+        B, n_img, dim = img.shape
+        lengths = [c.shape[0] for c in caps]
+        if len(set(lengths)) == 1:
+            return mx.concatenate([img, mx.stack(caps)], axis=1), None
+        rows = []
+        for i in range(B):
+            fill = L_max - n_img - lengths[i]
+            parts = [img[i], caps[i]] + ([mx.zeros((fill, dim), dtype=img.dtype)] if fill else [])
+            rows.append(mx.concatenate(parts, axis=0))
+        valid = np.arange(L_max)[None, :] < (n_img + np.array(lengths))[:, None]
+        return mx.stack(rows), mx.array(valid)[:, None, None, :]
 
     # ------------------------------------------------------------------------------------------
     # Loading
