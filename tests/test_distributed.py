@@ -266,7 +266,7 @@ def test_two_rank_tensor_parallel_equals_one_process(launches, four_heads, input
 def test_three_rank_tensor_parallel_on_three_heads(launches, reference_checkpoint, inputs):
     from zimage_mlx.text_encoder import model_args
     from zimage_mlx.transformer import ZImageTransformer
-    from zimage_mlx.weights import read_config
+    from zimage_mlx.sources import read_config
 
     results, _, _ = launches("three")
     check_dit(results, ZImageTransformer.from_pretrained(reference_checkpoint / "transformer"), inputs)

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .errors import CheckpointError, InputError
+
 DEFAULT_BASE = "Tongyi-MAI/Z-Image-Turbo"
 DEFAULT_SHARD_SIZE = 2 * 2**30
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
@@ -86,7 +88,7 @@ def identify(keys) -> str:
 
 def _open(files: list[Path], label: str) -> dict:
     """The tensors of safetensors files, lazily: only the headers are read."""
-    from .weights import CheckpointError, load_safetensors
+    from .weights import load_safetensors
 
     for f in files:
         if f.suffix != ".safetensors":
@@ -95,7 +97,6 @@ def _open(files: list[Path], label: str) -> dict:
 
 
 def _check_kind(name: str, tensors: dict, label: str) -> None:
-    from .weights import CheckpointError
 
     kind = identify(tensors)
     if kind != name:
@@ -127,7 +128,6 @@ def find_sources(src, *, transformer=None, text_encoder=None, vae=None, base=Non
     Raises CheckpointError naming what is missing or wrong. Only headers are read.
     """
     from .sources import read_config, resolve_model, safetensors_files
-    from .weights import CheckpointError
 
     files = {"transformer": transformer, "text_encoder": text_encoder, "vae": vae}
     for name, f in files.items():
@@ -206,7 +206,6 @@ def _model(c: Component, tensors: dict):
     from .text_encoder import Qwen3Encoder, model_args
     from .transformer import TransformerArgs, ZImageTransformer
     from .vae import VAE, VAEArgs
-    from .weights import CheckpointError
 
     try:
         if c.name == "transformer":
@@ -246,7 +245,6 @@ def _fits(model, sanitized: dict, what: str) -> None:
     """Strict loading into a lazily built model: every key present with its shape (nothing is read)."""
     from mlx.utils import tree_flatten
 
-    from .weights import CheckpointError
 
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(sanitized))
@@ -390,7 +388,7 @@ def _check_written(root: Path) -> None:
     from .transformer import ZImageTransformer
     from .vae import VAE
     from .sources import check_checkpoint_folder, read_config
-    from .weights import CheckpointError, load_into, load_safetensors, quantize_as_stored
+    from .weights import load_into, load_safetensors, quantize_as_stored
 
     try:
         check_checkpoint_folder(root)
@@ -436,8 +434,7 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
 
     from . import text_encoder as te_module
     from . import transformer as dit_module
-    from .errors import InputError
-    from .weights import CheckpointError, check_quantization, to_dtype
+    from .weights import check_quantization, to_dtype
 
     if dtype not in DTYPE_NAMES:
         raise InputError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
@@ -554,7 +551,6 @@ def convert_controlnet(src, dst, *, dtype: str = "bfloat16", quantize: int | Non
 
     from .controlnet import ControlNet, quant_predicate, read_controlnet
     from .transformer import TransformerArgs
-    from .errors import InputError
     from .sources import read_config
     from .weights import check_quantization, to_dtype
 

@@ -399,7 +399,8 @@ def load_sharded_transformer(folder: Path, group, dtype: str, quantize: int | No
     """The DiT's shard for this rank: loaded lazily, sliced, then evaluated one tensor at a time (each read
     whole from disk, only its slice kept); quantized on the fly after slicing when asked."""
     from .transformer import ZImageTransformer, quant_predicate
-    from .weights import quantize_model, read_config
+    from .sources import read_config
+    from .weights import quantize_model
 
     stored = bool(read_config(folder).get("quantization"))
     model = ZImageTransformer.from_pretrained(folder, dtype=dtype, quantize=quantize if stored else None)
@@ -604,7 +605,7 @@ def _is_lost(e: RuntimeError) -> bool:
 def start(group, mode: str, root: Path, *, dtype: str, quantize: int | None, timeout: float | None) -> Parallel:
     """A Parallel for `from_pretrained`: checks the mode against the model and compares the ranks' folders."""
     from .transformer import TransformerArgs
-    from .weights import read_config
+    from .sources import read_config
 
     par = Parallel(group, mode, timeout)
     if mode == "tensor":

@@ -8,7 +8,6 @@ and the FLUX VAE decodes. Work is lazy: the pipeline evaluates once after encodi
 from __future__ import annotations
 
 import os
-import random
 import threading
 import warnings
 from collections import OrderedDict
@@ -32,7 +31,8 @@ from .text_encoder import TextEncoder
 from .text_encoder import default_bits as text_encoder_bits
 from .transformer import ZImageTransformer
 from .vae import VAE, auto_tile_size, from_pil, to_pil
-from .weights import model_label, read_config, resolve_model, stored_bits
+from .sources import read_config, resolve_model
+from .weights import model_label, stored_bits
 
 PROMPT_CHUNK = 8  # prompts encoded together by a run (the prompt cache holds 32)
 LOW_MEMORY_TILE = 64  # latent pixels (512 image pixels) per VAE tile side in low-memory mode

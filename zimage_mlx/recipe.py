@@ -10,8 +10,6 @@ ways, `to_dict`/`from_dict`). The module imports no MLX, so a face can check a r
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path

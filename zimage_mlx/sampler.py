@@ -16,7 +16,8 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import InputError
-from .weights import CheckpointError, read_config
+from .errors import CheckpointError
+from .sources import read_config
 
 # Scheduler options that change the sigma grid and that this sampler does not implement.
 _UNSUPPORTED = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",

@@ -17,7 +17,6 @@ float32 and bfloat16 run the plain graph, unchanged.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 

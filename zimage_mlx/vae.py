@@ -19,7 +19,8 @@ import mlx.nn as nn
 import numpy as np
 
 from . import kernels
-from .weights import CheckpointError, load_into, load_safetensors, read_config, to_dtype
+from .sources import read_config
+from .weights import CheckpointError, load_into, load_safetensors, to_dtype
 
 
 @dataclass

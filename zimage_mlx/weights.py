@@ -11,10 +11,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import CheckpointError, InputError  # noqa: F401  (CheckpointError: re-exported, its historical home)
-# Where checkpoints are on disk is sources.py's role; these names stay importable from here for the modules
-# that still import them from weights (pipeline.py, cli.py).
-from .sources import (HUB_PATTERNS, check_checkpoint_folder, hub_cached, is_hub_id, read_config,  # noqa: F401
-                      resolve_model, safetensors_files)
+from .sources import safetensors_files
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 

@@ -30,7 +30,7 @@ def enhance_command(prompt, model, seed, temperature, max_tokens, system_prompt,
     from ..pipeline import default_dtype
     from ..text_encoder import TextEncoder
     from ..text_encoder import default_bits as text_encoder_bits
-    from ..weights import resolve_model
+    from ..sources import resolve_model
 
     with expected_errors():
         check_options(max_tokens, temperature, seed)

@@ -21,9 +21,8 @@ from click.core import ParameterSource
 
 from ..inputs import MAX_SEED
 from ..metadata import number
-from ..recipe import ControlRef, LoraRef, Recipe
-from .common import (Command, Progress, UserError, describe_pipeline, expected_errors, flag, show_warnings,
-                     slow_blas_hint)
+from ..recipe import ControlRef, LoraRef, Recipe, file_name
+from .common import Command, Progress, UserError, describe_pipeline, expected_errors, show_warnings, slow_blas_hint
 from .options import (dtype_option, low_memory_option, model_option, parse_control, parse_lora, parse_size,
                       quantize_option, read_prompts)
 from .output import DEFAULT_OUTPUT, plan_outputs, plan_preview, preview_writer, save_png
@@ -137,6 +136,8 @@ class Job:
     mode: str | None = None
     rank0: bool = True
     quiet: bool = False
+    t_start: float = 0.0  # when loading began, and ended
+    t_loaded: float = 0.0
 
     def say(self, message: str) -> None:
         if not self.quiet:
@@ -237,10 +238,6 @@ def beside(png, name: str | None) -> str | None:
         return name
     path = Path(png).expanduser().parent / name
     return str(path) if path.exists() else name
-
-
-def file_name(path) -> str | None:
-    return None if path is None else Path(path).name
 
 
 # ------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def serve(model, quantize, low_memory, dtype, host, port, api_key, queue_size, l
 
     def load():
         from ..pipeline import ZImagePipeline
-        from ..weights import resolve_model
+        from ..sources import resolve_model
 
         return ZImagePipeline.from_pretrained(resolve_model(model), dtype=dtype, quantize=quantize,
                                               low_memory=low_memory)
