@@ -22,8 +22,9 @@ from transformers import AutoTokenizer
 from .errors import InputError
 
 from . import kernels
+from .sources import read_config
 from .weights import (CheckpointError, check_quantization, load_into, load_safetensors, quant_policy,
-                      quantize_as_stored, read_config, to_dtype)
+                      quantize_as_stored, to_dtype)
 
 
 class PromptTruncatedWarning(UserWarning):

@@ -27,8 +27,9 @@ import numpy as np
 from . import fp16, kernels
 from .embeddings import FREQ_EMBED_DIM, timestep_embedding
 from .errors import InputError
+from .sources import read_config
 from .weights import (CheckpointError, check_quantization, load_into, load_safetensors, quant_policy, quantize_as_stored,
-                      quantize_model, read_config, to_dtype)
+                      quantize_model, to_dtype)
 
 SEQ_MULTI_OF = 32
 ADALN_EMBED_DIM = 256
