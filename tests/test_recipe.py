@@ -50,7 +50,7 @@ def test_the_seed_rule():
     (Recipe("a", seed=[1, None]), "seed", "got None"),
     (Recipe("a", strength=0.5), "strength", "strength needs an image to start from (image)"),
     (Recipe("a", image="x.png", strength=1.5), "strength", "strength must be a number in [0, 1], got 1.5"),
-    (Recipe("a", controlnet="union.safetensors"), "controls", "controlnet needs at least one control image"),
+    (Recipe("a", controlnet="union.safetensors"), "controls", "controlnet needs at least one controls image"),
     (Recipe("a", control_start=0.6, control_end=0.5, controls=[ControlRef("c.png")]), "control_start",
      "control_start (0.6) must be below control_end (0.5)"),
     (Recipe("a", loras=[LoraRef("x", float("inf"))]), "loras", "the scale of LoRA x must be a number in [-10, 10]"),

@@ -102,7 +102,7 @@ class ZImagePipeline:
     @classmethod
     def from_pretrained(cls, model=DEFAULT_MODEL, dtype: str = "auto", quantize: int | None = None,
                         low_memory: bool = False, *, group=None, parallel: str = "auto",
-                        timeout: float | None = None) -> "ZImagePipeline":
+                        timeout: float | None = None, label: str | None = None) -> "ZImagePipeline":
         """Load a checkpoint folder (diffusers layout, or one written by `zimage-mlx convert`) or a Hub id.
 
         dtype: "auto", "bfloat16", "float16" or "float32". auto is float32 on the CPU; on a GPU the dtype a
@@ -119,6 +119,8 @@ class ZImagePipeline:
         run as one job: every rank loads with the same arguments and makes the same calls. parallel: "data",
         "tensor" (each rank loads its shard of the DiT and text encoder), "cfg" or "auto"; timeout: seconds
         without progress before a rank gives up on the others. See `zimage_mlx.distributed`.
+        label: the model's name in the images' metadata (default: the Hub id, or the folder's name and config
+        hash: `weights.model_label`).
         """
         root = resolve_model(model)
         dit_config = read_config(root / "transformer")
@@ -160,7 +162,7 @@ class ZImagePipeline:
         pipe = cls(transformer, None, vae, scheduler, root=root, dtype=dtype, low_memory=low_memory,
                    quantize=quantize, quantization=quantization, stored_dtype=stored_dtype)
         pipe.parallel = par
-        pipe.label = model_label(model)
+        pipe.label = label or model_label(model)
         pipe.reason = choice.reason
         if not low_memory:
             pipe.text_encoder = pipe._load_text_encoder()

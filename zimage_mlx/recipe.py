@@ -210,7 +210,7 @@ class Recipe:
 
     def _check_controls(self) -> None:
         if self.controlnet and not self.controls:
-            raise InputError("{controlnet} needs at least one control image ({controls})", "controls",
+            raise InputError("{controlnet} needs at least one {controls} image", "controls",
                              ("controlnet", "controls"))
         for c in self.controls:
             if c.scale is not None:

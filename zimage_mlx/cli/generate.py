@@ -247,8 +247,6 @@ def beside(png, name: str | None) -> str | None:
 def plan(o, recipe: Recipe, given: set) -> Job:
     if o.batch_size is not None and o.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {o.batch_size}")
-    if recipe.controlnet and not recipe.controls:
-        raise UserError("--controlnet needs at least one --control IMAGE")
     if recipe.controls and not recipe.controlnet:
         raise UserError("--control needs --controlnet (a ControlNet Union file, folder or Hub id)")
     recipe = recipe.validate().settle().validate()
@@ -365,11 +363,10 @@ def load(job: Job, o):
     try:
         with warnings.catch_warnings(record=True) as caught:  # float16 forced on a failing checkpoint
             pipe = ZImagePipeline.from_pretrained(root, dtype=r.dtype or "auto", quantize=r.quantize,
-                                                  low_memory=o.low_memory,
+                                                  low_memory=o.low_memory, label=name,
                                                   **(dict(group=job.group, parallel=job.mode) if job.group else {}))
     finally:
         progress.status("")
-    pipe.label = name
     show_warnings(caught, set(), job.quiet)
     job.t_loaded = time.perf_counter()
     job.say(f"Loaded {name} in {job.t_loaded - job.t_start:.1f} s ({describe_pipeline(pipe)})")
