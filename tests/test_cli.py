@@ -36,11 +36,12 @@ def loads():
     real = ZImagePipeline.from_pretrained
     cache, calls = {}, []
 
-    def cached(cls, model, dtype="auto", quantize=None, low_memory=False):
+    def cached(cls, model, dtype="auto", quantize=None, low_memory=False, label=None):
         key = (str(model), dtype, quantize, low_memory)
         calls.append(key)
         if key not in cache or cache[key].transformer is None:  # a run frees the DiT before its last decode
             cache[key] = real(model, dtype=dtype, quantize=quantize, low_memory=low_memory)
+        cache[key].label = label or cache[key].label
         return cache[key]
 
     mp = pytest.MonkeyPatch()
