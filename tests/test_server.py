@@ -1179,3 +1179,14 @@ def test_serve_command_listens_first_then_reports_a_load_failure(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_queue_full_while_loading_is_503_with_retry_after():
+    runner = slow_worker(FakeEngine(), 1.0, queue_size=1)
+    client = TestClient(create_app(runner, ServerConfig(max_side=256)), base_url="http://localhost")
+    runner.start(wait=False)
+    runner.submit(Recipe_of("first"))
+    r = client.post("/v1/images/generations", json={"prompt": "p", "size": "64x64"})
+    error_of(r, 503, None, "queue_full")
+    assert int(r.headers["retry-after"]) >= 1 and client.get("/health").json()["status"] == "loading"
+    runner.shutdown(wait=5)
