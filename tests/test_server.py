@@ -24,6 +24,7 @@ from zimage_mlx.server import ServerConfig, create_app, host_name, partial_steps
 from zimage_mlx.worker import Worker
 
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make(engine=None, queue_size=8, **cfg):
@@ -31,6 +32,7 @@ def make(engine=None, queue_size=8, **cfg):
     runner = Worker(lambda: engine, queue_size=queue_size)
     runner.start(timeout=10)
     cfg.setdefault("max_side", 512)
+    cfg.setdefault("max_n", 4)  # the refusal tests' limit (the server's default is 8)
     config = ServerConfig(**cfg)
     return runner, config, engine
 
@@ -162,7 +164,7 @@ def test_client_replays(app_factory):
     ({"prompt": "p", "size": "big"}, 400, "size", None),
     ({"prompt": "p", "n": 9}, 400, "n", None),
     ({"prompt": "p", "n": 0}, 400, "n", None),
-    ({"prompt": "p", "model": "dall-e-3"}, 404, "model", "model_not_found"),
+    ({"prompt": "p", "model": "stable-diffusion-xl"}, 404, "model", "model_not_found"),  # dall-e-3 runs ours
     ({"prompt": "p", "negative_prompt": "ugly"}, 400, "negative_prompt", None),
     ({"prompt": "p", "response_format": "url"}, 400, "response_format", None),
     ({"prompt": "p", "background": "transparent"}, 400, "background", None),
@@ -370,7 +372,8 @@ def test_edit_refusals(app_factory):
     img = png_bytes(Image.new("RGB", (32, 32)))
     post = lambda files, data=None: client.post("/v1/images/edits", files=files, data=data or {"prompt": "x"})  # noqa
     error_of(post([("mask", ("m.png", img, "image/png"))]), 400, "image", "missing_required_parameter")
-    error_of(post([("image[]", ("a.png", img, "image/png")), ("image[]", ("b.png", img, "image/png"))]), 400, "image")
+    error_of(post([("image", ("a.png", img, "image/png")), ("mask", ("m.png", img, "image/png")),
+                   ("mask", ("n.png", img, "image/png"))]), 400, "mask")  # several image[]: see the client replays
     error_of(post([("image", ("a.png", b"not an image", "image/png"))]), 400, "image", "invalid_image")
     error_of(post([("image", ("a.png", img, "image/png")),
                    ("mask", ("m.png", png_bytes(openai_mask((16, 16), (0, 0, 8, 8))), "image/png"))]), 400, "mask")
@@ -998,3 +1001,192 @@ def test_parsers_read_exactly_their_declared_fields(monkeypatch):
     b64 = base64.b64encode(png_bytes(image)).decode()
     a1111.parse_a1111({"prompt": "p", "init_images": [b64], "mask": b64}, cfg, img2img=True)
     assert seen[0].seen == a1111.IMG2IMG_FIELDS
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real clients with their own defaults (issue 28): fixtures written from their source in client_requests.py
+
+
+def replay(client, requests) -> list:
+    out = []
+    for method, path, headers, body in requests:
+        r = client.request(method, path, headers=headers, json=body)
+        assert r.status_code == 200, (path, r.text)
+        out.append(r.json())
+    return out
+
+
+def test_sillytavern_default_sequence_with_basic_auth(app_factory):
+    from client_requests import (SILLYTAVERN_NEGATIVE, sillytavern_connect, sillytavern_set_model,
+                                 sillytavern_txt2img)
+
+    client, _, engine = app_factory(api_key="s3cret")
+    auth = "sillytavern:s3cret"  # A1111's --api-auth user:pass; the password is the key
+    answers = replay(client, sillytavern_connect(auth))
+    sampler = answers[1][0]["name"]  # the first listed sampler is what SillyTavern sends
+    assert sampler == "Euler" and answers[4][0]["name"] == "None" and answers[5] == [] and answers[7] == []
+    replay(client, sillytavern_set_model(auth, answers[3][0]["title"]))
+    body = sillytavern_txt2img(auth, "http://localhost:8000", "a fox", sampler)
+    r = client.post("/sdapi/v1/txt2img", headers={"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()},
+                    json=body)
+    assert r.status_code == 200, r.text
+    g = engine.generated[-1]
+    assert (g["guidance"], g["steps"], g["width"], g["negative_prompt"]) == (6.0, 20, 512, SILLYTAVERN_NEGATIVE)
+    info = json.loads(r.json()["info"])
+    assert info["cfg_scale"] == 7 and info["negative_prompt"] == SILLYTAVERN_NEGATIVE and info["sampler_name"] == "Euler"
+    assert "auth" not in r.json()["parameters"] and "url" not in r.json()["parameters"]  # the credential not echoed
+    # the whole credential may be the key; a wrong password or a bad header is 401
+    assert client.get("/sdapi/v1/options", headers={"Authorization": "Basic " + base64.b64encode(b"s3cret").decode()}
+                      ).status_code == 200
+    for value in ("Basic " + base64.b64encode(b"u:wrong").decode(), "Basic !!!", "Basic "):
+        error_of(client.get("/sdapi/v1/options", headers={"Authorization": value}), 401)
+
+
+def test_a1111_negative_prompt_at_cfg_1_and_scheduler_and_sampler_messages(client):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "p", "width": 64, "height": 64, "negative_prompt": "blur",
+                                               "cfg_scale": 1, "scheduler": "NORMAL"})
+    assert r.status_code == 200 and "no effect" in json.loads(r.json()["info"])["comments"]
+    err = error_of(client.post("/sdapi/v1/txt2img", json={"prompt": "p", "scheduler": "Karras"}), 400, "scheduler")
+    assert "'Karras'" in err["message"] and all(n in err["message"] for n in ("Automatic", "Simple", "Normal"))
+    err = error_of(client.post("/sdapi/v1/txt2img", json={"prompt": "p", "sampler_name": "DDIM"}), 400, "sampler_name")
+    assert "'DDIM'" in err["message"] and "'Euler'" in err["message"]
+
+
+def test_openwebui_with_only_the_url(app_factory):
+    from client_requests import openwebui_edit, openwebui_generation
+
+    client, _, engine = app_factory(api_key="k")
+    r = client.post("/v1/images/generations", headers={"Authorization": "Bearer k"}, json=openwebui_generation("a fox"))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "z-image-turbo" and body["zimage"]["requested_model"] == "dall-e-2"
+    assert "'dall-e-2' ran as 'z-image-turbo'" in body["zimage"]["comments"][0]
+    a, b = png_bytes(Image.new("RGB", (32, 32), "red")), png_bytes(Image.new("RGB", (48, 48), "blue"))
+    data, files = openwebui_edit("make it night", [a, b])
+    r = client.post("/v1/images/edits", headers={"Authorization": "Bearer k"}, data=data, files=files)
+    assert r.status_code == 200, r.text
+    assert engine.generated[-1]["image"].size == (32, 32)  # the first image[] part
+    assert r.json()["model"] == "z-image-turbo" and "first of the 2 images" in r.json()["zimage"]["comments"][-1]
+    data, files = openwebui_edit("make it night", [a])
+    assert client.post("/v1/images/edits", headers={"Authorization": "Bearer k"}, data=data, files=files
+                       ).json()["zimage"]["comments"] == []
+
+
+def test_comfyui_nodes_and_openai_default_names(app_factory):
+    from client_requests import comfyui_requests
+
+    client, _, engine = app_factory(max_side=1024, max_n=8)
+    for body in comfyui_requests("a fox"):
+        r = client.post("/proxy/openai/images/generations", json=body)
+        assert r.status_code == 200, (body, r.text)
+        assert r.json()["model"] == "z-image-turbo" and r.json()["zimage"]["requested_model"] == body["model"]
+    assert client.post("/proxy/openai/images/generations", json={"model": "dall-e-2", "prompt": "p", "n": 8,
+                                                                 "size": "256x256"}).status_code == 200
+    for name in ("dall-e-3", "gpt-image-1", "gpt-image-1-mini", "GPT-IMAGE-1.5", None, ""):
+        r = client.post("/v1/images/generations", json={"prompt": "p", "size": "64x64", "model": name})
+        assert r.status_code == 200 and r.json()["model"] == "z-image-turbo", (name, r.text)
+    err = error_of(client.post("/v1/images/generations", json={"prompt": "p", "model": "sdxl"}), 404, "model")
+    assert "'sdxl'" in err["message"]
+    assert ServerConfig().max_n == 8
+
+
+def test_host_check_on_a_non_loopback_bind(app_factory):
+    from zimage_mlx.server import allowed_hosts
+
+    hosts = allowed_hosts("192.168.1.20", ("studio.lan",))
+    client, _, _ = app_factory(allowed_hosts=hosts)
+    for host in ("192.168.1.20:8000", "192.168.1.20", "localhost:8000", "studio.lan:1234"):
+        assert client.get("/health", headers={"host": host}).status_code == 200, host
+    error_of(client.get("/health", headers={"host": "rebound.example:8000"}), 400, None, "invalid_host")
+    assert "[fe80::1]" in allowed_hosts("fe80::1") and "localhost" in allowed_hosts("10.0.0.1")
+    wildcard = allowed_hosts("0.0.0.0")
+    assert "127.0.0.1" in wildcard and "evil.example" not in wildcard and len(wildcard) > len(allowed_hosts("10.0.0.1"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Serving while the model loads (issue 28)
+
+
+def slow_worker(engine, delay: float, fail: Exception | None = None, queue_size: int = 8) -> Worker:
+    def load():
+        runner.report_load("load")
+        time.sleep(delay)
+        if fail is not None:
+            raise fail
+        return engine
+
+    runner = Worker(load, queue_size=queue_size)
+    return runner
+
+
+def test_health_says_loading_then_ready_and_queued_requests_are_served(tmp_path):
+    engine = FakeEngine()
+    runner = slow_worker(engine, 1.5)
+    with LiveServer(runner, ServerConfig(max_side=256, api_key="k")) as server:
+        t0 = time.time()
+        runner.start(wait=False)
+        health = httpx.get(f"{server.url}/health", timeout=5)
+        assert time.time() - t0 < 1.0 and health.status_code == 200
+        assert health.json() == {"status": "loading", "model": "loading", "phase": "load", "fraction": None}
+        status = httpx.get(f"{server.url}/v1/status", headers={"Authorization": "Bearer k"}, timeout=5).json()
+        assert status["state"] == "loading" and status["phase"] == "load" and status["queue"] == []
+        r = httpx.post(f"{server.url}/v1/images/generations", headers={"Authorization": "Bearer k"},
+                       json={"prompt": "early", "size": "64x64", "seed": 3}, timeout=30)
+        assert r.status_code == 200 and time.time() - t0 >= 1.4  # waited in the queue for the model
+        assert same_pixels(png(r.json()["data"][0]["b64_json"]), fake_image("early", 3, 64, 64))
+        assert httpx.get(f"{server.url}/health", timeout=5).json() == {"status": "ok", "model": "ready"}
+
+
+def test_load_failure_is_on_health_and_fails_queued_requests():
+    runner = slow_worker(FakeEngine(), 0.5, fail=OSError("no weights in /models/x"))
+    client = TestClient(create_app(runner, ServerConfig(max_side=256)), base_url="http://localhost")
+    runner.start(wait=False)
+    job = runner.submit(Recipe_of("queued"))
+    with pytest.raises(OSError):
+        runner.wait_loaded(10)
+    assert job.status == "failed" and job.error.kind == "load"
+    r = client.get("/health")
+    assert r.status_code == 503 and r.json() == {"status": "failed", "model": "failed", "error": "no weights in /models/x"}
+    r = client.post("/v1/images/generations", json={"prompt": "p", "size": "64x64"})
+    assert error_of(r, 503, None, "model_load_failed")["message"].startswith("the model failed to load: no weights")
+    runner.shutdown(wait=5)
+
+
+def Recipe_of(prompt: str):
+    from zimage_mlx.recipe import Recipe
+
+    return Recipe(prompt, width=64, height=64, steps=1, seed=1)
+
+
+def test_serve_command_listens_first_then_reports_a_load_failure(tmp_path):
+    import subprocess
+    import sys
+
+    model = tmp_path / "not-a-checkpoint"
+    model.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env.pop("ZIMAGE_MLX_API_KEY", None)
+    proc = subprocess.Popen([sys.executable, "-c", "from zimage_mlx.cli import main; main()", "serve", "--model",
+                             str(model), "--port", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("listening on http://127.0.0.1:"), line
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode not in (0, None) and out == ""
+        errors = [x for x in err.splitlines() if x.lower().startswith("error")]
+        assert len(errors) == 1 and "not-a-checkpoint" in errors[0] and "Traceback" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_queue_full_while_loading_is_503_with_retry_after():
+    runner = slow_worker(FakeEngine(), 1.0, queue_size=1)
+    client = TestClient(create_app(runner, ServerConfig(max_side=256)), base_url="http://localhost")
+    runner.start(wait=False)
+    runner.submit(Recipe_of("first"))
+    r = client.post("/v1/images/generations", json={"prompt": "p", "size": "64x64"})
+    error_of(r, 503, None, "queue_full")
+    assert int(r.headers["retry-after"]) >= 1 and client.get("/health").json()["status"] == "loading"
+    runner.shutdown(wait=5)

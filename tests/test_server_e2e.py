@@ -141,7 +141,7 @@ def test_openai_sdk_errors(live):
         client.images.generate(prompt="p", size="100x100")
     assert e.value.param == "size" and e.value.code == "invalid_value"
     with pytest.raises(openai.NotFoundError) as e:
-        client.images.generate(prompt="p", model="dall-e-3", size="64x64")
+        client.images.generate(prompt="p", model="flux-dev", size="64x64")
     assert e.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(prompt="p", size="64x64", extra_body={"negative_prompt": "blur"})
@@ -158,6 +158,29 @@ def test_a1111_txt2img_is_pixel_identical(live, reference):
     expected = reference.generate("a watercolor harbor", width=SIZE, height=SIZE, steps=STEPS, seed=31)
     assert_identical(decode(r.json()["images"][0]), expected[0])
     assert json.loads(r.json()["info"])["all_seeds"] == [31]
+
+
+def test_sillytavern_default_sequence_is_pixel_identical(live, reference):
+    """SillyTavern's connect calls and its default txt2img body (client_requests.py, from its source) with its
+    Basic auth header; only the size (32x32) and the steps (2) are overridden, to stay cheap. Its CFG 7 is
+    honoured: guidance 6 with its default negative prompt, as A1111 would run it."""
+    from client_requests import SILLYTAVERN_NEGATIVE, basic, sillytavern_connect, sillytavern_txt2img
+
+    with httpx.Client(base_url=live.url, timeout=120) as c:
+        answers = []
+        for method, path, headers, body in sillytavern_connect("user:pass"):
+            r = c.request(method, path, headers=headers, json=body)
+            assert r.status_code == 200, (path, r.text)
+            answers.append(r.json())
+        body = sillytavern_txt2img("user:pass", live.url, "a lighthouse", answers[1][0]["name"], width=32, height=32,
+                                   steps=2)
+        r = c.post("/sdapi/v1/txt2img", headers=basic("user:pass"), json=body)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["cfg_scale"] == 7 and info["negative_prompt"] == SILLYTAVERN_NEGATIVE
+    expected = reference.generate(body["prompt"], negative_prompt=SILLYTAVERN_NEGATIVE, width=32, height=32, steps=2,
+                                  guidance=6.0, seed=info["seed"])
+    assert_identical(decode(r.json()["images"][0]), expected[0])
 
 
 def test_native_job_previews_and_image(live, reference):
@@ -214,6 +237,11 @@ def test_serve_command_prints_listening_line_and_exits_0_on_sigterm(reference_ch
         assert line.startswith("listening on http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
         url = line.split()[-1]
         assert int(url.rsplit(":", 1)[1]) > 0
+        first = httpx.get(f"{url}/health", timeout=10).json()  # it listens before it loads
+        assert first["status"] in ("loading", "ok"), first
+        r = httpx.post(f"{url}/v1/images/generations", headers={"Authorization": "Bearer k"}, timeout=120,
+                       json={"prompt": "queued while loading", "size": "32x32", "steps": 1})
+        assert r.status_code == 200, r.text
         assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ok", "model": "ready"}
         assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
         r = httpx.get(f"{url}/v1/status", headers={"Authorization": "Bearer k"}, timeout=10)
@@ -221,6 +249,8 @@ def test_serve_command_prints_listening_line_and_exits_0_on_sigterm(reference_ch
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert proc.stdout.read() == ""  # exactly one line on stdout
+        err = proc.stderr.read()
+        assert "model ready in" in err and len([x for x in err.splitlines() if "loading" in x]) == 1, err
     finally:
         if proc.poll() is None:
             proc.kill()

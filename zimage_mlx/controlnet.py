@@ -2,7 +2,7 @@
 
 Follows diffusers' `models/controlnets/controlnet_z_image.py` (ZImageControlNetModel) and its pipelines
 `pipeline_z_image_controlnet{,_inpaint}.py`; the authors' graph is VideoX-Fun's
-`z_image_transformer2d_control.py` (see ../shared/docs/controlnet.md for every version, key and trap).
+`z_image_transformer2d_control.py`.
 
 A ControlNet owns only its control modules: a patch embedder for the control latents (16 channels in 1.0,
 33 in 2.x: control latents, an inpainting keep mask, masked-image latents), `control_layers` (modulated

@@ -4,8 +4,7 @@ float16 is the fast type on M1/M2 GPUs, which have no native bfloat16 (MLX emula
 bfloat16 is native and float16 gains nothing. The DiT's float16 path is the scaled graph of transformer.py
 (V_SCALE, FFN_SCALE), which the pipeline checks after every step. What it cannot fix is a checkpoint whose
 weights or activations are out of float16's reach; these statistics, read off the weights (by
-`zimage-mlx convert`, which stores them in the transformer's config.json, or at load), decide that
-(shared/docs/fp16.md 4.1 and 5.2):
+`zimage-mlx convert`, which stores them in the transformer's config.json, or at load), decide that:
 
 - max |w| over every Linear weight: it must be below float16's 65,504 (the release's largest is 14.0);
 - the fraction of weights below float16's smallest normal 6.1e-5 (a precision figure: they become subnormal);

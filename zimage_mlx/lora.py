@@ -1,6 +1,6 @@
 """LoRA adapters for the Z-Image DiT: read the formats trainers write, apply them, and undo them exactly.
 
-Key conventions (model-spec section 10), read with the semantics of diffusers'
+Key conventions, read with the semantics of diffusers'
 `_convert_non_diffusers_z_image_lora_to_diffusers` (loaders/lora_conversion_utils.py), which the tests
 check us against:
 

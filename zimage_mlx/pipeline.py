@@ -170,7 +170,7 @@ class ZImagePipeline:
 
     def _load_text_encoder(self) -> TextEncoder:
         # The text encoder stays bfloat16 when the DiT runs float16: its activations on the real weights are
-        # measured only for the hidden state (13,754 at position 0, 4.8x below float16's limit; fp16.md 1.2),
+        # measured only for the hidden state (13,754 at position 0, 4.8x below float16's limit),
         # not for its MLP, and it runs once per prompt, so float16 would save little there.
         dtype = "bfloat16" if self.dtype == "float16" else self.dtype
         return TextEncoder.from_pretrained(self.root, dtype=dtype, cap_feat_dim=self._cap_feat_dim,

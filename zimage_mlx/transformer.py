@@ -3,7 +3,7 @@
 Follows diffusers `models/transformers/transformer_z_image.py` (basic, non-omni mode) and the official
 Tongyi-MAI/Z-Image `src/zimage/transformer.py`. Channels-last: latents are (B, h, w, 16).
 
-The details that are easy to get wrong (model-spec section 11): the output is x0 - noise (the pipeline
+The details that are easy to get wrong: the output is x0 - noise (the pipeline
 negates it), t is 1 - sigma, blocks modulate with (1 + scale) and tanh(gate) and no SiLU before the
 adaLN linear (the final layer has one), each branch has a pre- and a post-norm, RoPE rotates
 interleaved pairs over three axes, the patch vector is (ph, pw, c) with c fastest, image tokens sit at
@@ -11,7 +11,7 @@ t-position (padded caption length + 1), and both streams are padded to multiples
 pad tokens that are attended to, not masked.
 
 float16 (M1/M2 Macs, where it is the fast type) runs a scaled graph that never overflows; see `V_SCALE`,
-`FFN_SCALE` and `TransformerBlock.scaled` (the recipe, with its sources, is shared/docs/fp16.md section 4).
+`FFN_SCALE` and `TransformerBlock.scaled`.
 float32 and bfloat16 run the plain graph, unchanged.
 """
 
@@ -37,14 +37,14 @@ T_MLP_DIM = 1024
 
 # The float16 graph ("scaled"): float16 weights and GEMMs, float32 residual stream, modulation vectors,
 # timestep embedding and RoPE. Inside a block the only tensors that can exceed float16's 65,504 are those
-# stored between a sublayer's pre-norm and its post-norm (fp16.md 1.3): the SwiGLU product silu(w1 x) * w3 x
+# stored between a sublayer's pre-norm and its post-norm: the SwiGLU product silu(w1 x) * w3 x
 # (measured at 284,507 on the release over an 8-step 1024x1024 run, 64,695 at step 1) and the FFN output,
 # and, as a precaution, the attention value path and its output. Both paths end in an RMSNorm (attention_norm2,
 # ffn_norm2), and RMSNorm(c y; c^2 eps) = RMSNorm(y; eps) for any c > 0, so dividing them by a constant and
 # multiplying that norm's epsilon by c^2 changes nothing in real arithmetic. Powers of two also make the
 # scaling exact in floating point (only the exponent changes, except for values pushed into float16's
 # subnormal range: below 2^-14 / c in magnitude, negligible next to an RMSNorm over thousands of channels).
-# The constants are Draw Things' defaults for Turbo (fp16.md 2.6, 4.3): 284,507 / 32 = 8,891 leaves 7.4x
+# The constants are Draw Things' defaults for Turbo: 284,507 / 32 = 8,891 leaves 7.4x
 # headroom, and the pipeline redoes a step in bfloat16 if it ever overflows anyway.
 V_SCALE = 2.0**-2  # the value projection's input: v, the attention output and to_out's output are 1/4
 FFN_SCALE = 2.0**-5  # the SwiGLU product (w3's output is scaled before the multiply): w2's output is 1/32
@@ -236,8 +236,8 @@ class Attention(nn.Module):
 
     def scaled(self, x: mx.array, rope: tuple[mx.array, mx.array], mask: mx.array | None) -> mx.array:
         """The scaled graph's attention: every GEMM in x's dtype, and the value path divided by 4 (the input of
-        to_v; the output is then V_SCALE times the true one). q and k are not scaled: Turbo's are not at risk
-        (fp16.md 1.3), and after the qk-norm they and the logits (accumulated in float32 by SDPA) are bounded,
+        to_v; the output is then V_SCALE times the true one). q and k are not scaled: Turbo's are not at risk,
+        and after the qk-norm they and the logits (accumulated in float32 by SDPA) are bounded,
         |logit| <= sqrt(head_dim) max|w_norm_q| max|w_norm_k|."""
         B, L, _ = x.shape
         q = _linear(self.to_q, x).reshape(B, L, self.n_heads, -1)  # (B, L, H, D)

@@ -4,7 +4,7 @@ Follows diffusers models/autoencoders/{autoencoder_kl,vae}.py (Encoder, Decoder,
 models/unets/unet_2d_blocks.py (DownEncoderBlock2D, UpDecoderBlock2D, UNetMidBlock2D), models/resnet.py,
 models/{downsampling,upsampling}.py, the VAE attention of models/attention_processor.py, image_processor.py
 (VaeImageProcessor) and the LDM key layout of loaders/single_file_utils.py (convert_ldm_vae_checkpoint).
-See docs/model-spec.md section 6. Arrays are (B, H, W, C); module attributes carry the diffusers key names.
+Arrays are (B, H, W, C); module attributes carry the diffusers key names.
 """
 
 from __future__ import annotations

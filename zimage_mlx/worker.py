@@ -13,7 +13,7 @@ preview?}, partial {index, b64}, enhanced {index, seed, prompt}, done {images, s
 cancelled {}. The last three end a job.
 
     worker = Worker(lambda: ZImagePipeline.from_pretrained(model))
-    worker.start()
+    worker.start()  # or start(wait=False): jobs submitted while it loads wait in the queue
     job = worker.submit(Recipe("a fox", width=512, height=512, seed=1), output_format="png")
     job.done.wait(); job.images  # PNG bytes, replayable with `zimage-mlx generate --from-image`
 """
@@ -49,7 +49,7 @@ class QueueFull(Exception):
 
 
 class ShuttingDown(Exception):
-    """The worker is stopping and takes no new jobs."""
+    """The worker is stopping (or its pipeline failed to load) and takes no new jobs."""
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Options:
     output_compression: int | None = None  # 0..100 for jpeg/webp (quality); None: 100
     previews: bool = False  # a JPEG preview with every step event
     partial_steps: frozenset = frozenset()  # steps (1-based) after which a full-size partial image is sent
-    batch_size: int | None = None  # images denoised at once (None: all)
+    batch_size: int | None = None  # images denoised at once (None: as many as fit, `auto_batch_size`)
 
     def __post_init__(self):
         if self.output_format not in FORMATS:
@@ -71,7 +71,7 @@ class Options:
 @dataclass
 class JobError:
     """Why a job failed. kind: input (a ZImageError a user can fix; `field` names the Recipe field), lora,
-    oom, shutdown or bug (anything else: its traceback is logged)."""
+    oom, shutdown, load (the pipeline never loaded) or bug (anything else: its traceback is logged)."""
 
     kind: str
     message: str
@@ -196,6 +196,10 @@ class Worker:
     `load_pipeline()` runs on the worker thread and returns the pipeline: an object with ZImagePipeline's
     `run(recipe, on_step=, cancel=, on_enhanced=, batch_size=)` and `fast_preview(step, size=)`.
     `queue_size` bounds the jobs waiting (the running one not counted).
+
+    `state`: idle (not started), loading, ready, failed (`load_error` says why) or stopped. While it loads,
+    `load_progress` is {"phase", "fraction"} as the load function reports it with `report_load`; jobs
+    submitted meanwhile wait in the queue, and fail (kind "load") if the load fails.
     """
 
     def __init__(self, load_pipeline: Callable[[], object], queue_size: int = 8, *, name: str = "zimage-worker"):
@@ -211,17 +215,35 @@ class Worker:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._ready = threading.Event()
-        self._load_error: BaseException | None = None
+        self.load_error: BaseException | None = None
+        self.load_progress: dict = {"phase": None, "fraction": None}
+        self._state = "idle"
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
 
     # -- life cycle -----------------------------------------------------------------------------------
-    def start(self, timeout: float | None = None) -> None:
-        """Start the worker and wait until it has loaded the pipeline; re-raise a load failure here."""
+    @property
+    def state(self) -> str:
+        """idle, loading, ready, failed or stopped."""
+        return "stopped" if self.stopping and self._state == "ready" else self._state
+
+    def start(self, timeout: float | None = None, *, wait: bool = True) -> None:
+        """Start the worker thread, which loads the pipeline. With `wait` (the default), wait until it has
+        loaded and re-raise a load failure here; without, return at once (see `state`, `wait_loaded`)."""
+        self._state = "loading"
         self._thread.start()
+        if wait:
+            self.wait_loaded(timeout)
+
+    def wait_loaded(self, timeout: float | None = None) -> None:
+        """Wait until the pipeline has loaded; re-raise a load failure. TimeoutError if it takes longer."""
         if not self._ready.wait(timeout):
             raise TimeoutError("the pipeline did not load in time")
-        if self._load_error is not None:
-            raise self._load_error
+        if self.load_error is not None:
+            raise self.load_error
+
+    def report_load(self, phase: str, fraction: float | None = None) -> None:
+        """For the load function (any thread): what it is doing now (e.g. download, load) and how far."""
+        self.load_progress = {"phase": phase, "fraction": fraction}
 
     def shutdown(self, wait: float | None = None) -> None:
         """Refuse new jobs, fail the queued ones (kind "shutdown"), cancel the running one, stop the thread."""
@@ -286,10 +308,10 @@ class Worker:
         self.thread_ident = threading.get_ident()
         try:
             self.pipeline = self.load_pipeline()
-        except BaseException as e:  # noqa: BLE001 - handed to start()
-            self._load_error = e
-            self._ready.set()
+        except BaseException as e:  # noqa: BLE001 - handed to start() / wait_loaded(), and in `state`
+            self._load_failed(e)
             return
+        self._state = "ready"
         self._ready.set()
         while (job := self._take()) is not None:
             try:
@@ -297,6 +319,18 @@ class Worker:
             finally:
                 with self._cond:
                     self.running = None
+
+    def _load_failed(self, e: BaseException) -> None:
+        """No pipeline: refuse new jobs and fail the queued ones (kind "load")."""
+        self.load_error = e
+        with self._cond:
+            self._state, self.stopping = "failed", True
+            queued = list(self._queue)
+            self._queue.clear()
+        message = f"the model failed to load: {' '.join(str(e).split()) or type(e).__name__}"
+        for job in queued:
+            self._fail(job, JobError("load", message, None, e))
+        self._ready.set()
 
     def _take(self) -> Job | None:
         with self._cond:
@@ -328,7 +362,7 @@ class Worker:
         try:
             images = self.pipeline.run(job.recipe, on_step=self._on_step(job), cancel=job.cancel,
                                        on_enhanced=lambda k, r: self._on_enhanced(job, k, r),
-                                       batch_size=job.options.batch_size)
+                                       batch_size=self._batch_size(job))
             t1 = time.perf_counter()
             recipes = [image_recipe(job.recipe, im) for im in images]
             encoded = [encode_image(im, job.options.output_format, job.options.output_compression, r)
@@ -345,6 +379,18 @@ class Worker:
         r = recipes[0] if recipes else job.recipe
         log.info("job %s done: %sx%s steps=%d images=%d seed=%s in %.2f s", job.id, r.width, r.height, r.steps,
                  len(recipes), r.seed, job.finished - job.started)
+
+    def _batch_size(self, job: Job) -> int | None:
+        """The job's batch_size, else as many images as fit (the pipeline's `auto_batch_size`, as the CLI
+        does), else all at once."""
+        auto = getattr(self.pipeline, "auto_batch_size", None)
+        if job.options.batch_size is not None or auto is None:
+            return job.options.batch_size
+        try:
+            r = job.recipe.settle()
+            return auto(r.width, r.height)
+        except Exception:  # noqa: BLE001 - a recipe the run will refuse: its error comes then
+            return None
 
     def _on_step(self, job: Job):
         o, pipe = job.options, self.pipeline

@@ -30,7 +30,9 @@ from .options import bits, dtype_option, low_memory_option, model_option, quanti
               help="Folder of .safetensors LoRAs that requests may name (by file name, without the extension).")
 @click.option("--max-side", type=click.IntRange(16, 8192), default=2048, show_default=True,
               help="Largest width or height a request may ask for (a multiple of 16).")
-@click.option("--max-n", type=click.IntRange(1, 64), default=4, show_default=True, help="Most images per request.")
+@click.option("--max-n", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Most images per request (ComfyUI's OpenAI nodes allow 8); they are denoised as many at a time as "
+                   "fit in memory.")
 @click.option("--max-steps", type=click.IntRange(1, 1000), default=50, show_default=True, help="Most steps per request.")
 @click.option("--max-body", type=click.FloatRange(0.001, 4096), default=64, show_default=True, metavar="MB",
               help="Largest request body, in MB (uploads included); larger ones get 413.")
@@ -40,7 +42,8 @@ from .options import bits, dtype_option, low_memory_option, model_option, quanti
 def serve(model, quantize, low_memory, dtype, host, port, api_key, queue_size, lora_dir, max_side, max_n, max_steps,
           max_body, allowed_host, insecure_no_auth):
     """Serve the model over HTTP: the OpenAI images API, an A1111 subset, a job API with live previews, and a
-    web page at /. Loads the model first, then prints `listening on http://HOST:PORT`.
+    web page at /. Prints `listening on http://HOST:PORT` at once, then loads the model: /health says
+    `loading` until it is ready, and requests sent meanwhile wait in the queue.
 
     \b
       zimage-mlx serve --port 8000
@@ -66,7 +69,7 @@ def serve(model, quantize, low_memory, dtype, host, port, api_key, queue_size, l
     try:
         from ..server import bind_socket
 
-        bind_socket(host, port).close()  # a taken port or a bad address fails before the model loads
+        sock = bind_socket(host, port)  # a taken port or a bad address fails here, before anything loads
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     quantize = bits(quantize)
@@ -76,21 +79,31 @@ def serve(model, quantize, low_memory, dtype, host, port, api_key, queue_size, l
                        max_steps=max_steps, max_body=int(max_body * 2**20),
                        lora_dir=Path(lora_dir) if lora_dir else None,
                        default_width=min(1024, max_side), default_height=min(1024, max_side))
-
-    def load():
-        from ..pipeline import ZImagePipeline
-        from ..sources import resolve_model
-
-        return ZImagePipeline.from_pretrained(resolve_model(model), dtype=dtype, quantize=quantize,
-                                              low_memory=low_memory)
-
-    runner = Worker(load, queue_size=queue_size)
-    click.echo(f"Loading {model} ...", err=True)
-    with expected_errors():
-        runner.start()
-    slow_blas_hint()
-    run_server(runner, cfg, host, port, announce=lambda line: click.echo(line) or sys.stdout.flush())
+    runner = Worker(lambda: load_model(runner, model, dtype, quantize, low_memory), queue_size=queue_size)
+    with expected_errors():  # a load failure: one line, exit 1
+        run_server(runner, cfg, host, port, sock=sock, announce=lambda line: click.echo(line) or sys.stdout.flush())
     # Shut down cleanly (jobs answered, worker stopped). MLX 0.32 on Linux aborts now and then in its static
     # destructors once a worker thread has used it (exit code 134), so the process ends here with code 0.
     sys.stdout.flush(), sys.stderr.flush()
     os._exit(0)
+
+
+def load_model(runner, model: str, dtype, quantize, low_memory):
+    """On the worker thread: find (or download) the checkpoint, then load it, saying each phase on stderr and
+    to the worker (for /health)."""
+    import time
+
+    from ..pipeline import ZImagePipeline
+    from ..sources import resolve_model
+    from ..weights import model_label
+
+    t0 = time.perf_counter()
+    runner.report_load("download")
+    click.echo(f"loading {model}: finding the checkpoint (downloading it if needed) ...", err=True)
+    path = resolve_model(model)
+    runner.report_load("load")
+    pipe = ZImagePipeline.from_pretrained(path, dtype=dtype, quantize=quantize, low_memory=low_memory,
+                                          label=model_label(model))  # the Hub id, not the cache folder
+    click.echo(f"model ready in {time.perf_counter() - t0:.1f} s", err=True)
+    slow_blas_hint()
+    return pipe

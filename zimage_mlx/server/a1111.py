@@ -1,4 +1,5 @@
-"""The A1111 dialect (/sdapi/v1/*): txt2img, img2img, progress, interrupt, models, samplers, schedulers, options.
+"""The A1111 dialect (/sdapi/v1/*): txt2img, img2img, progress, interrupt, models, samplers, schedulers, options,
+and the lists a client reads on connect (upscalers, latent-upscale-modes, sd-vae: what this server really has).
 
 A request parses into a `Recipe`: cfg_scale is the classic scale (1 = no guidance), so guidance = cfg_scale - 1;
 at cfg_scale 1 a negative prompt has no effect, as in A1111 itself: it is left out (and `info` says so).
@@ -68,7 +69,8 @@ def refuse_unsupported(f: Fields, cfg: ServerConfig) -> None:
                   "(flow-match Euler, see /sdapi/v1/samplers)", "unsupported_value")
     scheduler = f.str("scheduler")
     if scheduler and scheduler.lower() not in SCHEDULERS:
-        raise bad("scheduler", f"scheduler {scheduler!r} is not available; use 'Automatic'", "unsupported_value")
+        raise bad("scheduler", f"scheduler {scheduler!r} is not available; this model's flow-match schedule is "
+                  "'Automatic' (also accepted as 'Simple' or 'Normal')", "unsupported_value")
     for name in ("enable_hr", "restore_faces", "tiling"):
         if f.bool(name):
             raise bad(name, f"{name} is not supported by this server", "unsupported_parameter")
@@ -145,7 +147,9 @@ def routes(server: Server) -> list[Route]:
             Route("/sdapi/v1/progress", api.progress), Route("/sdapi/v1/interrupt", api.interrupt, methods=["POST"]),
             Route("/sdapi/v1/sd-models", api.sd_models), Route("/sdapi/v1/samplers", api.samplers),
             Route("/sdapi/v1/schedulers", api.schedulers), Route("/sdapi/v1/options", api.get_options),
-            Route("/sdapi/v1/options", api.set_options, methods=["POST"])]
+            Route("/sdapi/v1/options", api.set_options, methods=["POST"]),
+            Route("/sdapi/v1/upscalers", api.upscalers), Route("/sdapi/v1/latent-upscale-modes", api.latent_modes),
+            Route("/sdapi/v1/sd-vae", api.vaes)]
 
 
 class A1111Routes:
@@ -161,7 +165,9 @@ class A1111Routes:
             return Response(status_code=499)
         if job.status != "completed":
             raise self.server.job_error(job, NAMES)
-        parameters = {k: v for k, v in body.items() if k not in ("init_images", "mask")}
+        # A1111 echoes its validated request: the known fields only (SillyTavern also sends its url and auth)
+        known = (IMG2IMG_FIELDS | IGNORED) if img2img else (TXT2IMG_FIELDS | TXT2IMG_IGNORED)
+        parameters = {k: v for k, v in body.items() if k in known and k not in ("init_images", "mask")}
         return JSONResponse({"images": [base64.b64encode(b).decode() for b in job.images], "parameters": parameters,
                              "info": json.dumps(self.info(job, comments))})
 
@@ -214,6 +220,17 @@ class A1111Routes:
     async def schedulers(self, request):
         return JSONResponse([{"name": name.lower(), "label": name, "aliases": None, "default_rho": -1,
                               "need_inner_model": False} for name in ("Automatic", "Simple", "Normal")])
+
+    async def upscalers(self, request):
+        # A1111's UpscalerItem list; "None" is the only one here (hires fix, enable_hr, is refused)
+        return JSONResponse([{"name": "None", "model_name": None, "model_path": None, "model_url": None,
+                              "scale": 4}])
+
+    async def latent_modes(self, request):
+        return JSONResponse([])  # A1111's [{"name"}]; no latent upscaling here
+
+    async def vaes(self, request):
+        return JSONResponse([])  # A1111's [{"model_name", "filename"}]: only the checkpoint's own VAE ("Automatic")
 
     async def get_options(self, request):
         return JSONResponse(options(self.cfg))

@@ -10,13 +10,15 @@ Policy:
   fields that change nothing visible (user, quality, style, moderation) are accepted and ignored.
 - Sizes are refused, never snapped. A request never names a file or URL: LoRAs are names in --lora-dir.
 - A synchronous request (OpenAI, A1111) whose client disconnects cancels its job, queued or running.
-- Security: loopback bind by default, optional key (Bearer or X-API-Key; 401, or 403 under /proxy/openai
-  where ComfyUI rewrites 401) on every route but /health and the static page at /, Host header allow-list
-  against DNS rebinding, body cap, pixel cap.
+- Security: loopback bind by default, optional key (Bearer, X-API-Key, or Basic auth whose password is the
+  key; 401, or 403 under /proxy/openai where ComfyUI rewrites 401) on every route but /health and the static
+  page at /, Host header allow-list against DNS rebinding (loopback names, the bound address, --allowed-host;
+  on any bind), body cap, pixel cap.
 """
 
 from __future__ import annotations
 
+import base64
 import hmac
 import ipaddress
 import logging
@@ -88,8 +90,8 @@ class Guard:
         # /health, and the page itself (a static file with no data; every call it makes needs the key)
         public = path == "/health" or (path == "/" and scope["method"] in ("GET", "HEAD"))
         if self.key is not None and not public and not self.authorized(headers):
-            raise ApiError(403 if proxy else 401, "a valid API key is required (Authorization: Bearer KEY or "
-                           "X-API-Key: KEY)", None, "invalid_api_key",
+            raise ApiError(403 if proxy else 401, "a valid API key is required (Authorization: Bearer KEY, "
+                           "X-API-Key: KEY, or Basic auth with KEY as the password)", None, "invalid_api_key",
                            headers={} if proxy else {"WWW-Authenticate": "Bearer"})
         length = headers.get("content-length")
         if length is not None and not length.isdigit():
@@ -98,13 +100,24 @@ class Guard:
             raise too_large(self.cfg)
 
     def authorized(self, headers: dict) -> bool:
-        given = headers.get("x-api-key")
+        """Bearer KEY, X-API-Key: KEY, or HTTP Basic (A1111's --api-auth, as SillyTavern sends it) whose
+        password, or whole user:password, is KEY; compared in constant time."""
         auth = headers.get("authorization", "")
-        if auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
-        if not given:
-            return False
-        return hmac.compare_digest(given.encode("utf-8", "replace"), self.key)
+        scheme, _, value = auth.partition(" ")
+        candidates = [headers.get("x-api-key")]
+        if scheme.lower() == "bearer":
+            candidates.append(value.strip())
+        elif scheme.lower() == "basic":
+            try:
+                credential = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                credential = ""
+            candidates += [credential, credential.partition(":")[2]]
+        ok = False
+        for given in candidates:  # every candidate compared: the time does not tell which one matched
+            if given:
+                ok |= hmac.compare_digest(given.encode("utf-8", "replace"), self.key)
+        return ok
 
 
 def too_large(cfg: ServerConfig) -> ApiError:
@@ -129,13 +142,32 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def allowed_hosts(bind: str, extra: tuple = ()) -> frozenset | None:
-    """The Host names accepted: the loopback names, the bound address, and --allowed-host; None (no check) when
-    bound to a non-loopback address on purpose without any --allowed-host."""
-    if not is_loopback(bind) and not extra:
-        return None
-    bound = f"[{bind}]" if ":" in bind else bind
-    return frozenset(LOOPBACK_NAMES | {bound.lower()} | {host_name(h) for h in extra})
+def allowed_hosts(bind: str, extra: tuple = ()) -> frozenset:
+    """The Host names accepted (any port): the loopback names, the bound address, and --allowed-host; on a
+    wildcard bind (0.0.0.0, ::) also this machine's name and addresses, as far as it knows them."""
+    names = set(LOOPBACK_NAMES) | {bracketed(bind)} | {host_name(h) for h in extra}
+    if bind.strip("[]") in ("0.0.0.0", "::", ""):
+        names |= machine_names()
+    return frozenset(n for n in names if n)
+
+
+def bracketed(host: str) -> str:
+    """An address as a Host header writes it: IPv6 in brackets, lower case."""
+    host = host.strip().lower()
+    return f"[{host.strip('[]')}]" if ":" in host else host
+
+
+def machine_names() -> set[str]:
+    """This machine's host name (and NAME.local) and the addresses it resolves to (best effort, no network)."""
+    import socket
+
+    hostname = socket.gethostname().lower()
+    names = {hostname, f"{hostname.split('.')[0]}.local"}
+    try:
+        names |= {bracketed(info[4][0].split("%")[0]) for info in socket.getaddrinfo(hostname, None)}
+    except OSError:
+        pass
+    return names
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,31 +211,37 @@ def bind_socket(host: str, port: int):
 
 
 def serve(worker: Worker, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000, *,
-          announce=print, log_level: str = "warning") -> None:
-    """Serve until SIGINT/SIGTERM. The worker must be started (model loaded). Prints `listening on
-    http://HOST:PORT` once connections are accepted. On a signal: the queued jobs are answered 503, the
-    running one is cancelled at its next step, new requests get 503, and the function returns."""
-    import sys
+          announce=print, log_level: str = "warning", sock=None) -> None:
+    """Serve until SIGINT/SIGTERM. Binds (or takes `sock`), prints `listening on http://HOST:PORT` once
+    connections are accepted, then starts the worker if it is not started: /health says `loading` until the
+    model is ready, and requests sent meanwhile wait in the queue. A load failure is on /health (`failed`),
+    ends the server and is raised here. On a signal: the queued jobs are answered 503, the running one is
+    cancelled at its next step, new requests get 503, and the function returns."""
     import threading
 
     import uvicorn
 
-    for name in ("zimage_mlx.server", "zimage_mlx.worker"):  # one line per job on stderr (stdout: the URL)
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-            logger.addHandler(handler)
-            logger.setLevel(logging.INFO)
-    sock = bind_socket(host, port)
+    show_logs()
+    sock = sock or bind_socket(host, port)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}"
+    failure: list[BaseException] = []
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets=None):
             await super().startup(sockets=sockets)
             if self.started:
                 announce(f"listening on {url}")
+                if worker.state == "idle":
+                    worker.start(wait=False)
+                threading.Thread(target=self.watch_load, name="zimage-load-watch", daemon=True).start()
+
+        def watch_load(self):
+            try:
+                worker.wait_loaded()
+            except BaseException as e:  # noqa: BLE001 - raised by serve() once the server has stopped
+                failure.append(e)
+                self.should_exit = True
 
         def handle_exit(self, sig, frame):
             # On its own thread: a signal handler must not wait for a lock the interrupted main thread may hold.
@@ -218,3 +256,18 @@ def serve(worker: Worker, cfg: ServerConfig, host: str = "127.0.0.1", port: int 
     finally:
         worker.shutdown(wait=30)
         sock.close()
+    if failure:
+        raise failure[0]
+
+
+def show_logs() -> None:
+    """One line per job (and the load's progress) on stderr; stdout has the URL alone."""
+    import sys
+
+    for name in ("zimage_mlx.server", "zimage_mlx.worker"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from ..worker import Job, QueueFull, ShuttingDown, Worker
 log = logging.getLogger("zimage_mlx.server")
 
 PACKAGE_DIR = Path(__file__).parent
+OPENAI_DEFAULT_MODELS = re.compile(r"^(dall-e-[23]|gpt-image(-[a-z0-9.]+)*)$")  # what clients send unasked
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "host.docker.internal"}
 
 
@@ -26,7 +28,7 @@ class ServerConfig:
     api_key: str | None = None
     allowed_hosts: frozenset | None = frozenset(LOOPBACK_NAMES)  # None: no Host check
     max_side: int = 2048
-    max_n: int = 4
+    max_n: int = 8  # ComfyUI's OpenAI nodes allow n up to 8; the worker batches as many as fit
     max_steps: int = 50
     max_body: int = 64 * 2**20
     max_input_pixels: int = 4096 * 4096
@@ -45,6 +47,14 @@ class ServerConfig:
     def model_ids(self) -> set[str]:
         return {m.lower() for m in (self.model_id, *self.model_aliases, "z-image-turbo", "x/z-image-turbo",
                                     "zimage-mlx") if m}
+
+    def resolve_model(self, name: str | None) -> str | None:
+        """The served model a request's `model` names, or None (unknown: 404). Our own names, no name, and the
+        names OpenAI clients send by default (dall-e-2, dall-e-3, gpt-image-*) run the one served model; with
+        several served models, OpenAI's names would need a mapping (the hook is here)."""
+        if not name or name.lower() in self.model_ids() or OPENAI_DEFAULT_MODELS.match(name.lower()):
+            return self.model_id
+        return None
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -85,6 +95,28 @@ def input_error(e: InputError, names: dict[str, str]) -> ApiError:
     return ApiError(400, " ".join(e.render(name).split()), name(e.field) if e.field else None, "invalid_value")
 
 
+def load_failed(worker: Worker) -> ApiError:
+    return ApiError(503, f"the model failed to load: {load_reason(worker)}; see the server log", None,
+                    "model_load_failed", "server_error", {"x-should-retry": "false"})
+
+
+def load_reason(worker: Worker) -> str | None:
+    e = worker.load_error
+    return None if e is None else (" ".join(str(e).split()) or type(e).__name__)
+
+
+def load_state(worker: Worker) -> dict:
+    """The model's state for /health and /v1/status: state (loading, ready, failed, stopped), and while
+    loading the phase and fraction the loader reported, or when it failed the reason."""
+    state = worker.state
+    out = {"state": "loading" if state == "idle" else state}
+    if out["state"] == "loading":
+        out.update(phase=worker.load_progress.get("phase"), fraction=worker.load_progress.get("fraction"))
+    if state == "failed":
+        out["error"] = load_reason(worker)
+    return out
+
+
 def shutting_down() -> ApiError:
     return ApiError(503, "the server is shutting down", None, "shutting_down", "server_error",
                     {"x-should-retry": "false"})
@@ -109,7 +141,7 @@ class Server:
             raise ApiError(503, f"the queue is full ({self.worker.queue_size} waiting); retry later", None,
                            "queue_full", "server_error", {"Retry-After": str(self.worker.retry_after())}) from None
         except ShuttingDown:
-            raise shutting_down() from None
+            raise (load_failed(self.worker) if self.worker.state == "failed" else shutting_down()) from None
 
     async def run_sync(self, request: Request, job: Job) -> bool:
         """Wait for a submitted job; a client disconnect cancels it. False if the client left."""
@@ -145,4 +177,6 @@ class Server:
             return ApiError(507, e.message, None, "insufficient_memory", "server_error")
         if e.kind == "shutdown":
             return shutting_down()
+        if e.kind == "load":
+            return load_failed(self.worker)
         return ApiError(500, f"{e.message}; see the server log", None, None, "server_error")

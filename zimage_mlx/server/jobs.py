@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from ..recipe import Recipe
 from ..worker import FORMATS, Job
-from .core import ApiError, Server, ServerConfig, bad
+from .core import ApiError, Server, ServerConfig, bad, load_state
 from .fields import Fields, check_recipe, list_loras, parse_size, read_json, read_loras
 
 NATIVE_FIELDS = frozenset({"prompt", "negative_prompt", "width", "height", "size", "steps", "seed", "n", "guidance",
@@ -140,7 +140,7 @@ class JobRoutes:
         worker, cfg = self.server.worker, self.cfg
         running = worker.running
         return JSONResponse({
-            "model": cfg.model_id, "running": running.id if running else None,
+            "model": cfg.model_id, **load_state(worker), "running": running.id if running else None,
             "queue": [j.id for j in worker.queued()], "queue_size": worker.queue_size,
             "limits": {"max_side": cfg.max_side, "max_n": cfg.max_n, "max_steps": cfg.max_steps},
             "defaults": {"width": cfg.default_width, "height": cfg.default_height, "steps": cfg.default_steps},

@@ -58,7 +58,7 @@ def parse_openai(f: Fields, cfg: ServerConfig, *, any_model: bool, edit: bool = 
     prompt = f.str("prompt", required=True)
     if not prompt.strip():
         raise bad("prompt", "prompt must not be empty", "missing_required_parameter")
-    check_openai_only(f, cfg, any_model)
+    served = check_openai_only(f, cfg, any_model)
     names = {"num_images": "n"}
     width, height = read_size(f, cfg, names, edit)
     fields = {}
@@ -80,21 +80,25 @@ def parse_openai(f: Fields, cfg: ServerConfig, *, any_model: bool, edit: bool = 
     options = {"output_format": f.choice("output_format", FORMATS, "png"),
                "output_compression": f.int("output_compression", None, 0, 100),
                "partial_steps": partial_steps(recipe.denoising_steps, partial) if stream and partial else frozenset()}
-    return recipe, options, {"stream": stream, "names": names}
+    return recipe, options, {"stream": stream, "names": names, "model": served, "requested_model": f.str("model"),
+                             "comments": []}
 
 
-def check_openai_only(f: Fields, cfg: ServerConfig, any_model: bool) -> None:
-    """The fields only this dialect has: the model's name, response_format, background."""
+def check_openai_only(f: Fields, cfg: ServerConfig, any_model: bool) -> str:
+    """The fields only this dialect has: the model's name (-> the served model that runs), response_format,
+    background. Under /proxy/openai (ComfyUI's nodes) any model name runs the served model."""
     model = f.str("model")
-    if model and not any_model and model.lower() not in cfg.model_ids():
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves {cfg.model_id!r}", "model",
-                       "model_not_found", "invalid_request_error")
+    served = cfg.model_id if any_model else cfg.resolve_model(model)
+    if served is None:
+        raise ApiError(404, f"the model {model!r} does not exist; this server serves {cfg.model_id!r} (also as "
+                       "dall-e-2, dall-e-3 or gpt-image-*)", "model", "model_not_found", "invalid_request_error")
     if f.str("response_format") not in (None, "b64_json"):
         raise bad("response_format", "only response_format b64_json is supported (images are returned inline)",
                   "unsupported_value")
     if f.str("background") not in (None, "auto", "opaque"):
         raise bad("background", "background must be auto or opaque: this model cannot make transparent images",
                   "unsupported_value")
+    return served
 
 
 def read_size(f: Fields, cfg: ServerConfig, names: dict, edit: bool) -> tuple:
@@ -167,33 +171,35 @@ class OpenAIRoutes:
     async def edits(self, request: Request):
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
-            f, image, mask, names = await self.read_edit_form(request)
+            f, image, mask, names, count = await self.read_edit_form(request)
         elif "json" in ctype:
-            f, image, mask = self.read_edit_json(await read_json(request))
+            f, image, mask, count = self.read_edit_json(await read_json(request))
             names = (None, None)
         else:
             raise ApiError(415, "send multipart/form-data (or JSON with a base64 image)", None, "unsupported_media_type")
         image, mask = edit_inputs(image, mask)
         recipe, options, meta = parse_openai(f, self.cfg, any_model=request.url.path.startswith("/proxy/"), edit=True,
                                              image=image, mask=mask, image_name=names[0], mask_name=names[1])
+        if count > 1:  # Open WebUI sends a chat's images as image[] parts, ComfyUI a batch: the first is edited
+            meta["comments"].append(f"edited the first of the {count} images given; this model edits one image")
         return await self.run(request, recipe, options, meta, "image_edit")
 
     def read_edit_json(self, body: dict):
-        images = body.get("image")
+        images, count = body.get("image"), 1
         if isinstance(images, list):
-            if len(images) != 1:
-                raise bad("image", f"give one image to edit, got {len(images)}")
-            images = images[0]
+            if not images:
+                raise bad("image", "image is required", "missing_required_parameter")
+            images, count = images[0], len(images)
         if images is None:
             raise bad("image", "image is required", "missing_required_parameter")
         image = decode_base64_image(images, "image", self.cfg)
         mask = decode_base64_image(body["mask"], "mask", self.cfg) if body.get("mask") else None
         rest = {k: v for k, v in body.items() if k not in ("image", "mask")}
-        return Fields(rest, known=EDIT_FIELDS | frozenset(REFUSED)), image, mask
+        return Fields(rest, known=EDIT_FIELDS | frozenset(REFUSED)), image, mask, count
 
     async def read_edit_form(self, request: Request):
         try:
-            form = await request.form(max_files=4, max_fields=64, max_part_size=1024 * 1024)
+            form = await request.form(max_files=17, max_fields=64, max_part_size=1024 * 1024)
         except Exception as e:  # noqa: BLE001 - Starlette's MultiPartException / HTTPException
             raise bad(None, f"cannot read the form: {getattr(e, 'detail', None) or e}", "invalid_form") from None
         try:
@@ -206,8 +212,8 @@ class OpenAIRoutes:
             uploads = files.get("image", []) + files.get("image[]", [])
             if not uploads:
                 raise bad("image", "image is required (a file part named image or image[])", "missing_required_parameter")
-            if len(uploads) > 1 or len(files.get("mask", [])) > 1:
-                raise bad("image" if len(uploads) > 1 else "mask", "give one image to edit and at most one mask")
+            if len(files.get("mask", [])) > 1:
+                raise bad("mask", "give at most one mask")
             for key in ("image", "image[]", "mask"):
                 if key in values:
                     raise bad(key, f"{key} must be a file part")
@@ -217,7 +223,7 @@ class OpenAIRoutes:
             names = (file_name(uploads[0]), file_name(masks[0]) if masks else None)
         finally:
             await form.close()  # the spooled upload files
-        return Fields(values, strings=True, known=EDIT_FIELDS | frozenset(REFUSED)), image, mask, names
+        return Fields(values, strings=True, known=EDIT_FIELDS | frozenset(REFUSED)), image, mask, names, len(uploads)
 
     async def variations(self, request):
         raise ApiError(404, "image variations are not supported; use /v1/images/edits with a prompt", None,
@@ -240,26 +246,26 @@ class OpenAIRoutes:
     async def run(self, request: Request, recipe: Recipe, options: dict, meta: dict, prefix: str):
         job = self.server.submit(recipe, **options)
         if meta["stream"]:
-            return JobStream(self.stream(job, prefix, meta["names"]), job, self.server)
+            return JobStream(self.stream(job, prefix, meta), job, self.server)
         if not await self.server.run_sync(request, job):
             return Response(status_code=499)  # nobody is listening
         if job.status != "completed":
             raise self.server.job_error(job, meta["names"])
-        return JSONResponse(self.body(job))
+        return JSONResponse(self.body(job, meta))
 
-    def body(self, job: Job) -> dict:
+    def body(self, job: Job, meta: dict) -> dict:
         revised = job.revised_prompts or [None] * len(job.images)  # OpenAI's own field for a rewritten prompt
         data = [{"b64_json": base64.b64encode(b).decode(), "revised_prompt": r, "seed": s}
                 for b, s, r in zip(job.images, job.seeds, revised)]
-        out = {"created": int(time.time()), "data": data, "background": "opaque",
+        out = {"created": int(time.time()), "model": meta["model"], "data": data, "background": "opaque",
                "output_format": job.options.output_format, "usage": ZERO_USAGE}
         w, h = job.sizes[0]
         if f"{w}x{h}" in OPENAI_SIZES:
             out["size"] = f"{w}x{h}"
-        out["zimage"] = zimage_info(job, self.cfg)
+        out["zimage"] = zimage_info(job, self.cfg, meta)
         return out
 
-    async def stream(self, job: Job, prefix: str, names: dict):
+    async def stream(self, job: Job, prefix: str, meta: dict):
         created = int(time.time())
 
         def event(name: str, data: dict) -> str:
@@ -282,9 +288,9 @@ class OpenAIRoutes:
                     yield event(f"{prefix}.completed", {"type": f"{prefix}.completed",
                                                         "b64_json": base64.b64encode(b).decode(), "seed": s,
                                                         **common(w, h), "usage": ZERO_USAGE,
-                                                        "zimage": zimage_info(job, self.cfg)})
+                                                        "zimage": zimage_info(job, self.cfg, meta)})
             elif type_ in ("failed", "cancelled"):
-                yield event("error", {"type": "error", **self.server.job_error(job, names).body})
+                yield event("error", {"type": "error", **self.server.job_error(job, meta["names"]).body})
 
 
 def file_name(upload: UploadFile) -> str:
@@ -292,11 +298,17 @@ def file_name(upload: UploadFile) -> str:
     return recorded_name((upload.filename or "").replace("\\", "/")) or "image.png"
 
 
-def zimage_info(job: Job, cfg: ServerConfig) -> dict:
+def zimage_info(job: Job, cfg: ServerConfig, meta: dict) -> dict:
+    """What ran: the settled settings, the served model (and the name the request gave, when another), and
+    comments on what the request asked that this server read its own way."""
     r = job.recipes[0] if job.recipes else job.recipe
+    requested = meta.get("requested_model")
+    comments = list(meta.get("comments", []))
+    if requested and requested.lower() != meta["model"].lower():
+        comments.insert(0, f"the model {requested!r} ran as {meta['model']!r}, the model this server serves")
     return {"width": r.width, "height": r.height, "steps": r.steps, "guidance": r.guidance,
-            "strength": r.strength if r.has_image else None, "model": cfg.model_id, "seeds": job.seeds,
-            "timings": job.timings}
+            "strength": r.strength if r.has_image else None, "model": meta["model"], "requested_model": requested,
+            "seeds": job.seeds, "timings": job.timings, "comments": comments}
 
 
 class JobStream(StreamingResponse):
