@@ -5,7 +5,7 @@ dialect (openai.py, a1111.py, jobs.py) parses a request into a Recipe, which che
 presents the job. Errors always use OpenAI's envelope {"error": {"message", "type", "param", "code"}},
 produced in one place (`ApiError`).
 
-Policy:
+Policy (docs/server.md describes it for users):
 - A parameter that would change the image and cannot be honoured is refused with a 400 naming it;
   fields that change nothing visible (user, quality, style, moderation) are accepted and ignored.
 - Sizes are refused, never snapped. A request never names a file or URL: LoRAs are names in --lora-dir.
