@@ -374,13 +374,25 @@ class LoraLinear(nn.Module):
         """Add a full-size update (out, in), given in float32."""
         self.dense = (delta if self.dense is None else self.dense.astype(mx.float32) + delta).astype(self.dtype)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        y = self.base(x)
+    def side(self, x: mx.array) -> mx.array:
+        """What the adapters add to base(x), computed in x's dtype."""
+        dt = x.dtype
+        y = 0
         if self.down is not None:
-            y = y + (x @ self.down.T) @ self.up.T
+            y = (x @ self.down.astype(dt).T) @ self.up.astype(dt).T
         if self.dense is not None:
-            y = y + x @ self.dense.T
+            y = y + x @ self.dense.astype(dt).T
         return y
+
+    def side_weight(self) -> mx.array:
+        """What the adapters add to the base layer's weight, (out, in) in float32."""
+        w = mx.zeros(layer_dims(self), mx.float32)
+        if self.down is not None:
+            w = w + self.up.astype(mx.float32) @ self.down.astype(mx.float32)
+        return w if self.dense is None else w + self.dense.astype(mx.float32)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.base(x) + self.side(x)
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -401,10 +413,7 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
 def float_weight(module: nn.Module) -> mx.array:
     """The weight a layer computes with, in float32: a quantized one dequantized, with the adapters beside it."""
     if isinstance(module, LoraLinear):
-        w = float_weight(module.base)
-        if module.down is not None:
-            w = w + module.up.astype(mx.float32) @ module.down.astype(mx.float32)
-        return w if module.dense is None else w + module.dense.astype(mx.float32)
+        return float_weight(module.base) + module.side_weight()
     if isinstance(module, nn.QuantizedLinear):
         return mx.dequantize(module.weight, module.scales, module.get("biases"), group_size=module.group_size,
                              bits=module.bits, mode=getattr(module, "mode", "affine")).astype(mx.float32)
