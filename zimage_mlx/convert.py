@@ -181,12 +181,14 @@ def _derive_dit_config(tensors: dict, config: dict) -> dict:
     def count(prefix):
         return len({k.split(".")[1] for k in tensors if k.startswith(prefix + ".")})
 
-    dim, cap_feat_dim = tensors["cap_embedder.1.weight"].shape
-    head_dim = tensors["layers.0.attention.norm_q.weight"].shape[0] if "layers.0.attention.norm_q.weight" in tensors \
+    from .gguf_dit import logical_shape
+
+    dim, cap_feat_dim = logical_shape(tensors, "cap_embedder.1.weight")  # a GGUF may store it quantized
+    head_dim = tensors["layers.0.attention.norm_q.weight"].shape[-1] if "layers.0.attention.norm_q.weight" in tensors \
         else dim // config.get("n_heads", 30)
     return dict(config, dim=dim, cap_feat_dim=cap_feat_dim, n_heads=dim // head_dim, n_kv_heads=dim // head_dim,
                 n_layers=count("layers"), n_refiner_layers=count("noise_refiner"),
-                in_channels=tensors["all_x_embedder.2-1.weight"].shape[1] // 4)
+                in_channels=logical_shape(tensors, "all_x_embedder.2-1.weight")[1] // 4)
 
 
 def _derive_qwen_config(tensors: dict, config: dict) -> dict:

@@ -102,7 +102,7 @@ class ZImagePipeline:
     @classmethod
     def from_pretrained(cls, model=DEFAULT_MODEL, dtype: str = "auto", quantize: int | None = None,
                         low_memory: bool = False, *, group=None, parallel: str = "auto",
-                        timeout: float | None = None) -> "ZImagePipeline":
+                        timeout: float | None = None, transformer=None) -> "ZImagePipeline":
         """Load a checkpoint folder (diffusers layout, or one written by `zimage-mlx convert`) or a Hub id.
 
         dtype: "auto", "bfloat16", "float16" or "float32". auto is float32 on the CPU; on a GPU the dtype a
@@ -119,7 +119,11 @@ class ZImagePipeline:
         run as one job: every rank loads with the same arguments and makes the same calls. parallel: "data",
         "tensor" (each rank loads its shard of the DiT and text encoder), "cfg" or "auto"; timeout: seconds
         without progress before a rank gives up on the others. See `zimage_mlx.distributed`.
+        transformer: a DiT file (ComfyUI's single-file .safetensors, or a .gguf) that replaces the checkpoint's:
+        a GGUF's Q8_0, Q4_0 and Q4_1 blocks stay quantized, other types are dequantized (see gguf_dit.py).
         """
+        if transformer is not None:
+            return cls._with_dit_file(model, transformer, dtype, quantize, low_memory)
         root = resolve_model(model)
         dit_config = read_config(root / "transformer")
         stored_dtype = dit_config.get("dtype") if dit_config.get("dtype") in fp16.DTYPE_NAMES else None
@@ -162,6 +166,24 @@ class ZImagePipeline:
         pipe.parallel = par
         pipe.label = model_label(model)
         pipe.reason = choice.reason
+        if not low_memory:
+            pipe.text_encoder = pipe._load_text_encoder()
+        return pipe
+
+    @classmethod
+    def _with_dit_file(cls, model, file, dtype: str, quantize: int | None, low_memory: bool) -> "ZImagePipeline":
+        """from_pretrained with the DiT from one file (dit_file.py): the base's text encoder, VAE and configs."""
+        from .dit_file import load_dit_file
+
+        root = resolve_model(model)
+        choice = fp16.choose_dtype("bfloat16" if dtype == "auto" and mx.default_device() != mx.cpu else dtype, None)
+        transformer = load_dit_file(file, read_config(root / "transformer"), dtype=choice.dtype, quantize=quantize)
+        quantization = {"transformer": transformer.stored_bits or quantize,
+                        "text_encoder": stored_bits(read_config(root / "text_encoder")) or text_encoder_bits(quantize)}
+        pipe = cls(transformer, None, VAE.from_pretrained(root / "vae"), FlowMatchScheduler.from_pretrained(root / "scheduler"),
+                   root=root, dtype=choice.dtype, low_memory=low_memory, quantize=quantize, quantization=quantization)
+        pipe.label = model_label(model)
+        pipe.reason = f"{choice.reason}; DiT from {transformer.source}"
         if not low_memory:
             pipe.text_encoder = pipe._load_text_encoder()
         return pipe
