@@ -188,3 +188,23 @@ def test_truncated_and_foreign_gguf(state, reference_checkpoint, tmp_path):
         assert r.exit_code != 0 and not (tmp_path / "out").exists()
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+
+
+def test_generate_transformer_flag(state, reference_checkpoint, tmp_path):
+    """generate --transformer FILE.gguf: the Loaded line and the PNG say what the DiT holds."""
+    import json
+
+    from PIL import Image
+
+    write_gguf(tmp_path / "dit.gguf", state, T.Q8_0)
+    out = tmp_path / "x.png"
+    r = CliRunner().invoke(cli.main, ["generate", PROMPT, "-m", str(reference_checkpoint), "--transformer",
+                                      str(tmp_path / "dit.gguf"), "--size", "32", "--steps", "2", "--seed", "3",
+                                      "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "8-bit; DiT from dit.gguf (GGUF " in r.stderr and "Q8_0 kept quantized (group 32)" in r.stderr, r.stderr
+    pipe = ZImagePipeline.from_pretrained(reference_checkpoint, transformer=tmp_path / "dit.gguf")
+    with Image.open(out) as im:
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB")),
+                                      np.asarray(pipe.generate(PROMPT, steps=2, seed=3, **SIZE)[0]))
+        assert "8" in json.dumps(dict(im.text)).split("quantiz", 1)[1][:40]

@@ -35,6 +35,8 @@ from .output import DEFAULT_OUTPUT, plan_outputs, plan_preview, preview_writer, 
 @click.option("--prompt-file", metavar="FILE", help="One prompt per non-empty line ('-' reads stdin).")
 @click.option("--negative-prompt", metavar="TEXT", help="What to steer away from; needs --guidance > 0.")
 @model_option()
+@click.option("--transformer", "transformer_file", metavar="FILE",
+              help="Swap in the DiT from one file: ComfyUI's .safetensors or a .gguf (Q8_0/Q4_0/Q4_1 stay quantized).")
 @quantize_option()
 @click.option("--lora", "lora_specs", metavar="PATH[:SCALE]", multiple=True,
               help="Apply a LoRA (.safetensors file or Hub repo id) at SCALE (default 1); repeat to stack several.")
@@ -369,13 +371,16 @@ def load(job: Job, o):
         with warnings.catch_warnings(record=True) as caught:  # float16 forced on a failing checkpoint
             pipe = ZImagePipeline.from_pretrained(root, dtype=r.dtype or "auto", quantize=r.quantize,
                                                   low_memory=o.low_memory,
+                                                  **(dict(transformer=o.transformer_file) if o.transformer_file else {}),
                                                   **(dict(group=job.group, parallel=job.mode) if job.group else {}))
     finally:
         progress.status("")
     pipe.label = name
     show_warnings(caught, set(), job.quiet)
     job.t_loaded = time.perf_counter()
-    job.say(f"Loaded {name} in {job.t_loaded - job.t_start:.1f} s ({describe_pipeline(pipe)})")
+    source = getattr(pipe.transformer, "source", None)  # a DiT swapped in with --transformer
+    job.say(f"Loaded {name} in {job.t_loaded - job.t_start:.1f} s ({describe_pipeline(pipe)}"
+            + (f"; DiT from {source}" if source else "") + ")")
     if not job.quiet:
         slow_blas_hint()
     if o.verbose:
