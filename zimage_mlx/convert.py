@@ -52,6 +52,7 @@ class Component:
     single_file: bool = False
     bits: int | None = None
     out_bytes: int = 0  # what the conversion writes, known while checking
+    stored: dict | None = None  # {layer: {"bits", "group_size"}} of a GGUF's blocks kept quantized
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,9 +91,13 @@ def _open(files: list[Path], label: str) -> dict:
     """The tensors of safetensors files, lazily: only the headers are read."""
     from .weights import load_safetensors
 
+    if len(files) == 1 and files[0].suffix == ".gguf":  # a GGUF DiT (gguf_dit.py)
+        from .gguf_dit import read_gguf
+
+        return read_gguf(files[0]).tensors
     for f in files:
         if f.suffix != ".safetensors":
-            raise CheckpointError(f"{f} is not a .safetensors file (convert reads safetensors only)")
+            raise CheckpointError(f"{f} is not a .safetensors file (convert reads safetensors, and GGUF DiTs)")
     return load_safetensors(files, label=label)
 
 
@@ -181,12 +186,14 @@ def _derive_dit_config(tensors: dict, config: dict) -> dict:
     def count(prefix):
         return len({k.split(".")[1] for k in tensors if k.startswith(prefix + ".")})
 
-    dim, cap_feat_dim = tensors["cap_embedder.1.weight"].shape
-    head_dim = tensors["layers.0.attention.norm_q.weight"].shape[0] if "layers.0.attention.norm_q.weight" in tensors \
+    from .gguf_dit import logical_shape
+
+    dim, cap_feat_dim = logical_shape(tensors, "cap_embedder.1.weight")  # a GGUF may store it quantized
+    head_dim = tensors["layers.0.attention.norm_q.weight"].shape[-1] if "layers.0.attention.norm_q.weight" in tensors \
         else dim // config.get("n_heads", 30)
     return dict(config, dim=dim, cap_feat_dim=cap_feat_dim, n_heads=dim // head_dim, n_kv_heads=dim // head_dim,
                 n_layers=count("layers"), n_refiner_layers=count("noise_refiner"),
-                in_channels=tensors["all_x_embedder.2-1.weight"].shape[1] // 4)
+                in_channels=logical_shape(tensors, "all_x_embedder.2-1.weight")[1] // 4)
 
 
 def _derive_qwen_config(tensors: dict, config: dict) -> dict:
@@ -469,13 +476,17 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
         _check_kind(name, tensors, c.label)
         model, sanitize = _model(c, tensors)
         sanitized = sanitize(tensors)
+        if name == "transformer":
+            from .gguf_dit import quantize_like
+
+            c.stored = quantize_like(model, sanitized)  # a GGUF's Q8_0/Q4_0/Q4_1 layers stay as they are
         _fits(model, sanitized, f"{c.label} ({LABELS[name]})")
         c.bits = bits[name]
         predicate = predicates[name](c.bits, group_size) if c.bits else None
         out_dtype = to_dtype(dtypes[name]) if dtypes[name] else None
         modules = dict(model.named_modules())
         c.out_bytes = sum(w.nbytes for _, w in _converted(iter(sanitized.items()), modules, predicate, out_dtype))
-        if predicate and not any(predicate(p, m) for p, m in modules.items()):
+        if predicate and not c.stored and not any(predicate(p, m) for p, m in modules.items()):
             raise InputError(f"no layer of the {LABELS[name]} can be quantized with group size {group_size} "
                              f"(its widths are not multiples of it): choose another {{group_size}}", "group_size",
                              ("group_size",))
@@ -508,6 +519,8 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
             if predicate:
                 del overrides["default"]
                 quantization = {"group_size": group_size, "bits": c.bits, "mode": "affine", **dict(sorted(overrides.items()))}
+            if c.stored:
+                quantization = _with_stored(quantization, c)
             stored = dtypes[name] or _float_dtype(c)
             config = dict(c.config, fp16_stats=_fp16_statistics(c, sanitize, model)) if name == "transformer" else c.config
             _write_config(tmp / name / "config.json", config, stored, quantization)
@@ -531,7 +544,12 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
         if name in components:
             c = components[name]
             note = json.loads((dst / name / "config.json").read_text())["dtype"]
-            if c.bits:
+            if c.stored:
+                kept = "/".join(map(str, sorted({q["bits"] for q in c.stored.values()})))
+                note += f", GGUF blocks kept {kept}-bit (group 32)"
+                if bits[name]:
+                    note += f", float layers {bits[name]}-bit (group {group_size})"
+            elif c.bits:
                 note += f", {c.bits}-bit (group {group_size})"
             note += f", from {c.label}"
         result[name] = (folder_size(dst / name), note)
@@ -604,18 +622,35 @@ def convert_controlnet(src, dst, *, dtype: str = "bfloat16", quantize: int | Non
     return nbytes, f"{args.name}, {dtype}" + (f", {quantize}-bit" if quantize else "")
 
 
+def _with_stored(quantization: dict | None, c: Component) -> dict:
+    """The quantization config.json records, with the layers a GGUF keeps quantized: per-layer entries, over a
+    default of the bits most of them hold (group 32) when nothing else is quantized."""
+    from collections import Counter
+
+    if quantization is None:
+        bits = Counter(q["bits"] for q in c.stored.values()).most_common(1)[0][0]
+        quantization = {"group_size": c.stored and next(iter(c.stored.values()))["group_size"], "bits": bits,
+                        "mode": "affine"}
+        c.bits = bits
+    default = {"bits": quantization["bits"], "group_size": quantization["group_size"]}
+    layers = {p: q for p, q in c.stored.items() if q != default}
+    return dict(quantization, **dict(sorted(layers.items())))
+
+
 def _fp16_statistics(c: Component, sanitize, model) -> dict:
     """The DiT's float16 statistics (fp16.statistics), from the source weights before any cast or quantization,
     read once more one tensor at a time: the loader then needs not compute them."""
-    import mlx.core as mx
-
     from .fp16 import statistics
+    from .gguf_dit import dense_weight
 
     tensors = sanitize(_open(c.files, c.label))
 
     def weight(key):
         once = key.endswith(".weight") and not any(k in key for k in ("norm", "adaLN", "t_embedder"))
-        return (tensors.pop(key) if once else tensors[key]).astype(mx.float32)  # the big ones are asked for once
+        w = dense_weight(tensors, key)  # a GGUF's blocks dequantized
+        if once:
+            tensors.pop(key)
+        return w  # the big ones are asked for once
 
     return statistics(weight, model.args)
 

@@ -49,7 +49,7 @@ class Float16OverflowWarning(UserWarning):
 def _dense(layer: nn.Module) -> mx.array:
     """A Linear, QuantizedLinear or LoRA-wrapped layer's effective weight (out, in) in float32."""
     if "base" in layer:  # lora.LoraLinear: the base plus the LoRAs beside it
-        return _dense(layer["base"]) + layer.up.astype(mx.float32) @ layer.down.astype(mx.float32)
+        return _dense(layer["base"]) + layer.side_weight()
     if isinstance(layer, nn.QuantizedLinear):
         return mx.dequantize(layer["weight"], layer["scales"], layer.get("biases"), layer.group_size, layer.bits,
                              mode=layer.mode).astype(mx.float32)

@@ -18,8 +18,8 @@ from .errors import InputError
 SAMPLER_NAME = "Euler (flow match)"
 # Our chunks read back by from_text, in the order they are written.
 KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "cfg_normalization", "cfg_truncation", "width",
-        "height", "model", "quantization", "text_encoder_quantization", "quantize", "dtype", "image", "strength",
-        "mask", "original_prompt", "loras", "controlnet", "controls", "control_type", "control_start",
+        "height", "model", "transformer", "quantization", "text_encoder_quantization", "quantize", "dtype", "image",
+        "strength", "mask", "original_prompt", "loras", "controlnet", "controls", "control_type", "control_start",
         "control_end", "controlnet_graph")
 INTS = ("seed", "steps", "width", "height")
 FLOATS = ("guidance", "cfg_normalization", "cfg_truncation", "strength", "control_start", "control_end")
@@ -45,6 +45,8 @@ def png_text(r: dict) -> dict[str, str]:
             "width": str(r["width"]), "height": str(r["height"]), "model": r["model"] or "",
             "quantization": _bits(r["quantization"]), "text_encoder_quantization": _bits(r["text_encoder_quantization"]),
             "quantize": _bits(r["quantize"]), "dtype": r["dtype"] or ""}
+    if r["transformer"]:
+        text["transformer"] = r["transformer"]
     if r["image"]:
         text.update(image=r["image"], strength=number(r["strength"]))
     if r["mask"]:
@@ -65,6 +67,8 @@ def infotext(r: dict) -> str:
     """A1111's `parameters` text of one image's recipe dict."""
     fields = {"Steps": r["steps"], "Sampler": SAMPLER_NAME, "CFG scale": number(r["guidance"]), "Seed": r["seed"],
               "Size": f"{r['width']}x{r['height']}", "Model": r["model"] or ""}
+    if r["transformer"]:
+        fields["DiT file"] = r["transformer"]
     if r["guidance"] > 0 and r["cfg_normalization"]:
         fields["CFG normalization"] = number(r["cfg_normalization"])
     if r["guidance"] > 0 and r["cfg_truncation"] != 1.0:
@@ -125,6 +129,7 @@ def from_infotext(text: str) -> dict:
     if "zimage-mlx" in a.get("Version", ""):
         raw.update(steps=a.get("Steps"), guidance=a.get("CFG scale"), cfg_normalization=a.get("CFG normalization"),
                    cfg_truncation=a.get("CFG truncation"), model=a.get("Model"), dtype=a.get("Dtype"),
+                   transformer=a.get("DiT file"),
                    quantization=a.get("Quantization", "none").removesuffix("-bit"),
                    strength=a.get("Denoising strength"))
         if a.get("LoRA"):

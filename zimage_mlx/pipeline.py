@@ -92,6 +92,7 @@ class ZImagePipeline:
         self.label = model_label(root)  # the model's path-free name (from_pretrained: as it was named)
         self._owner = threading.get_ident()
         self.parallel = None  # a distributed.Parallel when loaded with a group of several ranks
+        self.transformer_file: str | None = None  # the DiT file that replaced the checkpoint's (its name)
 
     def _check_thread(self) -> None:
         if threading.get_ident() != self._owner:
@@ -102,7 +103,8 @@ class ZImagePipeline:
     @classmethod
     def from_pretrained(cls, model=DEFAULT_MODEL, dtype: str = "auto", quantize: int | None = None,
                         low_memory: bool = False, *, group=None, parallel: str = "auto",
-                        timeout: float | None = None, label: str | None = None) -> "ZImagePipeline":
+                        timeout: float | None = None, transformer=None,
+                        label: str | None = None) -> "ZImagePipeline":
         """Load a checkpoint folder (diffusers layout, or one written by `zimage-mlx convert`) or a Hub id.
 
         dtype: "auto", "bfloat16", "float16" or "float32". auto is float32 on the CPU; on a GPU the dtype a
@@ -121,7 +123,16 @@ class ZImagePipeline:
         without progress before a rank gives up on the others. See `zimage_mlx.distributed`.
         label: the model's name in the images' metadata (default: the Hub id, or the folder's name and config
         hash: `weights.model_label`).
+        transformer: a DiT file (ComfyUI's single-file .safetensors, or a .gguf) that replaces the checkpoint's:
+        a GGUF's Q8_0, Q4_0 and Q4_1 blocks stay quantized, other types are dequantized (see gguf_dit.py).
         """
+        if transformer is not None:
+            if group is not None and group.size() > 1:
+                raise InputError("a DiT file ({transformer}) cannot be split over several ranks yet", "transformer",
+                                 ("transformer",))
+            pipe = cls._with_dit_file(model, transformer, dtype, quantize, low_memory)
+            pipe.label = label or model_label(model)
+            return pipe
         root = resolve_model(model)
         dit_config = read_config(root / "transformer")
         stored_dtype = dit_config.get("dtype") if dit_config.get("dtype") in fp16.DTYPE_NAMES else None
@@ -164,6 +175,24 @@ class ZImagePipeline:
         pipe.parallel = par
         pipe.label = label or model_label(model)
         pipe.reason = choice.reason
+        if not low_memory:
+            pipe.text_encoder = pipe._load_text_encoder()
+        return pipe
+
+    @classmethod
+    def _with_dit_file(cls, model, file, dtype: str, quantize: int | None, low_memory: bool) -> "ZImagePipeline":
+        """from_pretrained with the DiT from one file (dit_file.py): the base's text encoder, VAE and configs."""
+        from .dit_file import load_dit_file
+
+        root = resolve_model(model)
+        choice = fp16.choose_dtype("bfloat16" if dtype == "auto" and mx.default_device() != mx.cpu else dtype, None)
+        transformer = load_dit_file(file, read_config(root / "transformer"), dtype=choice.dtype, quantize=quantize)
+        quantization = {"transformer": transformer.stored_bits or quantize,
+                        "text_encoder": stored_bits(read_config(root / "text_encoder")) or text_encoder_bits(quantize)}
+        pipe = cls(transformer, None, VAE.from_pretrained(root / "vae"), FlowMatchScheduler.from_pretrained(root / "scheduler"),
+                   root=root, dtype=choice.dtype, low_memory=low_memory, quantize=quantize, quantization=quantization)
+        pipe.transformer_file = Path(file).name  # recorded in each image's recipe
+        pipe.reason = f"{choice.reason}; DiT from {transformer.source}"
         if not low_memory:
             pipe.text_encoder = pipe._load_text_encoder()
         return pipe
@@ -596,7 +625,7 @@ class ZImagePipeline:
         """The recipe as this pipeline makes it: its model, quantization, dtype, LoRAs and ControlNet filled in."""
         net = self.controlnet if recipe.controls else None
         return recipe.replace(
-            model=self.label, quantization=self.quantization["transformer"],
+            model=self.label, transformer=self.transformer_file, quantization=self.quantization["transformer"],
             text_encoder_quantization=self.quantization["text_encoder"], quantize=self.quantize, dtype=self.dtype,
             loras=[LoraRef(model_label(name), scale) for name, scale in self.loras],
             controlnet=(recipe.controlnet or self.controlnet_label) if net is not None else None,

@@ -84,6 +84,7 @@ class Recipe:
     original_prompt: str | None = None  # what was typed, when `prompt` is its enhanced rewrite
     max_sequence_length: int = 512
     model: str | None = None
+    transformer: str | None = None  # the DiT file (.safetensors or .gguf) that replaced the model's, by name
     quantization: int | None = None  # the bits the DiT runs at (stored or on the fly)
     text_encoder_quantization: int | None = None
     quantize: int | None = None  # the on-the-fly bits asked for: what a replay asks for again

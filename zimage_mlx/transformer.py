@@ -146,8 +146,7 @@ def _linear(layer: nn.Module, x: mx.array) -> mx.array:
     used. Nothing is kept: the cost is a transient copy of one layer's weight and one pass over the weights."""
     dt = x.dtype
     if "base" in layer:  # a LoRA beside the layer (lora.LoraLinear)
-        y = _linear(layer["base"], x)
-        return y + (x @ layer.down.astype(dt).T) @ layer.up.astype(dt).T
+        return _linear(layer["base"], x) + layer.side(x)
     if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)):  # a wrapper (distributed.ShardedToAll) casts inside
         return layer(x)
     if isinstance(layer, nn.QuantizedLinear):

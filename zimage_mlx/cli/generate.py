@@ -34,6 +34,8 @@ from .output import DEFAULT_OUTPUT, plan_outputs, plan_preview, preview_writer, 
 @click.option("--prompt-file", metavar="FILE", help="One prompt per non-empty line ('-' reads stdin).")
 @click.option("--negative-prompt", metavar="TEXT", help="What to steer away from; needs --guidance > 0.")
 @model_option()
+@click.option("--transformer", "transformer_file", metavar="FILE",
+              help="Swap in the DiT from one file: ComfyUI's .safetensors or a .gguf (Q8_0/Q4_0/Q4_1 stay quantized).")
 @quantize_option()
 @click.option("--lora", "lora_specs", metavar="PATH[:SCALE]", multiple=True,
               help="Apply a LoRA (.safetensors file or Hub repo id) at SCALE (default 1); repeat to stack several.")
@@ -158,7 +160,7 @@ FIELDS_OF = {"prompt": ("prompt",), "prompt_option": ("prompt",), "prompt_file":
                                "controlnet_graph"),
              "control_type": ("control_type",), "control_start": ("control_start",), "control_end": ("control_end",),
              "controlnet_graph": ("controlnet_graph",), "model": ("model",), "quantize": ("quantize",),
-             "dtype": ("dtype",), "enhance": ("enhance",)}
+             "dtype": ("dtype",), "enhance": ("enhance",), "transformer_file": ("transformer",)}
 
 
 def replay(o, given: set) -> Recipe:
@@ -207,7 +209,8 @@ def recipe_from_flags(o) -> Recipe:
                loras=[LoraRef(model_label(name), scale, source=name) for name, scale in loras],
                controlnet=model_label(o.controlnet) if o.controlnet else None, control_type=o.control_type,
                control_start=o.control_start, control_end=o.control_end, controlnet_graph=o.controlnet_graph,
-               enhance=o.enhance, model=o.model, quantize=int(o.quantize) if o.quantize else None,
+               enhance=o.enhance, model=o.model, transformer=file_name(o.transformer_file),
+               quantize=int(o.quantize) if o.quantize else None,
                dtype=None if o.dtype == "auto" else o.dtype)
     return r.replace(controls=control_refs(r, [parse_control(spec) for spec in o.control_specs]))
 
@@ -291,6 +294,9 @@ def find_sources(job: Job, o, given: set) -> None:
     job.model = cached(o, r.model, "model") if replaying and "model" not in given else r.model
     if replaying and "model" in given:
         note_other_model(job, o)
+    if replaying and r.transformer and "transformer_file" not in given:
+        raise UserError(f"--from-image {o.from_image} was made with the DiT file {r.transformer}; give it again with "
+                        "--transformer FILE")
     net = o.controlnet
     if r.controlnet and not ({"controlnet", "control_specs"} & given):
         net = cached(o, r.controlnet, "ControlNet") if replaying else net
@@ -364,12 +370,15 @@ def load(job: Job, o):
         with warnings.catch_warnings(record=True) as caught:  # float16 forced on a failing checkpoint
             pipe = ZImagePipeline.from_pretrained(root, dtype=r.dtype or "auto", quantize=r.quantize,
                                                   low_memory=o.low_memory, label=name,
+                                                  **(dict(transformer=o.transformer_file) if o.transformer_file else {}),
                                                   **(dict(group=job.group, parallel=job.mode) if job.group else {}))
     finally:
         progress.status("")
     show_warnings(caught, set(), job.quiet)
     job.t_loaded = time.perf_counter()
-    job.say(f"Loaded {name} in {job.t_loaded - job.t_start:.1f} s ({describe_pipeline(pipe)})")
+    source = getattr(pipe.transformer, "source", None)  # a DiT swapped in with --transformer
+    job.say(f"Loaded {name} in {job.t_loaded - job.t_start:.1f} s ({describe_pipeline(pipe)}"
+            + (f"; DiT from {source}" if source else "") + ")")
     if not job.quiet:
         slow_blas_hint()
     if o.verbose:
