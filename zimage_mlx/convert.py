@@ -428,104 +428,49 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
     """Convert a Z-Image checkpoint into an MLX folder at dst; returns {component: (bytes, description)}.
 
     src: a diffusers checkpoint folder or Hub id, or single files (a .safetensors file or a folder of them).
-    transformer, text_encoder, vae: single files that replace src's component. base: for single files, the
-    folder or Hub id that gives tokenizer, scheduler and configs (default Tongyi-MAI/Z-Image-Turbo).
-    dtype: the DiT and text encoder weights' dtype (the text encoder is stored in bfloat16 for float16, as
-    the pipeline runs it: see pipeline._load_text_encoder); the VAE keeps its own. quantize: bits for the DiT, and at least 8 for the text
-    encoder (transformer_bits and text_encoder_bits set each alone); group_size for both.
-    The DiT's config.json records its float16 statistics (fp16.statistics), which dtype="auto" reads.
-    progress(component, done, total) is called after each tensor written.
+    transformer, text_encoder, vae: single files that replace src's component (the DiT also as a .gguf).
+    base: for single files, the folder or Hub id that gives tokenizer, scheduler and configs (default
+    Tongyi-MAI/Z-Image-Turbo). dtype: the DiT and text encoder weights' dtype (the text encoder is stored in
+    bfloat16 for float16, as the pipeline runs it: see pipeline._load_text_encoder); the VAE keeps its own.
+    quantize: bits for the DiT, and at least 8 for the text encoder (transformer_bits and text_encoder_bits set
+    each alone); group_size for both. The DiT's config.json records its float16 statistics (fp16.statistics),
+    which dtype="auto" reads. progress(component, done, total) is called after each tensor written.
     Everything is checked before anything is written; errors raise CheckpointError or InputError.
     """
     import mlx.core as mx
 
     from . import text_encoder as te_module
-    from . import transformer as dit_module
-    from .weights import check_quantization, to_dtype
+    from .weights import check_quantization
 
     if dtype not in DTYPE_NAMES:
         raise InputError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
-    for bits in (quantize, transformer_bits, text_encoder_bits):
-        if bits is not None:
-            check_quantization(bits, group_size)
-    bits = {"transformer": transformer_bits if transformer_bits is not None else quantize,
-            "text_encoder": text_encoder_bits if text_encoder_bits is not None else te_module.default_bits(quantize),
-            "vae": None}
-    dtypes = {"transformer": dtype, "text_encoder": "bfloat16" if dtype == "float16" else dtype, "vae": None}
-    predicates = {"transformer": dit_module.quant_predicate, "text_encoder": te_module.quant_predicate}
-
+    for b in (quantize, transformer_bits, text_encoder_bits):
+        if b is not None:
+            check_quantization(b, group_size)
+    plan = _Plan(
+        bits={"transformer": transformer_bits if transformer_bits is not None else quantize,
+              "text_encoder": text_encoder_bits if text_encoder_bits is not None else te_module.default_bits(quantize),
+              "vae": None},
+        dtypes={"transformer": dtype, "text_encoder": "bfloat16" if dtype == "float16" else dtype, "vae": None},
+        group_size=group_size)
     dst = Path(dst).expanduser()
-    if dst.exists() and not force:
-        raise InputError(f"{dst} already exists; allow replacing it ({{force}})", "force", ("force",))
-    src_path = Path(src).expanduser()
-    if src_path.exists():
-        a, b = src_path.resolve(), dst.resolve()
-        if a == b or b in a.parents or a in b.parents:
-            raise InputError(f"{dst} must be outside the source {src} (and not contain it)")
-    ancestor = dst.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write {dst}: {ancestor} is not a writable folder")
-
+    ancestor = _check_destination(src, dst, force)
     # 1. Check everything: sources, keys, shapes, quantization, disk space (headers only).
     root, components = find_sources(src, transformer=transformer, text_encoder=text_encoder, vae=vae, base=base)
-    models = {}
-    for name, c in components.items():
-        tensors = _open(c.files, c.label)
-        _check_kind(name, tensors, c.label)
-        model, sanitize = _model(c, tensors)
-        sanitized = sanitize(tensors)
-        if name == "transformer":
-            from .gguf_dit import quantize_like
-
-            c.stored = quantize_like(model, sanitized)  # a GGUF's Q8_0/Q4_0/Q4_1 layers stay as they are
-        _fits(model, sanitized, f"{c.label} ({LABELS[name]})")
-        c.bits = bits[name]
-        predicate = predicates[name](c.bits, group_size) if c.bits else None
-        out_dtype = to_dtype(dtypes[name]) if dtypes[name] else None
-        modules = dict(model.named_modules())
-        c.out_bytes = sum(w.nbytes for _, w in _converted(iter(sanitized.items()), modules, predicate, out_dtype))
-        if predicate and not c.stored and not any(predicate(p, m) for p, m in modules.items()):
-            raise InputError(f"no layer of the {LABELS[name]} can be quantized with group size {group_size} "
-                             f"(its widths are not multiples of it): choose another {{group_size}}", "group_size",
-                             ("group_size",))
-        models[name] = (model, sanitize, modules, predicate, out_dtype)
-        del tensors, sanitized
-    hidden, cap_feat_dim = models["text_encoder"][0].args.hidden_size, models["transformer"][0].args.cap_feat_dim
-    if hidden != cap_feat_dim:
-        raise CheckpointError(f"the text encoder ({components['text_encoder'].label}) has hidden size {hidden} but the DiT "
-                              f"({components['transformer'].label}) takes caption features of {cap_feat_dim}: they come "
-                              f"from different models")
+    models = {name: _prepare(name, c, plan) for name, c in components.items()}
+    _check_pair(models, components)
     needed = sum(c.out_bytes for c in components.values()) + folder_size(root / "tokenizer") + 2**20
     free = shutil.disk_usage(ancestor).free
     if needed > free:
         raise CheckpointError(f"not enough disk space for {dst}: it needs about {needed / 1e9:.1f} GB, "
                               f"{ancestor} has {free / 1e9:.1f} GB free")
-
     # 2. Write into a temporary folder next to dst, check it, then rename it into place.
     tmp = dst.parent / f".{dst.name}.converting-{os.getpid()}"
-    result = {}
     try:
         tmp.mkdir(parents=True)
         for name, c in components.items():
-            model, sanitize, modules, predicate, out_dtype = models[name]
-            report = (lambda done, total, name=name: progress(name, done, total)) if progress else None
-            default = {"bits": c.bits, "group_size": group_size}
-            overrides = {"default": default}
-            _write_shards(lambda: _converted(_stream(c, sanitize), modules, predicate, out_dtype, overrides),
-                          tmp / name, shard_size, report)
-            quantization = None
-            if predicate:
-                del overrides["default"]
-                quantization = {"group_size": group_size, "bits": c.bits, "mode": "affine", **dict(sorted(overrides.items()))}
-            if c.stored:
-                quantization = _with_stored(quantization, c)
-            stored = dtypes[name] or _float_dtype(c)
-            config = dict(c.config, fp16_stats=_fp16_statistics(c, sanitize, model)) if name == "transformer" else c.config
-            _write_config(tmp / name / "config.json", config, stored, quantization)
-            del models[name]
-            mx.clear_cache()
+            _write_component(tmp / name, name, c, models.pop(name), plan, shard_size, progress)
+            mx.clear_cache()  # this component's weights are freed before the next one's are read
         for name in ("tokenizer", "scheduler"):
             shutil.copytree(root / name, tmp / name)
         shutil.copyfile(root / "model_index.json", tmp / "model_index.json")
@@ -538,22 +483,107 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return {name: (folder_size(dst / name), _note(dst, name, components.get(name), plan))
+            for name in WEIGHTS + ("tokenizer", "scheduler")}
 
-    for name in WEIGHTS + ("tokenizer", "scheduler"):
-        note = ""
-        if name in components:
-            c = components[name]
-            note = json.loads((dst / name / "config.json").read_text())["dtype"]
-            if c.stored:
-                kept = "/".join(map(str, sorted({q["bits"] for q in c.stored.values()})))
-                note += f", GGUF blocks kept {kept}-bit (group 32)"
-                if bits[name]:
-                    note += f", float layers {bits[name]}-bit (group {group_size})"
-            elif c.bits:
-                note += f", {c.bits}-bit (group {group_size})"
-            note += f", from {c.label}"
-        result[name] = (folder_size(dst / name), note)
-    return result
+
+@dataclass
+class _Plan:
+    """What convert makes of each component: its bits (None: not quantized) and dtype (None: its own)."""
+
+    bits: dict
+    dtypes: dict
+    group_size: int
+
+
+def _check_destination(src, dst: Path, force: bool) -> Path:
+    """dst may be written (and replaced only with force), is not inside src nor src inside it; returns the
+    existing folder it will be made in (for the disk-space check)."""
+    if dst.exists() and not force:
+        raise InputError(f"{dst} already exists; allow replacing it ({{force}})", "force", ("force",))
+    src_path = Path(src).expanduser()
+    if src_path.exists():
+        a, b = src_path.resolve(), dst.resolve()
+        if a == b or b in a.parents or a in b.parents:
+            raise InputError(f"{dst} must be outside the source {src} (and not contain it)")
+    ancestor = dst.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {dst}: {ancestor} is not a writable folder")
+    return ancestor
+
+
+def _prepare(name: str, c: "Component", plan: _Plan) -> tuple:
+    """One component checked from its headers (kind, keys, shapes, quantization) and its output size counted
+    (c.out_bytes); returns (model, sanitize, modules, predicate, out_dtype) for writing it."""
+    from . import text_encoder as te_module
+    from . import transformer as dit_module
+    from .weights import to_dtype
+
+    tensors = _open(c.files, c.label)
+    _check_kind(name, tensors, c.label)
+    model, sanitize = _model(c, tensors)
+    sanitized = sanitize(tensors)
+    if name == "transformer":
+        from .gguf_dit import quantize_like
+
+        c.stored = quantize_like(model, sanitized)  # a GGUF's Q8_0/Q4_0/Q4_1 layers stay as they are
+    _fits(model, sanitized, f"{c.label} ({LABELS[name]})")
+    c.bits = plan.bits[name]
+    policy = {"transformer": dit_module.quant_predicate, "text_encoder": te_module.quant_predicate}.get(name)
+    predicate = policy(c.bits, plan.group_size) if c.bits else None
+    out_dtype = to_dtype(plan.dtypes[name]) if plan.dtypes[name] else None
+    modules = dict(model.named_modules())
+    c.out_bytes = sum(w.nbytes for _, w in _converted(iter(sanitized.items()), modules, predicate, out_dtype))
+    if predicate and not c.stored and not any(predicate(p, m) for p, m in modules.items()):
+        raise InputError(f"no layer of the {LABELS[name]} can be quantized with group size {plan.group_size} "
+                         f"(its widths are not multiples of it): choose another {{group_size}}", "group_size",
+                         ("group_size",))
+    return model, sanitize, modules, predicate, out_dtype
+
+
+def _check_pair(models: dict, components: dict) -> None:
+    hidden, cap_feat_dim = models["text_encoder"][0].args.hidden_size, models["transformer"][0].args.cap_feat_dim
+    if hidden != cap_feat_dim:
+        raise CheckpointError(f"the text encoder ({components['text_encoder'].label}) has hidden size {hidden} but the DiT "
+                              f"({components['transformer'].label}) takes caption features of {cap_feat_dim}: they come "
+                              f"from different models")
+
+
+def _write_component(folder: Path, name: str, c: "Component", prepared: tuple, plan: _Plan, shard_size: int,
+                     progress) -> None:
+    """A component's shards and config.json (its quantization, dtype and, for the DiT, float16 statistics)."""
+    model, sanitize, modules, predicate, out_dtype = prepared
+    report = (lambda done, total: progress(name, done, total)) if progress else None
+    overrides = {"default": {"bits": c.bits, "group_size": plan.group_size}}
+    _write_shards(lambda: _converted(_stream(c, sanitize), modules, predicate, out_dtype, overrides), folder,
+                  shard_size, report)
+    quantization = None
+    if predicate:
+        del overrides["default"]
+        quantization = {"group_size": plan.group_size, "bits": c.bits, "mode": "affine",
+                        **dict(sorted(overrides.items()))}
+    if c.stored:
+        quantization = _with_stored(quantization, c)
+    stored = plan.dtypes[name] or _float_dtype(c)
+    config = dict(c.config, fp16_stats=_fp16_statistics(c, sanitize, model)) if name == "transformer" else c.config
+    _write_config(folder / "config.json", config, stored, quantization)
+
+
+def _note(dst: Path, name: str, c, plan: _Plan) -> str:
+    """How convert reports a written component: `bfloat16, 4-bit (group 64), from <source>`."""
+    if c is None:
+        return ""
+    note = json.loads((dst / name / "config.json").read_text())["dtype"]
+    if c.stored:
+        kept = "/".join(map(str, sorted({q["bits"] for q in c.stored.values()})))
+        note += ", GGUF blocks kept " + kept + "-bit (group 32)"
+        if plan.bits[name]:
+            note += f", float layers {plan.bits[name]}-bit (group {plan.group_size})"
+    elif c.bits:
+        note += f", {c.bits}-bit (group {plan.group_size})"
+    return note + f", from {c.label}"
 
 
 def convert_controlnet(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, group_size: int = 64,
