@@ -64,6 +64,18 @@ from .output import DEFAULT_OUTPUT, plan_outputs, plan_preview, preview_writer, 
 @click.option("--controlnet-graph", type=click.Choice(["authors", "diffusers"]), default="authors", show_default=True,
               help="Union 2.x refiner residuals into the DiT's stream (authors, as trained) or not (diffusers).")
 @click.option("--steps", type=int, default=8, show_default=True, help="Denoising steps.")
+@click.option("--variety", type=float, default=0.0, show_default=True, metavar="V",
+              help="More different images across seeds: seeded noise of V x their spread on the prompt embeddings "
+                   "in the early steps (0.1-0.5 is subtle, 1 strong).")
+@click.option("--variety-until", type=float, default=0.5, show_default=True, metavar="0..1",
+              help="The fraction of the steps that --variety applies to.")
+@click.option("--hires", "hires_scale", type=float, metavar="SCALE",
+              help="Hires fix: a second image-to-image pass at SCALE (1-4) x the size, sides multiples of 16.")
+@click.option("--hires-strength", type=float, default=0.35, show_default=True, metavar="0..1",
+              help="The second pass's strength: what it may change.")
+@click.option("--hires-steps", type=int, metavar="N", help="The second pass's schedule.  [default: --steps]")
+@click.option("--hires-upscaler", type=click.Choice(["lanczos", "latent"]), default="lanczos", show_default=True,
+              help="Resize the first image (lanczos) or its latents (latent, bilinear: no decode and encode).")
 @click.option("--guidance", type=float, default=0.0, show_default=True,
               help="CFG scale; Turbo is distilled to run without it (0).")
 @click.option("--cfg-normalization", type=float, default=0.0, is_flag=False, flag_value=1.0, metavar="[FACTOR]",
@@ -158,7 +170,10 @@ FIELDS_OF = {"prompt": ("prompt",), "prompt_option": ("prompt",), "prompt_file":
                                "controlnet_graph"),
              "control_type": ("control_type",), "control_start": ("control_start",), "control_end": ("control_end",),
              "controlnet_graph": ("controlnet_graph",), "model": ("model",), "quantize": ("quantize",),
-             "dtype": ("dtype",), "enhance": ("enhance",)}
+             "dtype": ("dtype",), "enhance": ("enhance",), "variety": ("variety",),
+             "variety_until": ("variety_until",), "hires_scale": ("hires_scale",),
+             "hires_strength": ("hires_strength",), "hires_steps": ("hires_steps",),
+             "hires_upscaler": ("hires_upscaler",)}
 
 
 def replay(o, given: set) -> Recipe:
@@ -207,7 +222,9 @@ def recipe_from_flags(o) -> Recipe:
                loras=[LoraRef(model_label(name), scale, source=name) for name, scale in loras],
                controlnet=model_label(o.controlnet) if o.controlnet else None, control_type=o.control_type,
                control_start=o.control_start, control_end=o.control_end, controlnet_graph=o.controlnet_graph,
-               enhance=o.enhance, model=o.model, quantize=int(o.quantize) if o.quantize else None,
+               enhance=o.enhance, variety=o.variety, variety_until=o.variety_until, hires_scale=o.hires_scale,
+               hires_strength=o.hires_strength, hires_steps=o.hires_steps, hires_upscaler=o.hires_upscaler,
+               model=o.model, quantize=int(o.quantize) if o.quantize else None,
                dtype=None if o.dtype == "auto" else o.dtype)
     return r.replace(controls=control_refs(r, [parse_control(spec) for spec in o.control_specs]))
 

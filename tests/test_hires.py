@@ -1,0 +1,230 @@
+"""Seed variety and the hires fix (issue #25): variety's seeded embedding noise, the second pass as our
+image-to-image made by hand, metadata both ways (ours and A1111's infotext), the CLI and `upscale`."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from zimage_mlx import ZImagePipeline, cli
+from zimage_mlx.errors import InputError
+from zimage_mlx.hires import target_size, upscale_latents
+from zimage_mlx.noise import image_key, noise, variety_key, variety_steps
+from zimage_mlx.recipe import Recipe
+
+
+@pytest.fixture(scope="module")
+def pipe(reference_checkpoint):
+    return ZImagePipeline.from_pretrained(reference_checkpoint, dtype="float32")
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+# ------------------------------------------------------------------------------------------------
+# Variety
+
+
+def test_variety_key_is_its_own_draw():
+    keys = [variety_key(5), image_key(5), mx.random.key(5), variety_key(6)]
+    for a, b in itertools.combinations(keys, 2):
+        assert not mx.array_equal(a, b)
+    assert variety_steps(0.5, 8) == 4 and variety_steps(0.0, 8) == 0 and variety_steps(1.0, 3) == 3
+    assert variety_steps(0.5, 3) == 2  # steps 0 and 1 (1/3 < 0.5), not 2
+
+
+def test_variety_same_seed_same_pixels_and_zero_is_untouched(pipe, monkeypatch):
+    base = pixels(pipe.generate("a fox", width=32, height=32, steps=2, seed=3)[0])
+    zero = pixels(pipe.generate("a fox", width=32, height=32, steps=2, seed=3, variety=0.0, variety_until=0.9)[0])
+    np.testing.assert_array_equal(base, zero)  # bit for bit
+    a = pixels(pipe.generate("a fox", width=32, height=32, steps=2, seed=3, variety=1.0)[0])
+    b = pixels(pipe.generate("a fox", width=32, height=32, steps=2, seed=3, variety=1.0)[0])
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - base).mean() > 0.5
+
+    import zimage_mlx.pipeline as pipeline  # variety 0 never draws its noise
+
+    monkeypatch.setattr(pipeline, "vary", lambda *a: pytest.fail("vary called at variety 0"))
+    pipe.generate("a fox", width=32, height=32, steps=2, seed=3)
+
+
+def spread(pipe, variety: float) -> float:
+    """The mean pairwise mean |difference| of 4 seeds' images made from one starting noise: the part of the seeds'
+    difference that variety makes. (On the tiny random checkpoint the seeds' own noise dominates: their images
+    are ~65 levels apart with or without variety, while a different prompt moves an image ~4 levels.)"""
+    latents = mx.concatenate([noise(9, 4, 4)] * 4)
+    ims = [pixels(im) for im in pipe.generate("a fox", width=32, height=32, steps=2, seed=[1, 2, 3, 4],
+                                               latents=latents, variety=variety, variety_until=1.0)]
+    return float(np.mean([np.abs(a - b).mean() for a, b in itertools.combinations(ims, 2)]))
+
+
+def test_variety_spreads_the_seeds(pipe):
+    spreads = [spread(pipe, v) for v in (0.0, 0.5, 2.0)]  # measured 0, 2.7, 5.5
+    assert spreads[0] == 0 and 1 < spreads[1] < spreads[2] - 1, spreads
+
+
+def test_variety_is_checked_and_recorded():
+    with pytest.raises(InputError, match="variety must be"):
+        Recipe(prompt="x", variety=-1).validate()
+    with pytest.raises(InputError, match="variety_until"):
+        Recipe(prompt="x", variety_until=1.5).validate()
+    r = Recipe(prompt="x", seed=1, width=32, height=32, variety=0.25, variety_until=0.4)
+    assert "Variety: 0.25, Variety until: 0.4" in r.to_infotext()
+    again = Recipe.from_infotext(r.to_infotext())
+    assert (again.variety, again.variety_until) == (0.25, 0.4)
+    text = r.to_png_text()
+    assert (text["variety"], text["variety_until"]) == ("0.25", "0.4")
+    assert "variety" not in Recipe(prompt="x", seed=1, width=32, height=32).to_png_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# Hires fix
+
+
+def test_target_size_and_checks():
+    assert target_size(32, 48, 2) == (64, 96) and target_size(40, 40, 1.5) == (64, 64)  # 60 -> 64
+    r = Recipe(prompt="x", width=1024, height=1024, hires_scale=2)
+    assert r.validate().hires_size == (2048, 2048)
+    for bad, match in [(dict(hires_scale=1), "hires_scale must be a number above 1"),
+                       (dict(hires_scale=4.5), "hires_scale"), (dict(hires_scale=2, hires_strength=2), "hires_strength"),
+                       (dict(hires_scale=2, hires_upscaler="esrgan"), "hires_upscaler must be one of lanczos, latent"),
+                       (dict(hires_steps=4), "hires_steps needs hires_scale"),
+                       (dict(width=4096, height=1024, hires_scale=3), "12288x3072 pixels, above the limit of 8192")]:
+        with pytest.raises(InputError, match=match):
+            Recipe(prompt="x", **{"width": 1024, "height": 1024, **bad}).validate()
+    with pytest.raises(InputError, match="above the limit of 1536") as e:
+        Recipe(prompt="x", width=1024, height=1024, hires_scale=2).validate(max_side=1536)
+    assert e.value.field == "hires_scale"
+
+
+def by_hand(pipe, prompt, seed, *, size=32, steps=2, scale=2, strength=0.5, hires_steps=None):
+    first = pipe.generate(prompt, width=size, height=size, steps=steps, seed=seed)[0]
+    big = first.resize((size * scale, size * scale), resample=Image.Resampling.LANCZOS)
+    return pipe.generate(prompt, image=big, strength=strength, steps=hires_steps or steps, seed=seed)[0]
+
+
+def test_hires_is_the_two_passes_by_hand(pipe):
+    made = pipe.generate("a fox", width=32, height=32, steps=2, seed=4, hires_scale=2, hires_strength=0.5,
+                         hires_steps=3)[0]
+    assert made.size == (64, 64)
+    hand = by_hand(pipe, "a fox", 4, hires_steps=3)
+    assert np.abs(pixels(made) - pixels(hand)).max() <= 1
+    r = made.info["recipe"]
+    assert (r.width, r.hires_scale, r.hires_strength, r.hires_steps, r.hires_upscaler) == (32, 2, 0.5, 3, "lanczos")
+
+
+def test_latent_upscaler_resizes_the_latents(pipe):
+    z = mx.random.normal((1, 4, 6, 16), key=mx.random.key(0))
+    up = upscale_latents(z, 8, 12)
+    import torch
+
+    ref = torch.nn.functional.interpolate(torch.from_numpy(np.array(z)).permute(0, 3, 1, 2), size=(8, 12),
+                                          mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.array(up), ref, atol=1e-6)
+    made = pipe.generate("a fox", width=32, height=32, steps=2, seed=4, hires_scale=2, hires_strength=0.5,
+                         hires_upscaler="latent")[0]
+    assert made.size == (64, 64)
+    h, w = 4, 4
+    x = noise(4, h, w)
+    first = None
+
+    def keep(step):
+        nonlocal first
+        if step.latents.shape[1] == h:
+            first = step.latents
+    pipe.generate("a fox", width=32, height=32, steps=2, seed=4, on_step=keep)
+    assert first is not None and x.shape == first.shape
+    hand = pipe.generate("a fox", image_latents=upscale_latents(first, 8, 8), strength=0.5, steps=2, seed=4)[0]
+    assert np.abs(pixels(made) - pixels(hand)).max() <= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Metadata
+
+
+def test_hires_metadata_both_ways():
+    r = Recipe(prompt="x", seed=1, width=32, height=32, hires_scale=2, hires_strength=0.4, hires_steps=3,
+               hires_upscaler="latent")
+    text = r.to_infotext()
+    assert "Denoising strength: 0.4, Hires upscale: 2, Hires steps: 3, Hires upscaler: Latent" in text
+    for again in (Recipe.from_infotext(text), Recipe.from_png(_png(r))):
+        assert (again.hires_scale, again.hires_strength, again.hires_steps, again.hires_upscaler, again.strength) \
+            == (2, 0.4, 3, "latent", None)
+    i2i = r.replace(image="in.png", strength=0.6)
+    text = i2i.to_infotext()
+    assert "Denoising strength: 0.6, Hires strength: 0.4, Hires upscale: 2" in text
+    again = Recipe.from_infotext(text)
+    assert (again.strength, again.hires_strength) == (0.6, 0.4)
+
+
+def _png(r: Recipe) -> Image.Image:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, "PNG", pnginfo=r.to_png())
+    buf.seek(0)
+    return Image.open(buf)
+
+
+def test_a1111_hires_infotext():
+    text = ("a castle\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 12, Size: 512x512, "
+            "Model: z_image_turbo, Denoising strength: 0.45, Hires upscale: 1.5, Hires steps: 10, "
+            "Hires upscaler: R-ESRGAN 4x+, Version: v1.10.1")
+    r = Recipe.from_infotext(text)
+    assert (r.hires_scale, r.hires_strength, r.hires_steps, r.hires_upscaler) == (1.5, 0.45, 10, "lanczos")
+    assert r.strength is None and r.validate().hires_size == (768, 768)
+    other = Recipe.from_infotext(text.replace("z_image_turbo", "sdxl").replace("R-ESRGAN 4x+", "Latent (nearest)"))
+    assert (other.hires_steps, other.hires_upscaler) == (None, "latent")  # another model's steps do not apply
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+
+
+@pytest.fixture()
+def cli_loads(pipe, monkeypatch):
+    calls = []
+
+    def load(cls, *a, **k):
+        calls.append(a)
+        return copy.copy(pipe)
+
+    monkeypatch.setattr(ZImagePipeline, "from_pretrained", classmethod(load))
+    return calls
+
+
+def run(*args):
+    return CliRunner().invoke(cli.main, list(map(str, args)))
+
+
+def test_cli_hires_and_from_image(pipe, cli_loads, reference_checkpoint, tmp_path):
+    m = str(reference_checkpoint)
+    r = run("generate", "a fox", "-m", m, "--size", 32, "--steps", 2, "--seed", 4, "--hires", 2,
+            "--hires-strength", 0.5, "--hires-steps", 3, "--variety", 0.5, "-o", tmp_path / "h.png")
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "h.png") as im:
+        meta, got = dict(im.text), pixels(im)
+    assert got.shape == (64, 64, 3)
+    assert (meta["hires_scale"], meta["hires_strength"], meta["hires_steps"], meta["variety"]) == ("2", "0.5", "3",
+                                                                                                      "0.5")
+    api = pipe.generate("a fox", width=32, height=32, steps=2, seed=4, hires_scale=2, hires_strength=0.5,
+                        hires_steps=3, variety=0.5)[0]
+    assert np.abs(got - pixels(api)).max() <= 1
+    r = run("generate", "--from-image", tmp_path / "h.png", "-m", m, "-o", tmp_path / "again.png")
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "again.png") as im:
+        np.testing.assert_array_equal(pixels(im), got)
+        assert dict(im.text) == meta
+
+
+def test_cli_hires_too_large_before_loading(cli_loads, reference_checkpoint, tmp_path):
+    r = run("generate", "a fox", "-m", reference_checkpoint, "--size", 4096, "--hires", 3, "-o", tmp_path / "x.png")
+    assert r.exit_code == 2 and "--hires" in r.stderr and "above the limit of 8192" in r.stderr, r.output
+    assert cli_loads == []
