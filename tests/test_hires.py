@@ -228,3 +228,50 @@ def test_cli_hires_too_large_before_loading(cli_loads, reference_checkpoint, tmp
     r = run("generate", "a fox", "-m", reference_checkpoint, "--size", 4096, "--hires", 3, "-o", tmp_path / "x.png")
     assert r.exit_code == 2 and "--hires" in r.stderr and "above the limit of 8192" in r.stderr, r.output
     assert cli_loads == []
+
+
+# ------------------------------------------------------------------------------------------------
+# upscale
+
+
+def test_upscale_is_the_second_pass(pipe, cli_loads, reference_checkpoint, tmp_path):
+    first = pipe.generate("a fox", width=32, height=32, steps=2, seed=4)[0]
+    first.save(tmp_path / "fox.png", pnginfo=first.info["recipe"].to_png())
+    r = run("upscale", tmp_path / "fox.png", "--scale", 2, "--strength", 0.5, "-m", reference_checkpoint,
+            "-o", tmp_path / "up.png")
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "up.png") as im:
+        got, meta = pixels(im), dict(im.text)
+    assert got.shape == (64, 64, 3) and (meta["prompt"], meta["seed"], meta["image"]) == ("a fox", "4", "fox.png")
+    hand = by_hand(pipe, "a fox", 4)  # the stored prompt, seed and steps are the defaults
+    assert np.abs(got - pixels(hand)).max() <= 1
+    api = pipe.upscale(tmp_path / "fox.png", scale=2, strength=0.5)[0]
+    np.testing.assert_array_equal(pixels(api), got)
+    # its PNG replays: the input image is found next to it
+    r = run("generate", "--from-image", tmp_path / "up.png", "-m", reference_checkpoint, "-o", tmp_path / "again.png")
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "again.png") as im:
+        np.testing.assert_array_equal(pixels(im), got)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--scale", 5], "--scale must be a number in [1, 4]"),
+    (["--scale", 1], "--scale must be above 1"),
+    (["--scale", 4, "--strength", 2], "--strength must be a number in [0, 1]"),
+])
+def test_upscale_refuses_before_loading(args, fragment, cli_loads, reference_checkpoint, tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+    r = run("upscale", tmp_path / "in.png", *args, "-m", reference_checkpoint, "-o", tmp_path / "o.png")
+    assert r.exit_code == 2 and fragment in r.stderr, r.output
+    assert cli_loads == [] and not (tmp_path / "o.png").exists()
+
+
+def test_upscale_too_large_and_corrupt(cli_loads, reference_checkpoint, tmp_path):
+    Image.new("RGB", (3000, 16)).save(tmp_path / "wide.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    r = run("upscale", tmp_path / "wide.png", "--scale", 3, "-m", reference_checkpoint)
+    assert r.exit_code == 2 and "9008x48 pixels" in r.stderr and "limit of 8192" in r.stderr, r.output
+    r = run("upscale", tmp_path / "bad.png", "-m", reference_checkpoint)
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and "not an image Pillow can read" in lines[0], r.output
+    assert cli_loads == []

@@ -18,14 +18,9 @@ from __future__ import annotations
 
 from .errors import InputError
 from .inputs import MAX_SIDE, check_number, open_image
-from .recipe import MAX_HIRES_SCALE, Recipe, file_name
+from .recipe import MAX_HIRES_SCALE, Recipe, file_name, scaled_size as target_size
 
 DEFAULT_STRENGTH = 0.35  # Recipe.hires_strength's default, for upscale
-
-
-def target_size(width: int, height: int, scale: float) -> tuple[int, int]:
-    """(width, height) times scale, each rounded to the nearest multiple of 16 (at least 16)."""
-    return max(16, round(width * scale / 16) * 16), max(16, round(height * scale / 16) * 16)
 
 
 def upscale_image(image, width: int, height: int):

@@ -247,8 +247,7 @@ class Recipe:
     @property
     def hires_size(self) -> tuple[int, int]:
         """The second pass's (width, height): the first's times hires_scale, rounded to multiples of 16."""
-        return (max(16, round(self.width * self.hires_scale / 16) * 16),
-                max(16, round(self.height * self.hires_scale / 16) * 16))
+        return scaled_size(self.width, self.height, self.hires_scale)
 
     def _check_controls(self) -> None:
         if self.controlnet and not self.controls:
@@ -364,6 +363,11 @@ def _check_prompts(prompt, name: str) -> list[str]:
         raise InputError(f"{{{name}}} is an empty list: pass at least one prompt (use \"\" for an empty prompt)",
                          name, (name,))
     return list(prompts)
+
+
+def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """(width, height) times scale, each rounded to the nearest multiple of 16 (halves up; at least 16)."""
+    return (max(16, int(width * scale / 16 + 0.5) * 16), max(16, int(height * scale / 16 + 0.5) * 16))
 
 
 def check_prompts(prompt, name: str = "prompt") -> list[str]:
