@@ -275,3 +275,76 @@ def test_upscale_too_large_and_corrupt(cli_loads, reference_checkpoint, tmp_path
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1 and "not an image Pillow can read" in lines[0], r.output
     assert cli_loads == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Server
+
+
+def test_server_parsers_read_hires_and_variety():
+    from zimage_mlx.server import ServerConfig
+    from zimage_mlx.server.a1111 import parse_a1111
+    from zimage_mlx.server.core import ApiError
+    from zimage_mlx.server.jobs import parse_native
+
+    cfg = ServerConfig(max_side=512)
+    r, _ = parse_native({"prompt": "p", "width": 64, "height": 64, "variety": 0.5,
+                         "hires": {"scale": 2, "steps": 3, "upscaler": "latent"}}, cfg)
+    assert (r.variety, r.hires_scale, r.hires_steps, r.hires_upscaler, r.hires_strength) == (0.5, 2, 3, "latent", 0.35)
+    r, _ = parse_a1111({"prompt": "p", "width": 64, "height": 48, "enable_hr": True, "hr_resize_x": 128,
+                        "hr_resize_y": 96, "hr_upscaler": "Latent", "hr_second_pass_steps": 0,
+                        "denoising_strength": 0.5}, cfg, img2img=False)
+    assert (r.hires_size, r.hires_upscaler, r.hires_steps, r.hires_strength) == ((128, 96), "latent", None, 0.5)
+    r, _ = parse_a1111({"prompt": "p", "hr_scale": 2, "denoising_strength": 0.5}, cfg, img2img=False)
+    assert r.hires_scale is None  # without enable_hr, as in A1111
+    for parse, body, param, fragment in [
+            (parse_native, {"hires": {"scale": 8}}, "hires.scale", "at most 4"),
+            (parse_native, {"hires": {"scale": 2, "size": 3}}, "hires", "not size"),
+            (parse_native, {"width": 512, "height": 512, "hires": {"scale": 2}}, "hires.scale", "limit of 512"),
+            (parse_native, {"variety": -1}, "variety", "variety"),
+            (lambda b, c: parse_a1111(b, c, img2img=False), {"enable_hr": True, "hr_upscaler": "SwinIR 4x"},
+             "hr_upscaler", "'SwinIR 4x' is not available"),
+            (lambda b, c: parse_a1111(b, c, img2img=False), {"enable_hr": True, "hr_scale": 5}, "hr_scale", "hr_scale"),
+            (lambda b, c: parse_a1111(b, c, img2img=False), {"enable_hr": True, "hr_resize_x": 128, "hr_resize_y": 64},
+             "hr_resize_x", "aspect ratio")]:
+        with pytest.raises(ApiError) as e:
+            parse({"prompt": "p", "width": 64, "height": 64, **body}, cfg)
+        got = e.value.body["error"]["param"]
+        assert got == param and fragment in str(e.value), (got, str(e.value))
+
+
+def test_a1111_enable_hr_is_the_apis_hires(pipe, reference_checkpoint):
+    import base64
+    import io
+
+    import httpx
+    from server_fakes import LiveServer
+
+    from zimage_mlx.server import ServerConfig
+    from zimage_mlx.worker import Worker
+
+    worker = Worker(lambda: ZImagePipeline.from_pretrained(reference_checkpoint, dtype="float32"), queue_size=2)
+    worker.start(timeout=120)
+    with LiveServer(worker, ServerConfig(model_id="z-image-tiny", max_side=256)) as server:
+        r = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=300, json={
+            "prompt": "a fox", "width": 32, "height": 32, "steps": 2, "seed": 4, "enable_hr": True, "hr_scale": 2,
+            "hr_upscaler": "Lanczos", "hr_second_pass_steps": 3, "denoising_strength": 0.5})
+        assert r.status_code == 200, r.text
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        native = httpx.post(f"{server.url}/v1/images/generations", timeout=300, json={
+            "prompt": "a fox", "size": "32x32", "steps": 2, "seed": 4, "hires": {"scale": 2, "strength": 0.5, "steps": 3}})
+        assert native.status_code == 200, native.text
+        openai = Image.open(io.BytesIO(base64.b64decode(native.json()["data"][0]["b64_json"])))
+    worker.shutdown(wait=30)
+    expected = pipe.generate("a fox", width=32, height=32, steps=2, seed=4, hires_scale=2, hires_strength=0.5,
+                             hires_steps=3)[0]
+    assert got.size == (64, 64)
+    np.testing.assert_array_equal(pixels(got), pixels(expected))
+    np.testing.assert_array_equal(pixels(openai), pixels(expected))
+    assert "Hires upscale: 2, Hires steps: 3, Hires upscaler: Lanczos" in json_info(r)
+
+
+def json_info(r) -> str:
+    import json
+
+    return json.loads(r.json()["info"])["infotexts"][0]
