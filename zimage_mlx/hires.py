@@ -5,7 +5,8 @@ size with Lanczos (each side the first's times `hires_scale`, rounded to a multi
 with strength `hires_strength` over a `hires_steps`-step schedule (default: the first pass's steps), with the
 same prompt, negative prompt, guidance, LoRAs and seed. Its noise is noise(seed) at the target size and its
 VAE posterior sample image_key(seed)'s, as any image-to-image run of that seed. Variety does not apply to
-it: the composition is the first pass's.
+it: the composition is the first pass's. A second pass larger than `tile` (default 1024) pixels a side is
+denoised in MultiDiffusion tiles (zimage_mlx.tiles).
 
 The "latent" upscaler skips the decode and the encode: the first pass's final latents are resized to the
 target's latent grid by bilinear interpolation with half-pixel centres (torch's `interpolate(mode="bilinear",
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from .errors import InputError
 from .inputs import MAX_SIDE, check_number, open_image
-from .recipe import MAX_HIRES_SCALE, Recipe, file_name, scaled_size as target_size
+from .recipe import DEFAULT_TILE, MAX_HIRES_SCALE, Recipe, file_name, scaled_size as target_size
 
 DEFAULT_STRENGTH = 0.35  # Recipe.hires_strength's default, for upscale
 
@@ -53,7 +54,8 @@ def second_pass(r: Recipe, first) -> Recipe:
     or with the latent upscaler its latents (1, h, w, 16)."""
     width, height = r.hires_size
     common = dict(width=width, height=height, strength=r.hires_strength, steps=r.hires_steps or r.steps,
-                  hires_scale=None, hires_steps=None, variety=0.0, mask=None, init_mask=None, image="hires.png")
+                  hires_scale=None, hires_steps=None, variety=0.0, mask=None, init_mask=None, image="hires.png",
+                  tile=r.tile or DEFAULT_TILE)
     if r.hires_upscaler == "latent":
         z = upscale_latents(first, height // 8, width // 8)
         return r.replace(init_image=None, init_latents=z, **common).settle()
@@ -75,10 +77,12 @@ def run_second_passes(pipe, batch: list[Recipe], made, *, release: bool, release
 
 
 def upscale_recipe(image, *, scale: float = 2.0, prompt: str | None = None, strength: float | None = None,
-                   steps: int | None = None, seed: int | None = None, max_side: int = MAX_SIDE) -> Recipe:
+                   steps: int | None = None, seed: int | None = None, tile: int | None = None,
+                   max_side: int = MAX_SIDE) -> Recipe:
     """The recipe of a second pass over any image (a path or a PIL image): Lanczos to its size times `scale`
     (multiples of 16), image-to-image at `strength` (default 0.35). One of ours (its metadata) gives the
-    default prompt, seed and steps; else the prompt is empty, the seed drawn and the steps 8. Checked here,
+    default prompt, seed and steps; else the prompt is empty, the seed drawn and the steps 8. Larger than
+    `tile` (default 1024) pixels a side, it is denoised in MultiDiffusion tiles. Checked here,
     before anything loads: InputError naming the field."""
     check_number("scale", scale, 1, MAX_HIRES_SCALE)
     if not scale > 1:
@@ -93,7 +97,7 @@ def upscale_recipe(image, *, scale: float = 2.0, prompt: str | None = None, stre
                seed=seed if seed is not None else stored.seed if stored else None,
                steps=steps if steps is not None else stored.steps if stored else 8,
                strength=DEFAULT_STRENGTH if strength is None else strength, width=width, height=height,
-               image=file_name(image) or "image.png", init_image=opened.convert("RGB"))
+               image=file_name(image) or "image.png", init_image=opened.convert("RGB"), tile=tile or DEFAULT_TILE)
     return r.validate(max_side=max_side)
 
 

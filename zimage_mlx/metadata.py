@@ -21,8 +21,8 @@ KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "cfg_normaliza
         "height", "model", "quantization", "text_encoder_quantization", "quantize", "dtype", "image", "strength",
         "mask", "original_prompt", "loras", "controlnet", "controls", "control_type", "control_start",
         "control_end", "controlnet_graph", "variety", "variety_until", "hires_scale", "hires_strength",
-        "hires_steps", "hires_upscaler")
-INTS = ("seed", "steps", "width", "height", "hires_steps")
+        "hires_steps", "hires_upscaler", "tile")
+INTS = ("seed", "steps", "width", "height", "hires_steps", "tile")
 FLOATS = ("guidance", "cfg_normalization", "cfg_truncation", "strength", "control_start", "control_end", "variety",
           "variety_until", "hires_scale", "hires_strength")
 UPSCALER_NAMES = {"lanczos": "Lanczos", "latent": "Latent"}  # A1111's names
@@ -67,6 +67,8 @@ def png_text(r: dict) -> dict[str, str]:
                     hires_upscaler=r["hires_upscaler"])
         if r["hires_steps"]:
             text["hires_steps"] = str(r["hires_steps"])
+    if r.get("tile"):
+        text["tile"] = str(r["tile"])
     text.update(version=__version__, Software=f"zimage-mlx {__version__}", parameters=infotext(r))
     return text
 
@@ -114,6 +116,8 @@ def _extra_infotext(r: dict) -> dict:
         if r["hires_steps"]:
             out["Hires steps"] = r["hires_steps"]
         out["Hires upscaler"] = UPSCALER_NAMES[r["hires_upscaler"]]
+    if r.get("tile"):
+        out["Tile"] = r["tile"]
     return out
 
 
@@ -168,7 +172,7 @@ def from_infotext(text: str) -> dict:
                    cfg_truncation=a.get("CFG truncation"), model=a.get("Model"), dtype=a.get("Dtype"),
                    quantization=a.get("Quantization", "none").removesuffix("-bit"),
                    strength=a.get("Denoising strength"), variety=a.get("Variety"),
-                   variety_until=a.get("Variety until"))
+                   variety_until=a.get("Variety until"), tile=a.get("Tile"))
         if "Hires upscale" in a and "Hires strength" not in a:
             raw.pop("strength")  # A1111's way: the hires pass's strength
         raw.update(_hires_from_infotext(a, True))

@@ -29,6 +29,7 @@ from .recipe import DEFAULT_MODEL, ControlRef, LoraRef, Recipe, check_prompts, f
 from .sampler import (FlowMatchScheduler, apply_cfg, euler_step, guidance_for_step, model_time, scale_noise,
                       strength_start)
 from .text_encoder import TextEncoder
+from .tiles import TiledDiT
 from .text_encoder import default_bits as text_encoder_bits
 from .transformer import ZImageTransformer
 from .vae import VAE, auto_tile_size, from_pil, to_pil
@@ -288,7 +289,8 @@ class ZImagePipeline:
                 negative_embeds: list[mx.array] | None = None, guidance: float = 0.0,
                 cfg_normalization: float | bool = False, cfg_truncation: float = 1.0, mask: mx.array | None = None,
                 image_latents: mx.array | None = None, noise: mx.array | None = None,
-                control=None, early_embeds: list[mx.array] | None = None, early_steps: int = 0) -> Iterator[Step]:
+                control=None, early_embeds: list[mx.array] | None = None, early_steps: int = 0,
+                tile: int | None = None) -> Iterator[Step]:
         """Run the sampler, yielding a `Step` after each DiT step (len(sigmas) - 1 of them).
 
         prompt_embeds: one caption per latent; latents: (B, h, w, 16) float32 latents at sigmas[0] (pure
@@ -302,6 +304,8 @@ class ZImagePipeline:
 
         control: a `controlnet.ControlPlan` (made by generate from control images) whose residuals each step adds.
         early_embeds (one per latent) replace prompt_embeds for the first `early_steps` steps (variety).
+        tile: compute each step's velocity on overlapping tiles of `tile` pixels a side, blended (MultiDiffusion,
+        see zimage_mlx.tiles); not with `control`.
 
         A float16 DiT (the scaled graph) is checked after every step: if the step's output holds a non-finite
         value, the step is redone with bfloat16 GEMMs (the float16 weights cast to bfloat16 as each layer
@@ -312,6 +316,8 @@ class ZImagePipeline:
         if len(prompt_embeds) != B or (negative_embeds is not None and len(negative_embeds) != B):
             raise ValueError("need one prompt embedding (and one negative) per latent")
         dit = self._dit()
+        if tile is not None and control is None:
+            dit = TiledDiT(dit, tile)
         x = latents.astype(mx.float32)
         total = len(sigmas) - 1
         guard = dit.scaled and dit.dtype == mx.float16  # one isfinite reduction per step, evaluated with it
@@ -469,7 +475,7 @@ class ZImagePipeline:
                  control_image=None, control_scale: float | list[float] | None = None, control_start: float = 0.0,
                  control_end: float = 1.0, variety: float = 0.0, variety_until: float = 0.5,
                  hires_scale: float | None = None, hires_strength: float = 0.35, hires_steps: int | None = None,
-                 hires_upscaler: str = "lanczos") -> list:
+                 hires_upscaler: str = "lanczos", tile: int | None = None) -> list:
         """Generate images; returns a list of PIL images, prompt-major (all images of prompt 0 first). `prompt`
         is a string, a list of them, or a `Recipe` (then the other keywords but the run's own, `latents`,
         `release_transformer`, `on_step` and `cancel`, must be left out). Each image carries its seed
@@ -516,6 +522,8 @@ class ZImagePipeline:
         i/N < variety_until (more different images across seeds; 0 changes nothing). hires_scale (1-4): the
         hires fix, a second image-to-image pass at that scale with hires_strength over hires_steps steps
         (default: steps); hires_upscaler "lanczos" (the decoded image) or "latent" (see zimage_mlx.hires).
+        tile: a pass from an image (image to image, the hires pass) larger than `tile` pixels a side is denoised in
+        overlapping tiles, blended every step (MultiDiffusion: a lower peak); the hires pass's default is 1024.
         """
         run = dict(latents=latents, release_transformer=release_transformer, on_step=on_step, cancel=cancel)
         if isinstance(prompt, Recipe):
@@ -527,16 +535,16 @@ class ZImagePipeline:
             image_latents=image_latents, control_image=control_image, control_scale=control_scale,
             control_start=control_start, control_end=control_end, variety=variety, variety_until=variety_until,
             hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps,
-            hires_upscaler=hires_upscaler)
+            hires_upscaler=hires_upscaler, tile=tile)
         return self.run(recipe, **run)
 
     def upscale(self, image, *, scale: float = 2.0, prompt: str | None = None, strength: float | None = None,
-                steps: int | None = None, seed: int | None = None, **run) -> list:
+                steps: int | None = None, seed: int | None = None, tile: int | None = None, **run) -> list:
         """The hires fix's second pass over any image (a path or a PIL image): Lanczos to scale x its size
         (multiples of 16), then image-to-image at `strength` (0.35). For one of ours, its stored prompt, seed
         and steps are the defaults. `run`: run()'s keywords (on_step, cancel...). See zimage_mlx.hires."""
         return self.run(upscale_recipe(image, scale=scale, prompt=prompt, strength=strength, steps=steps,
-                                       seed=seed), **run)
+                                       seed=seed, tile=tile), **run)
 
     def run(self, recipe: Recipe, *, latents: mx.array | None = None, release_transformer: bool = False,
             on_step: Callable[[Step], None] | None = None, cancel=None, batch_size: int | None = None,
@@ -692,6 +700,8 @@ class ZImagePipeline:
         self._encode_chunk(batch[0].prompt, prompts, negatives[:1], r.max_sequence_length, release)
         feats = self.encode_prompt([x.prompt for x in batch] + negatives, r.max_sequence_length)
         pos, neg = feats[: len(batch)], feats[len(batch):] or None
+        if r.tile is not None and r.has_image:  # MultiDiffusion, for passes from an image
+            inpaint = dict(inpaint, tile=r.tile)
         if r.variety > 0:  # variety 0 adds no op at all
             inpaint = dict(inpaint, early_embeds=[vary(p, x.seed, r.variety) for p, x in zip(pos, batch)],
                            early_steps=variety_steps(r.variety_until, len(sigmas) - 1))

@@ -26,6 +26,8 @@ GRAPHS = ("authors", "diffusers")
 UPSCALERS = ("lanczos", "latent")
 MAX_VARIETY = 4.0  # 1 is already noise as large as the embeddings' own spread
 MAX_HIRES_SCALE = 4.0
+MIN_TILE = 128
+DEFAULT_TILE = 1024  # the hires pass's tiles when `tile` is None: one tile up to 1024x1024
 
 
 @dataclass
@@ -92,6 +94,7 @@ class Recipe:
     hires_strength: float = 0.35
     hires_steps: int | None = None  # None: the first pass's steps
     hires_upscaler: str = "lanczos"
+    tile: int | None = None  # MultiDiffusion tiles (pixels a side) for a pass from an image; hires: default 1024
     model: str | None = None
     quantization: int | None = None  # the bits the DiT runs at (stored or on the fly)
     text_encoder_quantization: int | None = None
@@ -194,6 +197,10 @@ class Recipe:
         _check_number("variety", self.variety, 0, MAX_VARIETY)
         _check_number("variety_until", self.variety_until, 0, 1)
         self._check_hires(max_side, max_steps)
+        if self.tile is not None:
+            _check_side("tile", self.tile, MAX_SIDE)
+            if self.tile < MIN_TILE:
+                raise InputError(f"{{tile}} must be at least {MIN_TILE} pixels, got {self.tile}", "tile", ("tile",))
         if self.dtype is not None and self.dtype not in DTYPES:
             raise InputError(f"{{dtype}} must be one of {', '.join(DTYPES)}, got {self.dtype!r}", "dtype", ("dtype",))
         return self

@@ -76,6 +76,9 @@ from .output import DEFAULT_OUTPUT, plan_outputs, plan_preview, preview_writer, 
 @click.option("--hires-steps", type=int, metavar="N", help="The second pass's schedule.  [default: --steps]")
 @click.option("--hires-upscaler", type=click.Choice(["lanczos", "latent"]), default="lanczos", show_default=True,
               help="Resize the first image (lanczos) or its latents (latent, bilinear: no decode and encode).")
+@click.option("--tile", type=int, metavar="PIXELS",
+              help="Denoise a pass from an image (--image, --hires) larger than PIXELS a side in overlapping tiles "
+                   "blended every step (MultiDiffusion): a lower peak.  [default: 1024 for --hires, else none]")
 @click.option("--guidance", type=float, default=0.0, show_default=True,
               help="CFG scale; Turbo is distilled to run without it (0).")
 @click.option("--cfg-normalization", type=float, default=0.0, is_flag=False, flag_value=1.0, metavar="[FACTOR]",
@@ -173,7 +176,7 @@ FIELDS_OF = {"prompt": ("prompt",), "prompt_option": ("prompt",), "prompt_file":
              "dtype": ("dtype",), "enhance": ("enhance",), "variety": ("variety",),
              "variety_until": ("variety_until",), "hires_scale": ("hires_scale",),
              "hires_strength": ("hires_strength",), "hires_steps": ("hires_steps",),
-             "hires_upscaler": ("hires_upscaler",)}
+             "hires_upscaler": ("hires_upscaler",), "tile": ("tile",)}
 
 
 def replay(o, given: set) -> Recipe:
@@ -223,7 +226,7 @@ def recipe_from_flags(o) -> Recipe:
                controlnet=model_label(o.controlnet) if o.controlnet else None, control_type=o.control_type,
                control_start=o.control_start, control_end=o.control_end, controlnet_graph=o.controlnet_graph,
                enhance=o.enhance, variety=o.variety, variety_until=o.variety_until, hires_scale=o.hires_scale,
-               hires_strength=o.hires_strength, hires_steps=o.hires_steps, hires_upscaler=o.hires_upscaler,
+               hires_strength=o.hires_strength, hires_steps=o.hires_steps, hires_upscaler=o.hires_upscaler, tile=o.tile,
                model=o.model, quantize=int(o.quantize) if o.quantize else None,
                dtype=None if o.dtype == "auto" else o.dtype)
     return r.replace(controls=control_refs(r, [parse_control(spec) for spec in o.control_specs]))

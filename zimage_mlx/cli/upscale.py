@@ -23,6 +23,8 @@ from .output import plan_outputs, save_png
 @click.option("--strength", type=float, metavar="0..1", help="What the pass may change.  [default: 0.35]")
 @click.option("--steps", type=int, help="The pass's schedule; ceil(strength x steps) run.  [default: IMAGE's, else 8]")
 @click.option("--seed", type=int, help="[default: IMAGE's, else a random one]")
+@click.option("--tile", type=int, default=1024, show_default=True, metavar="PIXELS",
+              help="Above this size a side, denoise in overlapping tiles blended every step (MultiDiffusion).")
 @model_option()
 @quantize_option()
 @dtype_option()
@@ -30,7 +32,7 @@ from .output import plan_outputs, save_png
 @click.option("-o", "--output", metavar="FILE", help="Output .png.  [default: IMAGE-x{SCALE}.png, in the current folder]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @click.option("--quiet", is_flag=True, help="Print only the output path.")
-def upscale_command(image, scale, prompt, strength, steps, seed, model, quantize, dtype, low_memory, output,
+def upscale_command(image, scale, prompt, strength, steps, seed, tile, model, quantize, dtype, low_memory, output,
                     overwrite, quiet):
     """Upscale IMAGE SCALE times, redrawing its details with the model (the hires fix's second pass).
 
@@ -41,7 +43,8 @@ def upscale_command(image, scale, prompt, strength, steps, seed, model, quantize
     from ..hires import upscale_recipe
 
     with expected_errors():
-        recipe = upscale_recipe(image, scale=scale, prompt=prompt, strength=strength, steps=steps, seed=seed)
+        recipe = upscale_recipe(image, scale=scale, prompt=prompt, strength=strength, steps=steps, seed=seed,
+                                tile=tile)
         recipe = recipe.with_seed()
         name = output or f"{Path(image).stem}-x{number(scale)}.png"
         path = plan_outputs(name, [(0, recipe.seed)], overwrite)[0]
