@@ -62,15 +62,16 @@ def second_pass(r: Recipe, first) -> Recipe:
     return r.replace(init_image=upscale_image(first, width, height), init_latents=None, **common).settle()
 
 
-def run_second_passes(pipe, batch: list[Recipe], made, *, release: bool, release_transformer: bool, on_step,
-                      cancel) -> list:
+def run_second_passes(pipe, batch: list[Recipe], made, *, prompts: list[str], release: bool,
+                      release_transformer: bool, on_step, cancel) -> list:
     """The second pass of each image of a batch, one at a time (`made`: the first images, or the latents with
-    the latent upscaler); the DiT is freed before the last decode when `release_transformer`."""
+    the latent upscaler; `prompts`: the run's, as the first pass has them); the DiT is freed before the last
+    decode when `release_transformer`."""
     out = []
     for k, r in enumerate(batch):
         first = made[k: k + 1] if r.hires_upscaler == "latent" else made[k]
         r2 = second_pass(r, first)
-        out += pipe._make([r2], None, prompts=[r2.prompt], release=release,
+        out += pipe._make([r2], None, prompts=prompts, release=release,
                           release_transformer=release_transformer and k == len(batch) - 1, on_step=on_step,
                           cancel=cancel)
     return out

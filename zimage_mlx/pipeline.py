@@ -581,7 +581,8 @@ class ZImagePipeline:
                               release=release, release_transformer=free and not hires, on_step=on_step, cancel=cancel,
                               decode=not (hires and recipe.hires_upscaler == "latent"))
             if hires:  # the hires fix: each image's second pass (hires.py)
-                made = run_second_passes(self, batch, made, release=release, release_transformer=free,
+                made = run_second_passes(self, batch, made, prompts=[r.prompt for r in items], release=release,
+                                         release_transformer=free,
                                          on_step=on_step, cancel=cancel)
             for k, (r, image) in enumerate(zip(described, made), lo):
                 image.info["recipe"] = r

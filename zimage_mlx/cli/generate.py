@@ -457,6 +457,7 @@ class Presenter:
     batch: int = 0  # its size (0: no batch started)
     steps_done: int = 0
     step_seconds: float = 0.0
+    carry: float = 0.0  # the step seconds of the batch's earlier bars (a first pass before its hires passes)
 
     def __post_init__(self):
         self.progress = Progress(enabled=not self.job.quiet)
@@ -464,7 +465,12 @@ class Presenter:
         self.made = 0
 
     def step(self, step) -> None:
-        if step.index == 0:
+        h, w = step.latents.shape[1:3]
+        if step.index == 0 and (8 * h, 8 * w) != (self.job.recipe.height, self.job.recipe.width):  # a hires pass
+            self.carry += self.progress.step_seconds
+            self.progress.start(f"hires pass {8 * w}x{8 * h}")
+        elif step.index == 0:
+            self.carry = 0.0
             self.first, self.batch = self.made, step.latents.shape[0]
             seeds = [r.seed for r in self.job.items[self.first:self.first + self.batch]]
             n = len(self.job.items)
@@ -489,7 +495,7 @@ class Presenter:
         if own and k == self.first:
             self.progress.finish()
             self.steps_done += self.job.recipe.denoising_steps * self.batch
-            self.step_seconds += self.progress.step_seconds
+            self.step_seconds += self.carry + self.progress.step_seconds
         self.made = k + 1
         show_warnings(self.caught, self.shown, self.job.quiet)
         if not self.job.rank0:
@@ -506,6 +512,6 @@ class Presenter:
         rank = f", rank {k % self.job.group.size()}" if self.job.mode == "data" else ""
         if not own:
             return rank
-        per = self.progress.step_seconds / max(steps * self.batch, 1)
+        per = (self.carry + self.progress.step_seconds) / max(steps * self.batch, 1)
         decode = "" if rank else f", decode {self.progress.total_seconds - self.progress.step_seconds:.1f} s"
         return (f"{rank}, {steps} steps at {per:.2f} s/step{' per image' if self.batch > 1 else ''}{decode}")
