@@ -197,24 +197,40 @@ def run(*args):
     return CliRunner().invoke(cli.main, list(map(str, args)))
 
 
-def test_cli_hires_and_from_image(pipe, cli_loads, reference_checkpoint, tmp_path):
+def cli_replays(m, png, tmp_path) -> None:
+    """--from-image on `png` gives its pixels and its metadata again."""
+    r = run("generate", "--from-image", png, "-m", m, "-o", tmp_path / "again.png", "--overwrite")
+    assert r.exit_code == 0, r.output
+    with Image.open(png) as a, Image.open(tmp_path / "again.png") as b:
+        np.testing.assert_array_equal(pixels(b), pixels(a))
+        assert dict(b.text) == dict(a.text)
+
+
+def test_cli_hires_is_the_two_passes_by_hand_and_replays(pipe, cli_loads, reference_checkpoint, tmp_path):
     m = str(reference_checkpoint)
     r = run("generate", "a fox", "-m", m, "--size", 32, "--steps", 2, "--seed", 4, "--hires", 2,
-            "--hires-strength", 0.5, "--hires-steps", 3, "--variety", 0.5, "-o", tmp_path / "h.png")
+            "--hires-strength", 0.5, "--hires-steps", 3, "-o", tmp_path / "h.png")
     assert r.exit_code == 0, r.output
     with Image.open(tmp_path / "h.png") as im:
         meta, got = dict(im.text), pixels(im)
     assert got.shape == (64, 64, 3)
-    assert (meta["hires_scale"], meta["hires_strength"], meta["hires_steps"], meta["variety"]) == ("2", "0.5", "3",
-                                                                                                      "0.5")
-    api = pipe.generate("a fox", width=32, height=32, steps=2, seed=4, hires_scale=2, hires_strength=0.5,
-                        hires_steps=3, variety=0.5)[0]
-    assert np.abs(got - pixels(api)).max() <= 1
-    r = run("generate", "--from-image", tmp_path / "h.png", "-m", m, "-o", tmp_path / "again.png")
+    assert (meta["hires_scale"], meta["hires_strength"], meta["hires_steps"], meta["hires_upscaler"]) == (
+        "2", "0.5", "3", "lanczos")
+    assert np.abs(got - pixels(by_hand(pipe, "a fox", 4, hires_steps=3))).max() <= 1
+    cli_replays(m, tmp_path / "h.png", tmp_path)
+
+
+def test_cli_variety_is_the_apis_and_replays(pipe, cli_loads, reference_checkpoint, tmp_path):
+    m = str(reference_checkpoint)
+    r = run("generate", "a fox", "-m", m, "--size", 32, "--steps", 2, "--seed", 4, "--variety", 0.5,
+            "--variety-until", 0.25, "-o", tmp_path / "v.png")
     assert r.exit_code == 0, r.output
-    with Image.open(tmp_path / "again.png") as im:
-        np.testing.assert_array_equal(pixels(im), got)
-        assert dict(im.text) == meta
+    with Image.open(tmp_path / "v.png") as im:
+        meta, got = dict(im.text), pixels(im)
+    assert (meta["variety"], meta["variety_until"]) == ("0.5", "0.25") and "Variety: 0.5" in meta["parameters"]
+    api = pipe.generate("a fox", width=32, height=32, steps=2, seed=4, variety=0.5, variety_until=0.25)[0]
+    np.testing.assert_array_equal(got, pixels(api))
+    cli_replays(m, tmp_path / "v.png", tmp_path)
 
 
 def test_cli_hires_too_large_before_loading(cli_loads, reference_checkpoint, tmp_path):
