@@ -29,8 +29,8 @@ from .recipe import DEFAULT_MODEL, ControlRef, LoraRef, Recipe, check_prompts, f
 from .sampler import (FlowMatchScheduler, apply_cfg, euler_step, guidance_for_step, model_time, scale_noise,
                       strength_start)
 from .text_encoder import TextEncoder
-from .tiles import TiledDiT
 from .text_encoder import default_bits as text_encoder_bits
+from .tiles import TiledDiT
 from .transformer import ZImageTransformer
 from .vae import VAE, auto_tile_size, from_pil, to_pil
 from .sources import read_config, resolve_model
@@ -582,8 +582,7 @@ class ZImagePipeline:
                               decode=not (hires and recipe.hires_upscaler == "latent"))
             if hires:  # the hires fix: each image's second pass (hires.py)
                 made = run_second_passes(self, batch, made, prompts=[r.prompt for r in items], release=release,
-                                         release_transformer=free,
-                                         on_step=on_step, cancel=cancel)
+                                         release_transformer=free, on_step=on_step, cancel=cancel)
             for k, (r, image) in enumerate(zip(described, made), lo):
                 image.info["recipe"] = r
                 if latents is None:
