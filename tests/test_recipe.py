@@ -128,8 +128,10 @@ FORGE = ("a red fox in the snow, \"golden hour\"\nNegative prompt: cartoon\nStep
 
 def test_an_a1111_infotext_gives_what_applies_to_this_model():
     r = Recipe.from_infotext(A1111)
-    # an SD 1.5 image: its prompt, seed and size mean the same here; its steps and CFG were for another model
-    assert r == Recipe("a castle on a hill, matte painting", width=512, height=768, seed=1234)
+    # an SD 1.5 image: its prompt, seed, size and hires fix mean the same here; its steps and CFG were for
+    # another model (issue #25: its Denoising strength is the hires pass's in a txt2img infotext)
+    assert r == Recipe("a castle on a hill, matte painting", width=512, height=768, seed=1234, hires_scale=2,
+                       hires_strength=0.7, hires_upscaler="latent")
 
 
 def test_a_forge_z_image_infotext_gives_its_steps_and_guidance():

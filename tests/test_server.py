@@ -458,7 +458,8 @@ def test_a1111_txt2img(app_factory):
 
 @pytest.mark.parametrize("body,param", [
     ({"sampler_name": "Euler a"}, "sampler_name"), ({"sampler_name": "DPM++ 2M"}, "sampler_name"),
-    ({"scheduler": "Karras"}, "scheduler"), ({"enable_hr": True}, "enable_hr"), ({"cfg_scale": 0.5}, "cfg_scale"),
+    ({"scheduler": "Karras"}, "scheduler"), ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
+    ({"cfg_scale": 0.5}, "cfg_scale"),
     ({"width": 100}, "width"), ({"width": 4096}, "width"),
     ({"batch_size": 3, "n_iter": 2}, "batch_size"), ({"styles": ["s"]}, "styles"), ({"clip_skip": 2}, "clip_skip"),
     ({"override_settings": {"sd_model_checkpoint": "sdxl"}}, "override_settings"), ({"seed": -3}, "seed"),

@@ -20,9 +20,12 @@ SAMPLER_NAME = "Euler (flow match)"
 KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "cfg_normalization", "cfg_truncation", "width",
         "height", "model", "transformer", "quantization", "text_encoder_quantization", "quantize", "dtype", "image",
         "strength", "mask", "original_prompt", "loras", "controlnet", "controls", "control_type", "control_start",
-        "control_end", "controlnet_graph")
-INTS = ("seed", "steps", "width", "height")
-FLOATS = ("guidance", "cfg_normalization", "cfg_truncation", "strength", "control_start", "control_end")
+        "control_end", "controlnet_graph", "variety", "variety_until", "hires_scale", "hires_strength",
+        "hires_steps", "hires_upscaler", "tile")
+INTS = ("seed", "steps", "width", "height", "hires_steps", "tile")
+FLOATS = ("guidance", "cfg_normalization", "cfg_truncation", "strength", "control_start", "control_end", "variety",
+          "variety_until", "hires_scale", "hires_strength")
+UPSCALER_NAMES = {"lanczos": "Lanczos", "latent": "Latent"}  # A1111's names
 BITS = ("quantization", "text_encoder_quantization", "quantize")
 USER_COMMENT = 0x9286  # EXIF UserComment, where A1111 writes its infotext in a JPEG or WebP
 EXIF_IFD = 0x8769
@@ -59,6 +62,15 @@ def png_text(r: dict) -> dict[str, str]:
         text.update(controlnet=r["controlnet"], controls=json.dumps(r["controls"], ensure_ascii=False),
                     control_type=r["control_type"], control_start=number(r["control_start"]),
                     control_end=number(r["control_end"]), controlnet_graph=r["controlnet_graph"] or "authors")
+    if r.get("variety"):
+        text.update(variety=number(r["variety"]), variety_until=number(r["variety_until"]))
+    if r.get("hires_scale"):
+        text.update(hires_scale=number(r["hires_scale"]), hires_strength=number(r["hires_strength"]),
+                    hires_upscaler=r["hires_upscaler"])
+        if r["hires_steps"]:
+            text["hires_steps"] = str(r["hires_steps"])
+    if r.get("tile"):
+        text["tile"] = str(r["tile"])
     text.update(version=__version__, Software=f"zimage-mlx {__version__}", parameters=infotext(r))
     return text
 
@@ -81,6 +93,7 @@ def infotext(r: dict) -> str:
         fields["LoRA"] = ", ".join(f"{x['name']}:{number(x['scale'])}" for x in r["loras"])
     if r["image"]:
         fields["Denoising strength"] = number(r["strength"])
+    fields.update(_extra_infotext(r))
     if r["controlnet"]:
         fields["ControlNet"] = r["controlnet"]
         fields["Control"] = ", ".join(f"{Path(c['image'] or 'image').name}:{number(c['scale'])}"
@@ -92,6 +105,38 @@ def infotext(r: dict) -> str:
         lines.append(f"Negative prompt: {r['negative_prompt']}")
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items()))
     return "\n".join(lines)
+
+
+def _extra_infotext(r: dict) -> dict:
+    """Variety, and the hires fix under A1111's keys. A1111 writes the hires pass's strength as `Denoising
+    strength` (its txt2img has no other); from an image, where that key is the image's strength, the hires
+    pass's goes under `Hires strength`, whose presence says which is which."""
+    out = {}
+    if r.get("variety"):
+        out.update({"Variety": number(r["variety"]), "Variety until": number(r["variety_until"])})
+    if r.get("hires_scale"):
+        key = "Hires strength" if r["image"] else "Denoising strength"
+        out.update({key: number(r["hires_strength"]), "Hires upscale": number(r["hires_scale"])})
+        if r["hires_steps"]:
+            out["Hires steps"] = r["hires_steps"]
+        out["Hires upscaler"] = UPSCALER_NAMES[r["hires_upscaler"]]
+    if r.get("tile"):
+        out["Tile"] = r["tile"]
+    return out
+
+
+def _hires_from_infotext(a: dict, steps: bool) -> dict:
+    """The hires fields of an infotext (ours or A1111's): A1111's other upscalers (ESRGAN...) are pixel-space
+    ones, run here as Lanczos; its `Latent (...)` variants as our latent one. Hires steps 0 means the first
+    pass's; they apply when `steps` (the infotext's steps apply)."""
+    if "Hires upscale" not in a:
+        return {}
+    hires = "Hires strength" if "Hires strength" in a else "Denoising strength"
+    out = {"hires_scale": a["Hires upscale"], "hires_strength": a.get(hires),
+           "hires_upscaler": "latent" if a.get("Hires upscaler", "").lower().startswith("latent") else "lanczos"}
+    if steps and a.get("Hires steps") not in (None, "0"):
+        out["hires_steps"] = a["Hires steps"]
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _quote(v) -> str:
@@ -131,7 +176,11 @@ def from_infotext(text: str) -> dict:
                    cfg_truncation=a.get("CFG truncation"), model=a.get("Model"), dtype=a.get("Dtype"),
                    transformer=a.get("DiT file"),
                    quantization=a.get("Quantization", "none").removesuffix("-bit"),
-                   strength=a.get("Denoising strength"))
+                   strength=a.get("Denoising strength"), variety=a.get("Variety"),
+                   variety_until=a.get("Variety until"), tile=a.get("Tile"))
+        if "Hires upscale" in a and "Hires strength" not in a:
+            raw.pop("strength")  # A1111's way: the hires pass's strength
+        raw.update(_hires_from_infotext(a, True))
         if a.get("LoRA"):
             raw["loras"] = json.dumps([{"name": n, "scale": float(s)} for n, _, s in
                                        (x.strip().rpartition(":") for x in a["LoRA"].split(","))])
@@ -139,6 +188,8 @@ def from_infotext(text: str) -> dict:
         raw["steps"] = a.get("Steps")  # (its model name is another tool's file name: not a model to load here)
         if a.get("CFG scale") is not None:
             raw["guidance"] = str(max(float(a["CFG scale"]) - 1, 0.0))
+    if "zimage-mlx" not in a.get("Version", ""):
+        raw.update(_hires_from_infotext(a, "steps" in raw))
     out = _typed({k: v for k, v in raw.items() if v is not None}, "parameters")
     if not out.get("guidance", 0) > 0:
         out["negative_prompt"] = None  # without guidance a negative prompt has no effect

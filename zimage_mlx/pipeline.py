@@ -21,14 +21,16 @@ from . import fp16, kernels
 from .enhance import PromptEnhancer, check_options
 from .errors import Cancelled, InputError
 from .fp16 import Float16OverflowWarning
+from .hires import run_second_passes, upscale_recipe
 from .inputs import LATENT_CHANNELS, MAX_SEED, ImageInput, image_input, mask_latents, open_image, validate  # noqa: F401
 from .lora import Lora, apply_lora, read_lora, restore
-from .noise import image_key, noise
+from .noise import image_key, noise, variety_steps, vary
 from .recipe import DEFAULT_MODEL, ControlRef, LoraRef, Recipe, check_prompts, file_name
 from .sampler import (FlowMatchScheduler, apply_cfg, euler_step, guidance_for_step, model_time, scale_noise,
                       strength_start)
 from .text_encoder import TextEncoder
 from .text_encoder import default_bits as text_encoder_bits
+from .tiles import TiledDiT
 from .transformer import ZImageTransformer
 from .vae import VAE, auto_tile_size, from_pil, to_pil
 from .sources import read_config, resolve_model
@@ -318,7 +320,8 @@ class ZImagePipeline:
                 negative_embeds: list[mx.array] | None = None, guidance: float = 0.0,
                 cfg_normalization: float | bool = False, cfg_truncation: float = 1.0, mask: mx.array | None = None,
                 image_latents: mx.array | None = None, noise: mx.array | None = None,
-                control=None) -> Iterator[Step]:
+                control=None, early_embeds: list[mx.array] | None = None, early_steps: int = 0,
+                tile: int | None = None) -> Iterator[Step]:
         """Run the sampler, yielding a `Step` after each DiT step (len(sigmas) - 1 of them).
 
         prompt_embeds: one caption per latent; latents: (B, h, w, 16) float32 latents at sigmas[0] (pure
@@ -331,6 +334,9 @@ class ZImagePipeline:
         image, noised to the next sigma, and is the clean image latents after the last step (sigma 0).
 
         control: a `controlnet.ControlPlan` (made by generate from control images) whose residuals each step adds.
+        early_embeds (one per latent) replace prompt_embeds for the first `early_steps` steps (variety).
+        tile: compute each step's velocity on overlapping tiles of `tile` pixels a side, blended (MultiDiffusion,
+        see zimage_mlx.tiles); not with `control`.
 
         A float16 DiT (the scaled graph) is checked after every step: if the step's output holds a non-finite
         value, the step is redone with bfloat16 GEMMs (the float16 weights cast to bfloat16 as each layer
@@ -341,6 +347,8 @@ class ZImagePipeline:
         if len(prompt_embeds) != B or (negative_embeds is not None and len(negative_embeds) != B):
             raise ValueError("need one prompt embedding (and one negative) per latent")
         dit = self._dit()
+        if tile is not None and control is None:
+            dit = TiledDiT(dit, tile)
         x = latents.astype(mx.float32)
         total = len(sigmas) - 1
         guard = dit.scaled and dit.dtype == mx.float16  # one isfinite reduction per step, evaluated with it
@@ -350,19 +358,20 @@ class ZImagePipeline:
             g = guidance_for_step(guidance, sigma, cfg_truncation) if negative_embeds is not None else 0.0
             t = mx.full((B,), model_time(sigma), dtype=mx.float32)
             hook = control.at(i, total) if control is not None else None
+            caps = early_embeds if early_embeds is not None and i < early_steps else prompt_embeds
             while True:
                 kw = {} if activations is None else {"activations": activations}
                 if hook is not None:
                     kw["control"] = hook
                 if g > 0 and hook is None and self.parallel is not None and self.parallel.mode == "cfg":
-                    both = self.parallel.guided(dit, x, t, prompt_embeds, negative_embeds, **kw)  # a branch per rank
+                    both = self.parallel.guided(dit, x, t, caps, negative_embeds, **kw)  # a branch per rank
                     pred = apply_cfg(both[:B], both[B:], g, cfg_normalization)
                 elif g > 0:
                     both = dit(mx.concatenate([x, x]), mx.concatenate([t, t]),
-                                            list(prompt_embeds) + list(negative_embeds), **kw)
+                                            list(caps) + list(negative_embeds), **kw)
                     pred = apply_cfg(both[:B], both[B:], g, cfg_normalization)
                 else:
-                    pred = dit(x, t, prompt_embeds, **kw).astype(mx.float32)
+                    pred = dit(x, t, caps, **kw).astype(mx.float32)
                 denoised = x + sigma * pred
                 x_next = euler_step(x, pred, sigma, sigma_next)
                 if mask is not None:
@@ -495,7 +504,9 @@ class ZImagePipeline:
                  strength: float | None = None, image_latents: mx.array | None = None,
                  release_transformer: bool = False, on_step: Callable[[Step], None] | None = None, cancel=None,
                  control_image=None, control_scale: float | list[float] | None = None, control_start: float = 0.0,
-                 control_end: float = 1.0) -> list:
+                 control_end: float = 1.0, variety: float = 0.0, variety_until: float = 0.5,
+                 hires_scale: float | None = None, hires_strength: float = 0.35, hires_steps: int | None = None,
+                 hires_upscaler: str = "lanczos", tile: int | None = None) -> list:
         """Generate images; returns a list of PIL images, prompt-major (all images of prompt 0 first). `prompt`
         is a string, a list of them, or a `Recipe` (then the other keywords but the run's own, `latents`,
         `release_transformer`, `on_step` and `cancel`, must be left out). Each image carries its seed
@@ -537,6 +548,13 @@ class ZImagePipeline:
         (default: the version's recommended scale). `control_start`/`control_end`: the part of the steps
         controlled, step i of N when start <= i/N and (i+1)/N <= end. Control images are stretched to the
         output size; without an image, width and height follow the first control image like an input image.
+
+        variety: seeded noise of variety x their std added to the prompt embeddings for the steps
+        i/N < variety_until (more different images across seeds; 0 changes nothing). hires_scale (1-4): the
+        hires fix, a second image-to-image pass at that scale with hires_strength over hires_steps steps
+        (default: steps); hires_upscaler "lanczos" (the decoded image) or "latent" (see zimage_mlx.hires).
+        tile: a pass from an image (image to image, the hires pass) larger than `tile` pixels a side is denoised in
+        overlapping tiles, blended every step (MultiDiffusion: a lower peak); the hires pass's default is 1024.
         """
         run = dict(latents=latents, release_transformer=release_transformer, on_step=on_step, cancel=cancel)
         if isinstance(prompt, Recipe):
@@ -546,8 +564,18 @@ class ZImagePipeline:
             cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation, seed=seed, num_images=num_images,
             max_sequence_length=max_sequence_length, image=image, mask=mask, strength=strength,
             image_latents=image_latents, control_image=control_image, control_scale=control_scale,
-            control_start=control_start, control_end=control_end)
+            control_start=control_start, control_end=control_end, variety=variety, variety_until=variety_until,
+            hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps,
+            hires_upscaler=hires_upscaler, tile=tile)
         return self.run(recipe, **run)
+
+    def upscale(self, image, *, scale: float = 2.0, prompt: str | None = None, strength: float | None = None,
+                steps: int | None = None, seed: int | None = None, tile: int | None = None, **run) -> list:
+        """The hires fix's second pass over any image (a path or a PIL image): Lanczos to scale x its size
+        (multiples of 16), then image-to-image at `strength` (0.35). For one of ours, its stored prompt, seed
+        and steps are the defaults. `run`: run()'s keywords (on_step, cancel...). See zimage_mlx.hires."""
+        return self.run(upscale_recipe(image, scale=scale, prompt=prompt, strength=strength, steps=steps,
+                                       seed=seed, tile=tile), **run)
 
     def run(self, recipe: Recipe, *, latents: mx.array | None = None, release_transformer: bool = False,
             on_step: Callable[[Step], None] | None = None, cancel=None, batch_size: int | None = None,
@@ -579,9 +607,13 @@ class ZImagePipeline:
             if z is not None and z.shape[0] == len(items) > 1:  # one row per image: this batch's rows
                 batch = [x.replace(init_latents=z[lo:hi]) for x in batch]
             described = [self.describe(r) for r in batch]  # before release_transformer frees the ControlNet
+            free, hires = (release or release_transformer) and last, recipe.hires_scale is not None
             made = self._make(batch, None if latents is None else latents[lo:hi], prompts=[r.prompt for r in items],
-                              release=release, release_transformer=(release or release_transformer) and last,
-                              on_step=on_step, cancel=cancel)
+                              release=release, release_transformer=free and not hires, on_step=on_step, cancel=cancel,
+                              decode=not (hires and recipe.hires_upscaler == "latent"))
+            if hires:  # the hires fix: each image's second pass (hires.py)
+                made = run_second_passes(self, batch, made, prompts=[r.prompt for r in items], release=release,
+                                         release_transformer=free, on_step=on_step, cancel=cancel)
             for k, (r, image) in enumerate(zip(described, made), lo):
                 image.info["recipe"] = r
                 if latents is None:
@@ -617,6 +649,8 @@ class ZImagePipeline:
         if recipe.controls and self.controlnet is None:
             raise InputError("{controls} need a ControlNet: call load_controlnet(...) first", "controls", ("controls",))
         self._dit().check_sizes(recipe.height // 8, recipe.width // 8, [1])
+        if recipe.hires_scale is not None:
+            self._dit().check_sizes(recipe.hires_size[1] // 8, recipe.hires_size[0] // 8, [1])
         if self.parallel is not None and self.parallel.active and recipe.seed is None:
             return recipe.replace(seed=self.parallel.agree_seed(None))
         return recipe.with_seed()
@@ -660,8 +694,9 @@ class ZImagePipeline:
         return out
 
     def _make(self, batch: list[Recipe], latents, *, prompts: list[str], release: bool, release_transformer: bool,
-              on_step, cancel) -> list:
-        """Denoise and decode images that differ only in prompt and seed (one DiT batch)."""
+              on_step, cancel, decode: bool = True) -> list:
+        """Denoise and decode images that differ only in prompt and seed (one DiT batch); without `decode`,
+        the final latents."""
         r = batch[0]
         h, w = r.height // 8, r.width // 8
         seeds = [x.seed for x in batch]
@@ -688,7 +723,7 @@ class ZImagePipeline:
         if release_transformer:
             mx.eval(latents)
             self.release_transformer()
-        return self.decode(latents)
+        return self.decode(latents) if decode else latents
 
     def _denoise_batch(self, batch, latents, sigmas, control, inpaint, prompts, release, on_step, cancel):
         r = batch[0]
@@ -696,6 +731,11 @@ class ZImagePipeline:
         self._encode_chunk(batch[0].prompt, prompts, negatives[:1], r.max_sequence_length, release)
         feats = self.encode_prompt([x.prompt for x in batch] + negatives, r.max_sequence_length)
         pos, neg = feats[: len(batch)], feats[len(batch):] or None
+        if r.tile is not None and r.has_image:  # MultiDiffusion, for passes from an image
+            inpaint = dict(inpaint, tile=r.tile)
+        if r.variety > 0:  # variety 0 adds no op at all
+            inpaint = dict(inpaint, early_embeds=[vary(p, x.seed, r.variety) for p, x in zip(pos, batch)],
+                           early_steps=variety_steps(r.variety_until, len(sigmas) - 1))
         for step in self.denoise(pos, latents, sigmas, negative_embeds=neg, guidance=r.guidance,
                                  cfg_normalization=r.cfg_normalization, cfg_truncation=r.cfg_truncation,
                                  control=control, **inpaint):

@@ -23,6 +23,11 @@ SAMPLER_NAME = "Euler (flow match)"
 DTYPES = ("bfloat16", "float16", "float32")
 CONTROL_TYPES = ("none", "canny", "lines")
 GRAPHS = ("authors", "diffusers")
+UPSCALERS = ("lanczos", "latent")
+MAX_VARIETY = 4.0  # 1 is already noise as large as the embeddings' own spread
+MAX_HIRES_SCALE = 4.0
+MIN_TILE = 128
+DEFAULT_TILE = 1024  # the hires pass's tiles when `tile` is None: one tile up to 1024x1024
 
 
 @dataclass
@@ -83,6 +88,13 @@ class Recipe:
     enhance: bool = False
     original_prompt: str | None = None  # what was typed, when `prompt` is its enhanced rewrite
     max_sequence_length: int = 512
+    variety: float = 0.0  # seeded noise on the prompt embeddings (x their std) in the early steps
+    variety_until: float = 0.5  # ... the steps i/N below this fraction: the composition is decided there
+    hires_scale: float | None = None  # a second pass at this scale (hires fix: see hires.py)
+    hires_strength: float = 0.35
+    hires_steps: int | None = None  # None: the first pass's steps
+    hires_upscaler: str = "lanczos"
+    tile: int | None = None  # MultiDiffusion tiles (pixels a side) for a pass from an image; hires: default 1024
     model: str | None = None
     transformer: str | None = None  # the DiT file (.safetensors or .gguf) that replaced the model's, by name
     quantization: int | None = None  # the bits the DiT runs at (stored or on the fly)
@@ -128,12 +140,14 @@ class Recipe:
 
     @property
     def denoising_steps(self) -> int:
-        """The steps that run: all of them, or about strength x steps from an image."""
-        if not self.has_image:
-            return self.steps
+        """The steps that run: all of them, or about strength x steps from an image; plus the hires pass's."""
         from .sampler import strength_start
 
-        return self.steps - strength_start(self.steps, self.default_strength())
+        first = self.steps - strength_start(self.steps, self.default_strength()) if self.has_image else self.steps
+        if self.hires_scale is None:
+            return first
+        steps = self.hires_steps or self.steps
+        return first + steps - strength_start(steps, self.hires_strength)
 
     def default_strength(self) -> float:
         if self.strength is not None:
@@ -181,6 +195,13 @@ class Recipe:
             _check_number("loras", lora.scale, -10, 10, what=f"the scale of LoRA {lora.name}")
         self._check_controls()
         _check_int("max_sequence_length", self.max_sequence_length, 1)
+        _check_number("variety", self.variety, 0, MAX_VARIETY)
+        _check_number("variety_until", self.variety_until, 0, 1)
+        self._check_hires(max_side, max_steps)
+        if self.tile is not None:
+            _check_side("tile", self.tile, MAX_SIDE)
+            if self.tile < MIN_TILE:
+                raise InputError(f"{{tile}} must be at least {MIN_TILE} pixels, got {self.tile}", "tile", ("tile",))
         if self.dtype is not None and self.dtype not in DTYPES:
             raise InputError(f"{{dtype}} must be one of {', '.join(DTYPES)}, got {self.dtype!r}", "dtype", ("dtype",))
         return self
@@ -208,6 +229,33 @@ class Recipe:
         if im is not None and mask is not None and mask.size != im.size:
             raise InputError(f"the {{mask}} is {mask.width}x{mask.height} but the {{image}} is {im.width}x{im.height}: "
                              "they must have the same size", "mask", ("mask", "image"))
+
+    def _check_hires(self, max_side: int, max_steps: int | None) -> None:
+        if self.hires_scale is None:
+            if self.hires_steps is not None:
+                raise InputError("{hires_steps} needs {hires_scale}", "hires_steps", ("hires_steps", "hires_scale"))
+            return
+        ok = isinstance(self.hires_scale, (int, float)) and not isinstance(self.hires_scale, bool)
+        if not ok or not 1 < self.hires_scale <= MAX_HIRES_SCALE:
+            raise InputError(f"{{hires_scale}} must be a number above 1 and at most {MAX_HIRES_SCALE:g}, got "
+                             f"{self.hires_scale!r}", "hires_scale", ("hires_scale",))
+        _check_number("hires_strength", self.hires_strength, 0, 1)
+        if self.hires_steps is not None:
+            _check_int("hires_steps", self.hires_steps, 1, max_steps)
+        if self.hires_upscaler not in UPSCALERS:
+            raise InputError(f"{{hires_upscaler}} must be one of {', '.join(UPSCALERS)}, got {self.hires_upscaler!r}",
+                             "hires_upscaler", ("hires_upscaler",))
+        if self.width is not None and self.height is not None:
+            width, height = self.hires_size
+            for side in (width, height):
+                if side > min(max_side, MAX_SIDE):
+                    raise InputError(f"{{hires_scale}} {self.hires_scale:g} makes {width}x{height} pixels, above the "
+                                     f"limit of {min(max_side, MAX_SIDE)} a side", "hires_scale", ("hires_scale",))
+
+    @property
+    def hires_size(self) -> tuple[int, int]:
+        """The second pass's (width, height): the first's times hires_scale, rounded to multiples of 16."""
+        return scaled_size(self.width, self.height, self.hires_scale)
 
     def _check_controls(self) -> None:
         if self.controlnet and not self.controls:
@@ -323,6 +371,11 @@ def _check_prompts(prompt, name: str) -> list[str]:
         raise InputError(f"{{{name}}} is an empty list: pass at least one prompt (use \"\" for an empty prompt)",
                          name, (name,))
     return list(prompts)
+
+
+def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """(width, height) times scale, each rounded to the nearest multiple of 16 (halves up; at least 16)."""
+    return (max(16, int(width * scale / 16 + 0.5) * 16), max(16, int(height * scale / 16 + 0.5) * 16))
 
 
 def check_prompts(prompt, name: str = "prompt") -> list[str]:

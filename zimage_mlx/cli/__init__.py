@@ -1,5 +1,5 @@
 """The `zimage-mlx` command line: a dispatcher. Each command is a module of this package (generate, enhance,
-serve, convert, train) that translates flags to the library and presents what it does; `common` holds the
+serve, convert, train, upscale) that translates flags to the library and presents what it does; `common` holds the
 one-line errors and progress, `options` the shared options, `output` where images go. Command modules load
 MLX only when they run, so `zimage-mlx --help` stays light."""
 
@@ -12,6 +12,7 @@ from .enhance import enhance_command
 from .generate import generate
 from .serve import serve
 from .train import train_command
+from .upscale import upscale_command
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -21,5 +22,5 @@ def main():
 
 
 for _command, _name in ((generate, "generate"), (enhance_command, "enhance"), (serve, "serve"),
-                        (convert_command, "convert"), (train_command, "train")):
+                        (convert_command, "convert"), (train_command, "train"), (upscale_command, "upscale")):
     main.add_command(_command, _name)

@@ -17,7 +17,7 @@ from .._version import __version__
 from ..errors import ZImageError
 
 # A Recipe field -> the flag that sets it (the library names fields; the CLI names flags).
-FLAGS = {"prompt": "the prompt", "loras": "--lora", "controls": "--control", "num_images": "--num-images",
+FLAGS = {"prompt": "the prompt", "hires_scale": "--hires", "loras": "--lora", "controls": "--control", "num_images": "--num-images",
          "image_latents": "--image", "latents": "latents"}
 
 

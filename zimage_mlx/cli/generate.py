@@ -66,6 +66,21 @@ from .output import DEFAULT_OUTPUT, plan_outputs, plan_preview, preview_writer, 
 @click.option("--controlnet-graph", type=click.Choice(["authors", "diffusers"]), default="authors", show_default=True,
               help="Union 2.x refiner residuals into the DiT's stream (authors, as trained) or not (diffusers).")
 @click.option("--steps", type=int, default=8, show_default=True, help="Denoising steps.")
+@click.option("--variety", type=float, default=0.0, show_default=True, metavar="V",
+              help="More different images across seeds: seeded noise of V x their spread on the prompt embeddings "
+                   "in the early steps (0.1-0.5 is subtle, 1 strong).")
+@click.option("--variety-until", type=float, default=0.5, show_default=True, metavar="0..1",
+              help="The fraction of the steps that --variety applies to.")
+@click.option("--hires", "hires_scale", type=float, metavar="SCALE",
+              help="Hires fix: a second image-to-image pass at SCALE (1-4) x the size, sides multiples of 16.")
+@click.option("--hires-strength", type=float, default=0.35, show_default=True, metavar="0..1",
+              help="The second pass's strength: what it may change.")
+@click.option("--hires-steps", type=int, metavar="N", help="The second pass's schedule.  [default: --steps]")
+@click.option("--hires-upscaler", type=click.Choice(["lanczos", "latent"]), default="lanczos", show_default=True,
+              help="Resize the first image (lanczos) or its latents (latent, bilinear: no decode and encode).")
+@click.option("--tile", type=int, metavar="PIXELS",
+              help="Denoise a pass from an image (--image, --hires) larger than PIXELS a side in overlapping tiles "
+                   "blended every step (MultiDiffusion): a lower peak.  [default: 1024 for --hires, else none]")
 @click.option("--guidance", type=float, default=0.0, show_default=True,
               help="CFG scale; Turbo is distilled to run without it (0).")
 @click.option("--cfg-normalization", type=float, default=0.0, is_flag=False, flag_value=1.0, metavar="[FACTOR]",
@@ -160,7 +175,10 @@ FIELDS_OF = {"prompt": ("prompt",), "prompt_option": ("prompt",), "prompt_file":
                                "controlnet_graph"),
              "control_type": ("control_type",), "control_start": ("control_start",), "control_end": ("control_end",),
              "controlnet_graph": ("controlnet_graph",), "model": ("model",), "quantize": ("quantize",),
-             "dtype": ("dtype",), "enhance": ("enhance",), "transformer_file": ("transformer",)}
+             "dtype": ("dtype",), "enhance": ("enhance",), "transformer_file": ("transformer",),
+             "variety": ("variety",), "variety_until": ("variety_until",), "hires_scale": ("hires_scale",),
+             "hires_strength": ("hires_strength",), "hires_steps": ("hires_steps",),
+             "hires_upscaler": ("hires_upscaler",), "tile": ("tile",)}
 
 
 def replay(o, given: set) -> Recipe:
@@ -209,8 +227,9 @@ def recipe_from_flags(o) -> Recipe:
                loras=[LoraRef(model_label(name), scale, source=name) for name, scale in loras],
                controlnet=model_label(o.controlnet) if o.controlnet else None, control_type=o.control_type,
                control_start=o.control_start, control_end=o.control_end, controlnet_graph=o.controlnet_graph,
-               enhance=o.enhance, model=o.model, transformer=file_name(o.transformer_file),
-               quantize=int(o.quantize) if o.quantize else None,
+               enhance=o.enhance, variety=o.variety, variety_until=o.variety_until, hires_scale=o.hires_scale,
+               hires_strength=o.hires_strength, hires_steps=o.hires_steps, hires_upscaler=o.hires_upscaler, tile=o.tile,
+               model=o.model, transformer=file_name(o.transformer_file), quantize=int(o.quantize) if o.quantize else None,
                dtype=None if o.dtype == "auto" else o.dtype)
     return r.replace(controls=control_refs(r, [parse_control(spec) for spec in o.control_specs]))
 
@@ -443,6 +462,7 @@ class Presenter:
     batch: int = 0  # its size (0: no batch started)
     steps_done: int = 0
     step_seconds: float = 0.0
+    carry: float = 0.0  # the step seconds of the batch's earlier bars (a first pass before its hires passes)
 
     def __post_init__(self):
         self.progress = Progress(enabled=not self.job.quiet)
@@ -450,7 +470,12 @@ class Presenter:
         self.made = 0
 
     def step(self, step) -> None:
-        if step.index == 0:
+        h, w = step.latents.shape[1:3]
+        if step.index == 0 and (8 * h, 8 * w) != (self.job.recipe.height, self.job.recipe.width):  # a hires pass
+            self.carry += self.progress.step_seconds
+            self.progress.start(f"hires pass {8 * w}x{8 * h}")
+        elif step.index == 0:
+            self.carry = 0.0
             self.first, self.batch = self.made, step.latents.shape[0]
             seeds = [r.seed for r in self.job.items[self.first:self.first + self.batch]]
             n = len(self.job.items)
@@ -475,7 +500,7 @@ class Presenter:
         if own and k == self.first:
             self.progress.finish()
             self.steps_done += self.job.recipe.denoising_steps * self.batch
-            self.step_seconds += self.progress.step_seconds
+            self.step_seconds += self.carry + self.progress.step_seconds
         self.made = k + 1
         show_warnings(self.caught, self.shown, self.job.quiet)
         if not self.job.rank0:
@@ -492,6 +517,6 @@ class Presenter:
         rank = f", rank {k % self.job.group.size()}" if self.job.mode == "data" else ""
         if not own:
             return rank
-        per = self.progress.step_seconds / max(steps * self.batch, 1)
+        per = (self.carry + self.progress.step_seconds) / max(steps * self.batch, 1)
         decode = "" if rank else f", decode {self.progress.total_seconds - self.progress.step_seconds:.1f} s"
         return (f"{rank}, {steps} steps at {per:.2f} s/step{' per image' if self.batch > 1 else ''}{decode}")

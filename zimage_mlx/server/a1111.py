@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..recipe import Recipe
+from ..recipe import Recipe, scaled_size
 from .core import Server, ServerConfig, bad
 from .fields import Fields, check_recipe, decode_base64_image, read_json
 
@@ -29,11 +29,17 @@ TXT2IMG_FIELDS = frozenset({
     "prompt", "negative_prompt", "width", "height", "steps", "seed", "cfg_scale", "batch_size", "n_iter",
     "sampler_name", "sampler_index", "scheduler", "enable_hr", "restore_faces", "tiling", "subseed_strength", "s_churn",
     "styles", "alwayson_scripts", "script_args", "script_name", "clip_skip", "override_settings"})
+# The hires fix (txt2img only): honoured with enable_hr; img2img ignores them as A1111 does.
+HIRES_FIELDS = frozenset({"hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps"})
+HIRES_NAMES = {"hires_scale": "hr_scale", "hires_strength": "denoising_strength", "hires_steps": "hr_second_pass_steps",
+               "hires_upscaler": "hr_upscaler"}
+UPSCALERS = {"lanczos": "lanczos", "latent": "latent"}  # A1111's names, lowercased -> ours
 IMG2IMG_FIELDS = TXT2IMG_FIELDS | {"init_images", "mask", "denoising_strength", "inpainting_mask_invert", "mask_blur",
                                    "inpaint_full_res", "inpainting_fill"}
 IGNORED = frozenset({"hr_upscaler", "hr_scale", "hr_second_pass_steps", "override_settings_restore_afterwards",
                      "save_images", "send_images", "do_not_save_grid", "do_not_save_samples", "subseed"})
-TXT2IMG_IGNORED = IGNORED | {"denoising_strength"}  # the hires pass's, which is refused
+TXT2IMG_IGNORED = IGNORED - HIRES_FIELDS
+TXT2IMG_FIELDS = TXT2IMG_FIELDS | HIRES_FIELDS | {"denoising_strength"}  # the hires pass's strength
 
 
 def parse_a1111(body: dict, cfg: ServerConfig, *, img2img: bool) -> tuple[Recipe, list[str]]:
@@ -55,11 +61,16 @@ def parse_a1111(body: dict, cfg: ServerConfig, *, img2img: bool) -> tuple[Recipe
                     num_images=batch * n_iter if isinstance(batch, int) and not isinstance(batch, bool) else
                     1 if batch is None else batch, loras=[])
     if img2img:
+        if f.bool("enable_hr"):
+            raise bad("enable_hr", "enable_hr is a txt2img option (upscale an image with hires on txt2img or with "
+                      "zimage-mlx upscale)", "unsupported_parameter")
         recipe = read_images(f, body, cfg, recipe)
+    elif f.bool("enable_hr"):
+        recipe = read_hires(f, recipe, width or cfg.default_width, height or cfg.default_height)
     if not img2img or width is not None or height is not None:
         recipe = recipe.replace(width=width or (None if img2img else cfg.default_width),
                                 height=height or (None if img2img else cfg.default_height))
-    return check_recipe(recipe, cfg, NAMES), comments
+    return check_recipe(recipe, cfg, {**NAMES, **HIRES_NAMES} if not img2img else NAMES), comments
 
 
 def refuse_unsupported(f: Fields, cfg: ServerConfig) -> None:
@@ -71,7 +82,7 @@ def refuse_unsupported(f: Fields, cfg: ServerConfig) -> None:
     if scheduler and scheduler.lower() not in SCHEDULERS:
         raise bad("scheduler", f"scheduler {scheduler!r} is not available; this model's flow-match schedule is "
                   "'Automatic' (also accepted as 'Simple' or 'Normal')", "unsupported_value")
-    for name in ("enable_hr", "restore_faces", "tiling"):
+    for name in ("restore_faces", "tiling"):
         if f.bool(name):
             raise bad(name, f"{name} is not supported by this server", "unsupported_parameter")
     for name in ("subseed_strength", "s_churn"):
@@ -85,6 +96,29 @@ def refuse_unsupported(f: Fields, cfg: ServerConfig) -> None:
     if f.int("clip_skip", 1) > 1:
         raise bad("clip_skip", "clip_skip must be 1 (this model has no CLIP)", "unsupported_value")
     check_override_settings(f.first("override_settings")[1], cfg)
+
+
+def read_hires(f: Fields, recipe: Recipe, width, height) -> Recipe:
+    """enable_hr's second pass: hr_scale (A1111's default 2), or hr_resize_x/y (a target of the same aspect
+    ratio), hr_upscaler (Lanczos or Latent; A1111's other upscalers are refused), hr_second_pass_steps (0: the
+    first pass's), denoising_strength (our default 0.35 when absent)."""
+    upscaler = f.str("hr_upscaler")
+    if upscaler is not None and upscaler.lower() not in UPSCALERS:
+        raise bad("hr_upscaler", f"hr_upscaler {upscaler!r} is not available here; use Lanczos or Latent",
+                  "unsupported_value")
+    scale = f.raw("hr_scale")[1]
+    resize = [f.raw("hr_resize_x")[1] or 0, f.raw("hr_resize_y")[1] or 0]
+    if any(resize) and all(isinstance(v, int) and not isinstance(v, bool) for v in [*resize, width, height]):
+        scales = [v / side for v, side in zip(resize, (width, height)) if v]
+        if len(scales) == 2 and scaled_size(width, height, scales[0]) != tuple(resize):
+            raise bad("hr_resize_x", f"hr_resize_x and hr_resize_y ({resize[0]}x{resize[1]}) must keep the "
+                      f"{width}x{height} aspect ratio (this server does not crop)", "unsupported_value")
+        scale = scales[0]
+    steps = f.raw("hr_second_pass_steps")[1]
+    strength = f.raw("denoising_strength")[1]
+    return recipe.replace(hires_scale=2.0 if scale is None else scale, hires_steps=steps or None,
+                          hires_upscaler=UPSCALERS[(upscaler or "lanczos").lower()],
+                          **({} if strength is None else {"hires_strength": strength}))
 
 
 def read_images(f: Fields, body: dict, cfg: ServerConfig, recipe: Recipe) -> Recipe:
@@ -178,7 +212,7 @@ class A1111Routes:
                 "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
                 "width": r.width, "height": r.height, "sampler_name": "Euler", "cfg_scale": r.guidance + 1.0,
                 "steps": r.steps, "batch_size": len(seeds), "sd_model_name": self.cfg.model_id,
-                "denoising_strength": r.strength if r.has_image else None,
+                "denoising_strength": r.strength if r.has_image else r.hires_strength if r.hires_scale else None,
                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "infotexts": [x.to_infotext() for x in job.recipes],
                 "comments": "".join(f"{c}\n" for c in comments)}
 

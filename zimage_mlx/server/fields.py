@@ -167,6 +167,40 @@ def check_recipe(recipe: Recipe, cfg: ServerConfig, names: dict[str, str]) -> Re
 
 
 # ---------------------------------------------------------------------------------------------------
+# Variety and the hires fix (OpenAI and native dialects)
+
+HIRES_KEYS = {"scale": "hires_scale", "strength": "hires_strength", "steps": "hires_steps", "upscaler": "hires_upscaler"}
+
+
+def read_extras(f: Fields, names: dict) -> dict:
+    """The `variety` number and the `hires` object ({scale, strength, steps, upscaler}; a JSON text in a form)
+    as Recipe fields, unchecked (the Recipe checks them); `names` learns how errors name them."""
+    out = {}
+    variety = f.raw("variety")[1]
+    if variety is not None:
+        out["variety"] = variety
+    hires = f.first("hires")[1]
+    if hires is None:
+        return out
+    if isinstance(hires, str) and f.strings:
+        try:
+            hires = json.loads(hires)
+        except ValueError:
+            raise bad("hires", "hires must be a JSON object {\"scale\", \"strength\", \"steps\", \"upscaler\"}") from None
+    if not isinstance(hires, dict) or "scale" not in hires:
+        raise bad("hires", "hires must be an object with a scale: {\"scale\": 2, \"strength\": 0.35, \"steps\": 8, "
+                  "\"upscaler\": \"lanczos\"}")
+    unknown = sorted(set(hires) - set(HIRES_KEYS))
+    if unknown:
+        raise bad("hires", f"hires has scale, strength, steps and upscaler, not {', '.join(unknown)}")
+    for key, field in HIRES_KEYS.items():
+        names[field] = f"hires.{key}"
+        if hires.get(key) is not None:
+            out[field] = hires[key]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # LoRAs: names inside --lora-dir, never paths
 
 

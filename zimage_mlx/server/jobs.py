@@ -16,9 +16,10 @@ from ..recipe import Recipe
 from ..worker import FORMATS, Job
 from .core import ApiError, Server, ServerConfig, bad, load_state
 from .fields import Fields, check_recipe, list_loras, parse_size, read_json, read_loras
+from .fields import read_extras
 
 NATIVE_FIELDS = frozenset({"prompt", "negative_prompt", "width", "height", "size", "steps", "seed", "n", "guidance",
-                           "loras", "enhance", "output_format", "previews"})
+                           "loras", "enhance", "output_format", "previews", "variety", "hires"})
 NAMES = {"num_images": "n"}
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
@@ -43,7 +44,7 @@ def parse_native(body: dict, cfg: ServerConfig) -> tuple[Recipe, dict]:
                                ("num_images", f.raw("n")[1])) if v is not None}
     recipe = Recipe(prompt=prompt, negative_prompt=f.str("negative_prompt") or None, width=size[0], height=size[1],
                     seed=f.seed("seed")[1], loras=read_loras(f.first("loras")[1], cfg), enhance=f.bool("enhance"),
-                    **{"steps": cfg.default_steps, **given})
+                    **{"steps": cfg.default_steps, **given, **read_extras(f, names)})
     options = {"output_format": f.choice("output_format", FORMATS, "png"), "previews": f.bool("previews", True)}
     return check_recipe(recipe, cfg, names), options
 
@@ -53,7 +54,10 @@ def settings(job: Job) -> dict:
     return {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "width": r.width, "height": r.height,
             "steps": r.steps, "seed": r.seed, "n": r.num_images, "guidance": r.guidance,
             "loras": [{"name": x.name, "scale": x.scale} for x in r.loras or []],
-            "output_format": job.options.output_format, "previews": job.options.previews, "enhance": r.enhance}
+            "output_format": job.options.output_format, "previews": job.options.previews, "enhance": r.enhance,
+            "variety": r.variety, "hires": None if r.hires_scale is None else {
+                "scale": r.hires_scale, "strength": r.hires_strength, "steps": r.hires_steps or r.steps,
+                "upscaler": r.hires_upscaler}}
 
 
 def image_entries(job: Job) -> list[dict]:

@@ -21,6 +21,7 @@ from ..recipe import Recipe, file_name as recorded_name
 from ..worker import FORMATS, Job
 from .core import ApiError, Server, ServerConfig, bad
 from .fields import Fields, check_recipe, decode_base64_image, decode_image, parse_size, read_json, read_loras
+from .fields import read_extras
 
 OPENAI_SIZES = {"256x256", "512x512", "1024x1024", "1536x1024", "1024x1536", "1792x1024", "1024x1792"}
 STREAM_SIZES = {"1024x1024", "1024x1536", "1536x1024"}
@@ -30,7 +31,7 @@ ZERO_USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "te
 GENERATION_FIELDS = frozenset({
     "prompt", "negative_prompt", "model", "n", "size", "width", "height", "steps", "num_inference_steps", "guidance",
     "guidance_scale", "seed", "rng_seed", "loras", "enhance", "response_format", "background", "output_format",
-    "output_compression", "stream", "partial_images"})
+    "output_compression", "stream", "partial_images", "variety", "hires"})
 EDIT_FIELDS = GENERATION_FIELDS | {"image", "mask", "strength", "denoising_strength"}
 IGNORED = frozenset({"quality", "style", "user", "moderation"})
 REFUSED = ("sampler", "sampler_name", "scheduler", "cfg_normalization", "cfg_truncation", "latents", "clip_skip",
@@ -71,7 +72,7 @@ def parse_openai(f: Fields, cfg: ServerConfig, *, any_model: bool, edit: bool = 
     names["seed"], seed = f.seed("seed", "rng_seed")
     recipe = Recipe(prompt=prompt, negative_prompt=f.str("negative_prompt") or None, width=width, height=height,
                     seed=seed, loras=read_loras(f.first("loras")[1], cfg, strings=f.strings), enhance=f.bool("enhance"),
-                    **{"steps": cfg.default_steps, **fields})
+                    **{"steps": cfg.default_steps, **fields, **read_extras(f, names)})
     if edit:
         recipe = recipe.replace(image=image_name or "image.png", init_image=image, init_mask=mask,
                                 mask=(mask_name or "mask.png") if mask is not None else None)
