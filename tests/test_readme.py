@@ -61,7 +61,7 @@ def shell_command(args: list[str], checkpoint: Path) -> list[str]:
             next(it)
             out.append("0")
     command = out[0]
-    if command in {"generate", "serve", "enhance", "train"} and not {"-m", "--model"} & set(out):
+    if command in {"generate", "serve", "enhance", "train", "upscale"} and not {"-m", "--model"} & set(out):
         out += ["--model", str(checkpoint)]
     sized = {"--size", "--image", "--from-image", "--control"} | SIZE_OPTIONS
     if command == "generate" and not sized & set(out):

@@ -139,7 +139,7 @@ def resolve_model(name, *, components=WEIGHT_COMPONENTS, local_only: bool = Fals
         raise CheckpointError(f"model folder {name} does not exist (and it is not a Hub repo id like Tongyi-MAI/Z-Image-Turbo)")
     folder = hub_fetch(name, patterns=_model_patterns(components), local_only=local_only, fail=lambda reason: CheckpointError(
         f"cannot get {name} from the Hugging Face Hub ({reason}); if you are offline or the repo is private, "
-        f"download it once (hf download {name}) or pass a local folder (model=path)"))
+        f"download it once (hf download {name}) or give a local folder as {{model}}", "model", ("model",)))
     check_checkpoint_folder(folder)
     return folder
 
