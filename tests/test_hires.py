@@ -49,9 +49,9 @@ def test_variety_same_seed_same_pixels_and_zero_is_untouched(pipe, monkeypatch):
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - base).mean() > 0.5
 
-    import zimage_mlx.pipeline as pipeline  # variety 0 never draws its noise
+    import zimage_mlx.run as run  # variety 0 never draws its noise
 
-    monkeypatch.setattr(pipeline, "vary", lambda *a: pytest.fail("vary called at variety 0"))
+    monkeypatch.setattr(run, "vary", lambda *a: pytest.fail("vary called at variety 0"))
     pipe.generate("a fox", width=32, height=32, steps=2, seed=3)
 
 

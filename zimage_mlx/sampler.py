@@ -127,3 +127,14 @@ def apply_cfg(pos: mx.array, neg: mx.array, guidance: float, normalization: floa
         max_norm = pos_norm * factor
         pred = mx.where(pred_norm > max_norm, pred * (max_norm / pred_norm), pred)
     return pred
+
+
+@dataclass
+class Step:
+    """The state after one denoising step; `denoised` (the x0 estimate) is lazy and free unless used."""
+
+    index: int  # 0-based index of the step just taken
+    total: int
+    sigma: float  # the sigma this step started from
+    latents: mx.array  # (B, h, w, 16) float32, after the step
+    denoised: mx.array  # (B, h, w, 16) x + sigma * prediction at the step's start
