@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..memory import memory_info
 from ..recipe import Recipe
 from ..worker import FORMATS, Job
 from .core import ApiError, Server, ServerConfig, bad, load_state
@@ -61,7 +62,10 @@ def settings(job: Job) -> dict:
 
 
 def image_entries(job: Job) -> list[dict]:
-    return [{"url": f"/v1/jobs/{job.id}/images/{e.pop('index')}", **e} for e in job.image_entries()]
+    entries = [{"url": f"/v1/jobs/{job.id}/images/{e.pop('index')}", **e} for e in job.image_entries()]
+    for entry, history_id in zip(entries, job.history_ids):
+        entry["history_id"] = history_id
+    return entries
 
 
 def routes(server: Server) -> list[Route]:
@@ -148,4 +152,5 @@ class JobRoutes:
             "queue": [j.id for j in worker.queued()], "queue_size": worker.queue_size,
             "limits": {"max_side": cfg.max_side, "max_n": cfg.max_n, "max_steps": cfg.max_steps},
             "defaults": {"width": cfg.default_width, "height": cfg.default_height, "steps": cfg.default_steps},
-            "loras": list_loras(cfg)})
+            "loras": list_loras(cfg), "resident": worker.pipeline is not None, "loads": worker.loads,
+            "idle_unload": worker.idle_unload, "memory": memory_info(), "output_dir": cfg.output_dir is not None})
