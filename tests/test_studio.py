@@ -37,7 +37,8 @@ def app(worker, **cfg) -> TestClient:
 
 
 def run_job(client, **body) -> dict:
-    r = client.post("/v1/jobs", json={"size": "32x32", "steps": 2, **body})
+    body = {"size": "32x32", "steps": 2, **body}
+    r = client.post("/v1/jobs", json={k: v for k, v in body.items() if v is not None})
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["status"] in ("completed", "failed", "cancelled"))
@@ -232,5 +233,23 @@ def test_idle_unload_and_jobs_arriving_during_unload_and_reload_are_served():
         wait_for(lambda: client.get(f"/v1/jobs/{fourth}").json()["status"] == "completed", 10)
         ask.join(10)
         assert freed == [True] and len(loads) in (2, 3)
+    finally:
+        worker.shutdown(wait=5)
+
+
+def test_native_image_mask_and_strength():
+    worker = Worker(FakeEngine)
+    worker.start(timeout=10)
+    try:
+        client = app(worker)
+        buf = io.BytesIO()
+        Image.new("RGB", (48, 32), (200, 10, 10)).save(buf, format="PNG")
+        b64 = base64.b64encode(buf.getvalue()).decode()
+        job = run_job(client, prompt="p", image=b64, mask="data:image/png;base64," + b64, strength=0.4, size=None)
+        assert job["settings"]["strength"] == 0.4 and (job["settings"]["width"], job["settings"]["height"]) == (None, None)
+        made = worker.pipeline.generated[-1]
+        assert made["image"].size == (48, 32) and made["mask"].mode == "L" and made["strength"] == 0.4
+        r = client.post("/v1/jobs", json={"prompt": "p", "mask": b64})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "mask"
     finally:
         worker.shutdown(wait=5)
