@@ -178,8 +178,7 @@ def test_enhance_toggle_shows_the_rewrite(page, slow_server, tmp_path):
     page.click("#generate")
     rewrite = "a quiet harbour, rewritten with seed 11"  # the fake engine's rewrite (tests/server_fakes.py)
     sync_api.expect(page.locator("#revised")).to_contain_text(rewrite)
-    card = page.locator("#gallery .card")
-    sync_api.expect(card).to_have_count(1)
+    card = page.locator("#gallery .card").first  # the newest (the gallery also lists the server's history)
     sync_api.expect(card.locator(".prompt")).to_have_text(rewrite)
     assert jobs[0][0]["enhance"] is True
     screenshot(page, tmp_path, "page-enhance.png")
@@ -224,3 +223,106 @@ def test_api_key_and_cancel(page, tmp_path):
         assert page.evaluate("document.querySelector('#gallery .card img').naturalWidth") == 64
         assert card.locator("a[download]").get_attribute("href").startswith("blob:")
         screenshot(page, tmp_path, "page-api-key.png")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 29: image to image and inpainting from the page, the form and the gallery across a reload
+
+
+@pytest.fixture()
+def studio_server(reference_checkpoint, tmp_path):
+    from zimage_mlx.pipeline import ZImagePipeline
+
+    with live_server(lambda: ZImagePipeline.from_pretrained(reference_checkpoint, dtype="float32"),
+                     output_dir=tmp_path / "outputs") as s:
+        yield s
+
+
+def finished_image(server, job_id) -> bytes:
+    import time
+
+    for _ in range(600):
+        job = get(server, f"/v1/jobs/{job_id}")
+        if job["status"] in ("completed", "failed", "cancelled"):
+            break
+        time.sleep(0.1)
+    assert job["status"] == "completed", job
+    return httpx.get(server.url + job["images"][0]["url"], timeout=10).content
+
+
+def api_image(server, body) -> bytes:
+    r = httpx.post(server.url + "/v1/jobs", json=body, timeout=30)
+    assert r.status_code == 202, r.text
+    return finished_image(server, r.json()["id"])
+
+
+def same_pixels(a: bytes, b: bytes) -> bool:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.array_equal(np.asarray(Image.open(io.BytesIO(a)).convert("RGB")),
+                          np.asarray(Image.open(io.BytesIO(b)).convert("RGB")))
+
+
+def test_image_to_image_and_inpainting_from_the_page_equal_the_api(page, studio_server, tmp_path):
+    import base64
+
+    import numpy as np
+    from PIL import Image
+
+    start = tmp_path / "start.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(start)
+    b64 = base64.b64encode(start.read_bytes()).decode()
+    jobs = posted_jobs(page)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(studio_server.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent !== 'connecting…'")
+    page.fill("#prompt", "a harbour at night")
+    page.fill("#steps", "2")
+    page.fill("#seed", "11")
+    page.set_input_files("#image", str(start))
+    sync_api.expect(page.locator("#edit")).to_be_visible()
+    page.wait_for_function("document.getElementById('width').value === '64'")
+    page.fill("#strength", "0.5")
+    page.click("#generate")
+    sync_api.expect(page.locator("#gallery .card")).to_have_count(1, timeout=120_000)
+    body, created = jobs[0]
+    assert body["image"] == "data:image/png;base64," + b64 and body["strength"] == 0.5 and "mask" not in body
+    settings = {"prompt": "a harbour at night", "size": "64x64", "steps": 2, "seed": 11, "strength": 0.5}
+    assert same_pixels(finished_image(studio_server, created["id"]), api_image(studio_server, {**settings, "image": b64}))
+    screenshot(page, tmp_path, "page-img2img.png")
+
+    box = page.locator("#mask").bounding_box()  # paint two strokes with the mouse, then one erased dab
+    page.fill("#brush-size", "20")
+    for y in (0.3, 0.7):
+        page.mouse.move(box["x"] + 0.1 * box["width"], box["y"] + y * box["height"])
+        page.mouse.down()
+        page.mouse.move(box["x"] + 0.9 * box["width"], box["y"] + y * box["height"], steps=8)
+        page.mouse.up()
+    page.click("#eraser")
+    page.mouse.click(box["x"] + 0.5 * box["width"], box["y"] + 0.3 * box["height"])
+    mask = page.evaluate("document.getElementById('mask').toDataURL('image/png')")
+    painted = np.asarray(Image.open(__import__("io").BytesIO(base64.b64decode(mask.split(",")[1]))).convert("L"))
+    assert 0.1 < (painted > 127).mean() < 0.9  # some painted, some not
+    page.click("#generate")
+    sync_api.expect(page.locator("#gallery .card")).to_have_count(2, timeout=120_000)
+    body, created = jobs[1]
+    assert body["mask"] == mask
+    assert same_pixels(finished_image(studio_server, created["id"]),
+                       api_image(studio_server, {**settings, "image": b64, "mask": mask.split(",")[1]}))
+    screenshot(page, tmp_path, "page-inpaint.png")
+
+    page.reload()  # the form (image and mask too) and the gallery (--output-dir) are still there
+    page.wait_for_function("document.getElementById('model').textContent !== 'connecting…'")
+    assert page.input_value("#prompt") == "a harbour at night" and page.input_value("#seed") == "11"
+    assert page.input_value("#strength") == "0.5" and page.input_value("#steps") == "2"
+    sync_api.expect(page.locator("#edit")).to_be_visible()
+    sync_api.expect(page.locator("#gallery .card")).to_have_count(4)  # the page's two and the API's two
+    page.fill("#seed", "99")
+    page.locator("#gallery .card .reuse").first.click()  # Reuse puts the newest image's settings back
+    assert page.input_value("#seed") == "11"
+    screenshot(page, tmp_path, "page-reloaded.png")
+    assert not errors

@@ -99,6 +99,7 @@ class Job:
         self.images: list[bytes] = []  # encoded, with metadata
         self.recipes: list[Recipe] = []  # each image's own recipe (what its metadata holds)
         self.revised_prompts: list[str] = []  # with enhance: the rewrite each image was made from
+        self.history_ids: list[str] = []  # what `Worker.on_done` recorded them as (e.g. a history's ids)
         self.error: JobError | None = None
         self.preview_b64: str | None = None  # the newest step's JPEG preview
         self.created = time.time()
@@ -197,12 +198,17 @@ class Worker:
     `run(recipe, on_step=, cancel=, on_enhanced=, batch_size=)` and `fast_preview(step, size=)`.
     `queue_size` bounds the jobs waiting (the running one not counted).
 
-    `state`: idle (not started), loading, ready, failed (`load_error` says why) or stopped. While it loads,
-    `load_progress` is {"phase", "fraction"} as the load function reports it with `report_load`; jobs
-    submitted meanwhile wait in the queue, and fail (kind "load") if the load fails.
+    `state`: idle (not started), loading, ready, unloaded, failed (`load_error` says why) or stopped. While
+    it loads, `load_progress` is {"phase", "fraction"} as the load function reports it with `report_load`;
+    jobs submitted meanwhile wait in the queue, and fail (kind "load") if the load fails.
+
+    Memory: after `idle_unload` seconds without a job (None: never), or when `unload()` asks, the worker
+    drops the pipeline and MLX's cache (state "unloaded"); the next job loads it again first ("loading").
+    `on_done(job)`, if set, runs on the worker thread for every completed job before its `done` event.
     """
 
-    def __init__(self, load_pipeline: Callable[[], object], queue_size: int = 8, *, name: str = "zimage-worker"):
+    def __init__(self, load_pipeline: Callable[[], object], queue_size: int = 8, *, name: str = "zimage-worker",
+                 idle_unload: float | None = None):
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         self.load_pipeline = load_pipeline
@@ -218,13 +224,19 @@ class Worker:
         self.load_error: BaseException | None = None
         self.load_progress: dict = {"phase": None, "fraction": None}
         self._state = "idle"
+        self.idle_unload = idle_unload
+        self.on_done: Callable[[Job], None] | None = None
+        self.loads = 0  # how many times the pipeline was loaded
+        self._last_active = time.monotonic()
+        self._unload_asked = False
+        self._unloaded = threading.Event()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
 
     # -- life cycle -----------------------------------------------------------------------------------
     @property
     def state(self) -> str:
         """idle, loading, ready, failed or stopped."""
-        return "stopped" if self.stopping and self._state == "ready" else self._state
+        return "stopped" if self.stopping and self._state in ("ready", "unloaded") else self._state
 
     def start(self, timeout: float | None = None, *, wait: bool = True) -> None:
         """Start the worker thread, which loads the pipeline. With `wait` (the default), wait until it has
@@ -293,6 +305,17 @@ class Worker:
                 self._renumber()
         return True
 
+    def unload(self, timeout: float | None = None) -> bool:
+        """Ask the worker to free the pipeline as soon as it is idle (after the queued jobs). Waits up to
+        `timeout` seconds (None: forever; 0: not at all); True once nothing is resident."""
+        with self._cond:
+            if self.pipeline is None and self._state != "loading":
+                return True
+            self._unloaded.clear()
+            self._unload_asked = True
+            self._cond.notify_all()
+        return self._unloaded.wait(timeout) if timeout != 0 else False
+
     def queued(self) -> list[Job]:
         with self._cond:
             return list(self._queue)
@@ -306,19 +329,55 @@ class Worker:
     # -- the worker thread ----------------------------------------------------------------------------
     def _main(self) -> None:
         self.thread_ident = threading.get_ident()
-        try:
-            self.pipeline = self.load_pipeline()
-        except BaseException as e:  # noqa: BLE001 - handed to start() / wait_loaded(), and in `state`
-            self._load_failed(e)
+        if not self._load():
             return
-        self._state = "ready"
         self._ready.set()
         while (job := self._take()) is not None:
             try:
+                if self.pipeline is None and not self._load():  # unloaded while idle: load again first
+                    self._fail(job, JobError("load", f"the model failed to load: {self.load_error}", None,
+                                             self.load_error))
+                    return
                 self._run(job)
             finally:
                 with self._cond:
                     self.running = None
+                self._last_active = time.monotonic()
+
+    def _load(self) -> bool:
+        self._state = "loading"
+        try:
+            self.pipeline = self.load_pipeline()
+        except BaseException as e:  # noqa: BLE001 - handed to start() / wait_loaded(), and in `state`
+            self._load_failed(e)
+            return False
+        self.loads += 1
+        self._state = "ready"
+        self._last_active = time.monotonic()
+        return True
+
+    def _unload(self) -> None:
+        """On the worker thread: drop the pipeline (its arrays are freed with it) and MLX's buffer cache."""
+        import gc
+
+        if self.pipeline is not None:
+            self.pipeline = None
+            gc.collect()
+            clear_cache()
+            log.info("models unloaded (%s)", "asked" if self._unload_asked else f"idle {self.idle_unload:g} s")
+        self._state = "unloaded"
+        self._unload_asked = False
+        self._unloaded.set()
+
+    def _idle_wait(self) -> float | None:
+        """How long the queue may stay empty before the pipeline is unloaded (0: now; None: never)."""
+        if self.pipeline is None:
+            return None
+        if self._unload_asked:
+            return 0.0
+        if self.idle_unload is None:
+            return None
+        return max(0.0, self._last_active + self.idle_unload - time.monotonic())
 
     def _load_failed(self, e: BaseException) -> None:
         """No pipeline: refuse new jobs and fail the queued ones (kind "load")."""
@@ -333,16 +392,20 @@ class Worker:
         self._ready.set()
 
     def _take(self) -> Job | None:
-        with self._cond:
-            while not self._queue and not self.stopping:
-                self._cond.wait()
-            if self.stopping:
-                return None
-            job = self._queue.popleft()
-            self.running = job
-            job.position = None
-            self._renumber()
-            return job
+        """The next job, waiting for one; meanwhile unload the pipeline when `_idle_wait` says so."""
+        while True:
+            with self._cond:
+                while not self._queue and not self.stopping and (wait := self._idle_wait()) != 0.0:
+                    self._cond.wait(wait)
+                if self.stopping:
+                    return None
+                if self._queue:
+                    job = self._queue.popleft()
+                    self.running = job
+                    job.position = None
+                    self._renumber()
+                    return job
+            self._unload()
 
     def _renumber(self) -> None:
         """Tell every queued job whose position changed (call with the lock held)."""
@@ -372,6 +435,11 @@ class Worker:
             self._failed(job, e)
             return
         job.images, job.recipes = encoded, recipes
+        if self.on_done is not None:
+            try:
+                self.on_done(job)
+            except Exception:  # noqa: BLE001 - the images are made: a failure to record them is only logged
+                log.error("job %s: recording its images failed:\n%s", job.id, traceback.format_exc())
         job.finished = time.time()
         self.last_job_seconds = job.finished - job.started
         job.status = "completed"

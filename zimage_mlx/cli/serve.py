@@ -38,9 +38,15 @@ from .options import bits, dtype_option, low_memory_option, model_option, quanti
               help="Largest request body, in MB (uploads included); larger ones get 413.")
 @click.option("--allowed-host", "allowed_host", multiple=True, metavar="NAME",
               help="Also accept this Host header (besides localhost, 127.0.0.1, [::1], host.docker.internal); repeat.")
+@click.option("--output-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Write every finished image here (PNG with its recipe, as `generate` writes it), indexed for "
+                   "GET /v1/history and the page's gallery; kept across restarts. Without it the last 200 are "
+                   "kept in memory.")
+@click.option("--idle-unload", type=click.FloatRange(min=1), metavar="SECONDS",
+              help="Free the models after this long without a job; the next job loads them again.")
 @click.option("--insecure-no-auth", is_flag=True, help="Allow a non-loopback --host without --api-key.")
 def serve(model, quantize, low_memory, dtype, host, port, api_key, queue_size, lora_dir, max_side, max_n, max_steps,
-          max_body, allowed_host, insecure_no_auth):
+          max_body, allowed_host, output_dir, idle_unload, insecure_no_auth):
     """Serve the model over HTTP: the OpenAI images API, an A1111 subset, a job API with live previews, and a
     web page at /. Prints `listening on http://HOST:PORT` at once, then loads the model: /health says
     `loading` until it is ready, and requests sent meanwhile wait in the queue.
@@ -78,8 +84,10 @@ def serve(model, quantize, low_memory, dtype, host, port, api_key, queue_size, l
                        allowed_hosts=allowed_hosts(host, allowed_host), max_side=max_side, max_n=max_n,
                        max_steps=max_steps, max_body=int(max_body * 2**20),
                        lora_dir=Path(lora_dir) if lora_dir else None,
+                       output_dir=Path(output_dir).expanduser() if output_dir else None,
                        default_width=min(1024, max_side), default_height=min(1024, max_side))
-    runner = Worker(lambda: load_model(runner, model, dtype, quantize, low_memory), queue_size=queue_size)
+    runner = Worker(lambda: load_model(runner, model, dtype, quantize, low_memory), queue_size=queue_size,
+                    idle_unload=idle_unload)
     with expected_errors():  # a load failure: one line, exit 1
         run_server(runner, cfg, host, port, sock=sock, announce=lambda line: click.echo(line) or sys.stdout.flush())
     # Shut down cleanly (jobs answered, worker stopped). MLX 0.32 on Linux aborts now and then in its static

@@ -32,6 +32,7 @@ from .a1111 import routes as a1111_routes
 from .jobs import routes as job_routes
 from .openai import routes as openai_routes
 from .page import routes as page_routes
+from .studio import routes as studio_routes
 from .core import LOOPBACK_NAMES, ApiError, Server, ServerConfig, bad
 
 log = logging.getLogger("zimage_mlx.server")
@@ -177,7 +178,7 @@ def machine_names() -> set[str]:
 def create_app(worker: Worker, cfg: ServerConfig | None = None) -> Starlette:
     """The ASGI app around a started worker."""
     server = Server(worker, cfg or ServerConfig())
-    routes = page_routes(server) + openai_routes(server) + job_routes(server) + a1111_routes(server)
+    routes = page_routes(server) + openai_routes(server) + job_routes(server) + a1111_routes(server) + studio_routes(server)
 
     async def api_error(request, exc: ApiError):
         return exc.response()

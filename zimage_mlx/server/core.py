@@ -38,6 +38,8 @@ class ServerConfig:
     default_steps: int = 8
     ping_seconds: float = 15.0
     keep_jobs: int = 64  # finished native jobs kept for GET /v1/jobs/{id}
+    output_dir: Path | None = None  # every finished image written here and indexed (None: the last few in memory)
+    history_keep: int = 200  # without output_dir: images kept in memory for GET /v1/history
     static_dir: Path = field(default_factory=lambda: PACKAGE_DIR / "static")
 
     def __post_init__(self):
@@ -109,7 +111,7 @@ def load_state(worker: Worker) -> dict:
     """The model's state for /health and /v1/status: state (loading, ready, failed, stopped), and while
     loading the phase and fraction the loader reported, or when it failed the reason."""
     state = worker.state
-    out = {"state": "loading" if state == "idle" else state}
+    out = {"state": "loading" if state == "idle" else state}  # unloaded: freed while idle, loaded by the next job
     if out["state"] == "loading":
         out.update(phase=worker.load_progress.get("phase"), fraction=worker.load_progress.get("fraction"))
     if state == "failed":
@@ -127,12 +129,21 @@ def shutting_down() -> ApiError:
 
 
 class Server:
-    """One worker, the config, and the native jobs kept by id."""
+    """One worker, the config, the native jobs kept by id, and the history of finished images."""
 
     def __init__(self, worker: Worker, cfg: ServerConfig):
+        from ..history import open_history
+
         self.worker = worker
         self.cfg = cfg
         self.jobs: dict[str, Job] = {}
+        self.history = open_history(cfg.output_dir, cfg.history_keep)
+        worker.on_done = self.record
+
+    def record(self, job: Job) -> None:
+        """On the worker thread, before the job's `done`: each image into the history (job.history_ids)."""
+        for data, recipe in zip(job.images, job.recipes):
+            job.history_ids.append(self.history.add(data, recipe, job.options.output_format)["id"])
 
     def submit(self, recipe, **options) -> Job:
         try:

@@ -12,14 +12,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..memory import memory_info
 from ..recipe import Recipe
 from ..worker import FORMATS, Job
 from .core import ApiError, Server, ServerConfig, bad, load_state
 from .fields import Fields, check_recipe, list_loras, parse_size, read_json, read_loras
-from .fields import read_extras
+from .fields import decode_base64_image, read_extras
 
 NATIVE_FIELDS = frozenset({"prompt", "negative_prompt", "width", "height", "size", "steps", "seed", "n", "guidance",
-                           "loras", "enhance", "output_format", "previews", "variety", "hires"})
+                           "loras", "enhance", "output_format", "previews", "variety", "hires",
+                           "image", "mask", "strength"})
 NAMES = {"num_images": "n"}
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
@@ -33,20 +35,38 @@ def parse_native(body: dict, cfg: ServerConfig) -> tuple[Recipe, dict]:
     f = Fields(body, known=NATIVE_FIELDS)
     prompt = f.str("prompt", required=True)
     names = dict(NAMES)
+    image, mask, strength = read_images(f, cfg)
     if f.has("size"):
         if f.has("width") or f.has("height"):
             raise bad("size", "give size or width and height, not both")
         names.update(width="size", height="size")
         size = parse_size(f.str("size")) or (cfg.default_width, cfg.default_height)
     else:
-        size = (f.raw("width")[1] or cfg.default_width, f.raw("height")[1] or cfg.default_height)
+        default = (None, None) if image is not None else (cfg.default_width, cfg.default_height)  # the image's
+        size = (f.raw("width")[1] or default[0], f.raw("height")[1] or default[1])
     given = {k: v for k, v in (("steps", f.raw("steps")[1]), ("guidance", f.raw("guidance")[1]),
                                ("num_images", f.raw("n")[1])) if v is not None}
     recipe = Recipe(prompt=prompt, negative_prompt=f.str("negative_prompt") or None, width=size[0], height=size[1],
                     seed=f.seed("seed")[1], loras=read_loras(f.first("loras")[1], cfg), enhance=f.bool("enhance"),
                     **{"steps": cfg.default_steps, **given, **read_extras(f, names)})
+    if image is not None:
+        recipe = recipe.replace(image="image.png", init_image=image, init_mask=mask, strength=strength,
+                                mask="mask.png" if mask is not None else None)
     options = {"output_format": f.choice("output_format", FORMATS, "png"), "previews": f.bool("previews", True)}
     return check_recipe(recipe, cfg, names), options
+
+
+def read_images(f: Fields, cfg: ServerConfig):
+    """image (base64 or a data: URL), mask (the same; white = repaint) and strength: (image, mask, strength)."""
+    image, mask, strength = f.first("image")[1], f.first("mask")[1], f.raw("strength")[1]
+    if image is None:
+        for name, value in (("mask", mask), ("strength", strength)):
+            if value is not None:
+                raise bad(name, f"{name} needs an image")
+        return None, None, None
+    image = decode_base64_image(image, "image", cfg).convert("RGB")
+    mask = None if mask is None else decode_base64_image(mask, "mask", cfg).convert("L")
+    return image, mask, strength
 
 
 def settings(job: Job) -> dict:
@@ -55,13 +75,16 @@ def settings(job: Job) -> dict:
             "steps": r.steps, "seed": r.seed, "n": r.num_images, "guidance": r.guidance,
             "loras": [{"name": x.name, "scale": x.scale} for x in r.loras or []],
             "output_format": job.options.output_format, "previews": job.options.previews, "enhance": r.enhance,
-            "variety": r.variety, "hires": None if r.hires_scale is None else {
+            "variety": r.variety, "strength": r.strength if r.has_image else None, "hires": None if r.hires_scale is None else {
                 "scale": r.hires_scale, "strength": r.hires_strength, "steps": r.hires_steps or r.steps,
                 "upscaler": r.hires_upscaler}}
 
 
 def image_entries(job: Job) -> list[dict]:
-    return [{"url": f"/v1/jobs/{job.id}/images/{e.pop('index')}", **e} for e in job.image_entries()]
+    entries = [{"url": f"/v1/jobs/{job.id}/images/{e.pop('index')}", **e} for e in job.image_entries()]
+    for entry, history_id in zip(entries, job.history_ids):
+        entry["history_id"] = history_id
+    return entries
 
 
 def routes(server: Server) -> list[Route]:
@@ -148,4 +171,5 @@ class JobRoutes:
             "queue": [j.id for j in worker.queued()], "queue_size": worker.queue_size,
             "limits": {"max_side": cfg.max_side, "max_n": cfg.max_n, "max_steps": cfg.max_steps},
             "defaults": {"width": cfg.default_width, "height": cfg.default_height, "steps": cfg.default_steps},
-            "loras": list_loras(cfg)})
+            "loras": list_loras(cfg), "resident": worker.pipeline is not None, "loads": worker.loads,
+            "idle_unload": worker.idle_unload, "memory": memory_info(), "output_dir": cfg.output_dir is not None})

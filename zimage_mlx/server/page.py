@@ -1,6 +1,7 @@
 """The documents the server hands out as they are: the web page at /, /openapi.json, and /health.
 
-/health needs no key and carries no secret: {"status": "ok", "model": "ready"} once the model is loaded;
+/health needs no key and carries no secret: {"status": "ok", "model": "ready"} once the model is loaded
+({"status": "ok", "model": "unloaded"} after --idle-unload or POST /v1/unload freed it);
 while it loads {"status": "loading", "model": "loading", "phase", "fraction"} (200: requests sent now wait in
 the queue); {"status": "failed", "model": "failed", "error"} with 503 if the load failed."""
 
@@ -25,8 +26,8 @@ def routes(server: Server) -> list[Route]:
 
     async def health(request):
         state = load_state(server.worker)
-        if state["state"] == "ready":
-            return JSONResponse({"status": "ok", "model": "ready"})
+        if state["state"] in ("ready", "unloaded"):  # unloaded: freed while idle; the next job loads it
+            return JSONResponse({"status": "ok", "model": state["state"]})
         body = {"status": state["state"], "model": state["state"], **{k: v for k, v in state.items() if k != "state"}}
         return JSONResponse(body, 503 if state["state"] in ("failed", "stopped") else 200)
 
