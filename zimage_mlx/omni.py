@@ -269,3 +269,42 @@ class OmniDiT:
         # Items run one at a time (positive and negative have different lengths; diffusers masks a padded batch,
         # the same arithmetic).
         return mx.stack([omni_forward(self.dit, x[i], t[i: i + 1], caps[i], self.cond) for i in range(x.shape[0])])
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks and loading (the pipeline's side)
+
+
+def reference_size(image) -> tuple[int, int]:
+    """The output (width, height) a run takes from its last reference when no size is given: the reference as
+    resized for SigLIP (at most 1024x1024 of area), rounded down to multiples of 16 (diffusers' rule)."""
+    w, h = resized_reference(image).size
+    return max(16, w // 16 * 16), max(16, h // 16 * 16)
+
+
+def check_references(recipe) -> None:
+    """A recipe's references: at most MAX_REFERENCES, each large enough and not too elongated, and not mixed with
+    an input image or control images (not supported with Omni yet)."""
+    n = max(len(recipe.reference_images), len(recipe.reference_pixels))
+    if n > MAX_REFERENCES:
+        raise InputError(f"{n} reference images: at most {MAX_REFERENCES}", "reference_images")
+    for k, im in enumerate(recipe.reference_pixels):
+        check_reference(im, f"reference image {k + 1}")
+    if recipe.has_image or recipe.controls:
+        raise InputError("{reference_images} cannot be combined with an input {image} or control images yet",
+                         "reference_images", ("reference_images", "image"))
+
+
+def is_omni_folder(root) -> bool:
+    """Whether a checkpoint folder is Z-Image-Omni's: its model_index.json names `siglip` and `siglip_processor`."""
+    import json
+    from pathlib import Path
+
+    index = Path(root) / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        names = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return False
+    return "siglip" in names and "siglip_processor" in names

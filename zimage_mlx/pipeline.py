@@ -95,6 +95,9 @@ class ZImagePipeline:
         self._owner = threading.get_ident()
         self.parallel = None  # a distributed.Parallel when loaded with a group of several ranks
         self.transformer_file: str | None = None  # the DiT file that replaced the checkpoint's (its name)
+        self.siglip = None  # Omni: the SigLIP2 tower (None while freed in low-memory mode)
+        self.siglip_processor = None  # Omni: its processor's settings; set for an Omni folder (see omni.py)
+        self._omni_cache = None  # (reference list, size, OmniConditions) of the current call
 
     def _check_thread(self) -> None:
         if threading.get_ident() != self._owner:
@@ -179,7 +182,20 @@ class ZImagePipeline:
         pipe.reason = choice.reason
         if not low_memory:
             pipe.text_encoder = pipe._load_text_encoder()
+        from .omni import is_omni_folder
+
+        if is_omni_folder(root):
+            from .siglip import SiglipProcessor
+
+            pipe.siglip_processor = SiglipProcessor.from_pretrained(root / "siglip_processor")
+            if not low_memory:
+                pipe.siglip = pipe._load_siglip()
         return pipe
+
+    def _load_siglip(self):
+        from .siglip import SiglipVisionModel
+
+        return SiglipVisionModel.from_pretrained(self.root / "siglip", dtype="bfloat16" if self.dtype == "float16" else self.dtype)
 
     @classmethod
     def _with_dit_file(cls, model, file, dtype: str, quantize: int | None, low_memory: bool) -> "ZImagePipeline":
@@ -321,7 +337,7 @@ class ZImagePipeline:
                 cfg_normalization: float | bool = False, cfg_truncation: float = 1.0, mask: mx.array | None = None,
                 image_latents: mx.array | None = None, noise: mx.array | None = None,
                 control=None, early_embeds: list[mx.array] | None = None, early_steps: int = 0,
-                tile: int | None = None) -> Iterator[Step]:
+                tile: int | None = None, omni=None) -> Iterator[Step]:
         """Run the sampler, yielding a `Step` after each DiT step (len(sigmas) - 1 of them).
 
         prompt_embeds: one caption per latent; latents: (B, h, w, 16) float32 latents at sigmas[0] (pure
@@ -337,6 +353,8 @@ class ZImagePipeline:
         early_embeds (one per latent) replace prompt_embeds for the first `early_steps` steps (variety).
         tile: compute each step's velocity on overlapping tiles of `tile` pixels a side, blended (MultiDiffusion,
         see zimage_mlx.tiles); not with `control`.
+        omni: an `omni.OmniConditions` (references encoded; empty for text only) runs an Omni DiT's omni sequence;
+        each prompt embedding is then the list of its caption segments' features (omni.encode_segments).
 
         A float16 DiT (the scaled graph) is checked after every step: if the step's output holds a non-finite
         value, the step is redone with bfloat16 GEMMs (the float16 weights cast to bfloat16 as each layer
@@ -349,6 +367,10 @@ class ZImagePipeline:
         dit = self._dit()
         if tile is not None and control is None:
             dit = TiledDiT(dit, tile)
+        if omni is not None:
+            from .omni import OmniDiT
+
+            dit = OmniDiT(dit, omni)
         x = latents.astype(mx.float32)
         total = len(sigmas) - 1
         guard = dit.scaled and dit.dtype == mx.float16  # one isfinite reduction per step, evaluated with it
@@ -506,7 +528,7 @@ class ZImagePipeline:
                  control_image=None, control_scale: float | list[float] | None = None, control_start: float = 0.0,
                  control_end: float = 1.0, variety: float = 0.0, variety_until: float = 0.5,
                  hires_scale: float | None = None, hires_strength: float = 0.35, hires_steps: int | None = None,
-                 hires_upscaler: str = "lanczos", tile: int | None = None) -> list:
+                 hires_upscaler: str = "lanczos", tile: int | None = None, reference_images=None) -> list:
         """Generate images; returns a list of PIL images, prompt-major (all images of prompt 0 first). `prompt`
         is a string, a list of them, or a `Recipe` (then the other keywords but the run's own, `latents`,
         `release_transformer`, `on_step` and `cancel`, must be left out). Each image carries its seed
@@ -566,7 +588,7 @@ class ZImagePipeline:
             image_latents=image_latents, control_image=control_image, control_scale=control_scale,
             control_start=control_start, control_end=control_end, variety=variety, variety_until=variety_until,
             hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps,
-            hires_upscaler=hires_upscaler, tile=tile)
+            hires_upscaler=hires_upscaler, tile=tile, reference_images=reference_images)
         return self.run(recipe, **run)
 
     def upscale(self, image, *, scale: float = 2.0, prompt: str | None = None, strength: float | None = None,
@@ -646,6 +668,9 @@ class ZImagePipeline:
         if not isinstance(recipe, Recipe):
             raise TypeError(f"expected a Recipe, got {type(recipe).__name__}")
         recipe = recipe.validate().settle().validate()
+        if recipe.reference_images and self.siglip_processor is None:
+            raise InputError("{reference_images} need a Z-Image-Omni model (a folder with siglip/ and "
+                             "siglip_processor/)", "reference_images", ("reference_images",))
         if recipe.controls and self.controlnet is None:
             raise InputError("{controls} need a ControlNet: call load_controlnet(...) first", "controls", ("controls",))
         self._dit().check_sizes(recipe.height // 8, recipe.width // 8, [1])
@@ -727,6 +752,8 @@ class ZImagePipeline:
 
     def _denoise_batch(self, batch, latents, sigmas, control, inpaint, prompts, release, on_step, cancel):
         r = batch[0]
+        if self.siglip_processor is not None:  # an Omni folder: always the omni sequence (omni.py)
+            return self._denoise_omni(batch, latents, sigmas, release, on_step, cancel)
         negatives = [x.negative_prompt or "" for x in batch] if r.guidance > 0 else []
         self._encode_chunk(batch[0].prompt, prompts, negatives[:1], r.max_sequence_length, release)
         feats = self.encode_prompt([x.prompt for x in batch] + negatives, r.max_sequence_length)
@@ -744,6 +771,54 @@ class ZImagePipeline:
                 on_step(step)
             _check_cancel(cancel)
         return latents
+
+    def _denoise_omni(self, batch, latents, sigmas, release, on_step, cancel):
+        """An Omni folder's denoising: the references encoded once per call, each prompt split around them."""
+        from .omni import encode_segments, prompt_segments
+
+        r = batch[0]
+        cond = self._omni_conditions(r)
+        encoder = self.text_encoder or self._load_text_encoder()
+        prompts = [x.prompt for x in batch] + ([x.negative_prompt or "" for x in batch] if r.guidance > 0 else [])
+        feats = [encode_segments(encoder, prompt_segments(p, len(cond)), r.max_sequence_length) for p in prompts]
+        mx.eval(feats)
+        if self.text_encoder is None:
+            encoder.release()
+        elif release or self.low_memory:
+            self.release_text_encoder()
+        del encoder
+        pos, neg = feats[: len(batch)], feats[len(batch):] or None
+        for step in self.denoise(pos, latents, sigmas, negative_embeds=neg, guidance=r.guidance,
+                                 cfg_normalization=r.cfg_normalization, cfg_truncation=r.cfg_truncation, omni=cond):
+            latents = step.latents
+            if on_step is not None:
+                on_step(step)
+            _check_cancel(cancel)
+        return latents
+
+    def _omni_conditions(self, r: Recipe):
+        """The recipe's references encoded (VAE latents, mode; SigLIP grids), once per call: the batches of one
+        call share the opened list. The SigLIP tower is loaded for the encoding in low-memory mode."""
+        from .omni import OmniConditions, reference_pixels, resized_reference
+
+        key = (r.width, r.height)
+        if self._omni_cache is not None and self._omni_cache[0] is r.reference_pixels and self._omni_cache[1] == key:
+            return self._omni_cache[2]
+        refs = [resized_reference(im, r.width, r.height) for im in r.reference_pixels]
+        latents, grids = [], []
+        if refs:
+            tower = self.siglip or self._load_siglip()
+            for im in refs:
+                mean, _ = self.vae.posterior(reference_pixels(im))  # (1, h, w, 16): the mode, as diffusers
+                latents.append(self.vae.scale_latents(mean)[0])
+                grids.append(tower.encode(self.siglip_processor, im).astype(mx.float32))
+                mx.eval(latents[-1], grids[-1])
+            del tower
+            if self.siglip is None:
+                mx.clear_cache()
+        cond = OmniConditions(latents, grids)
+        self._omni_cache = (r.reference_pixels, key, cond)
+        return cond
 
     def _encode_chunk(self, prompt: str, prompts: list[str], negative: list[str], max_sequence_length: int,
                       release: bool) -> None:
@@ -811,7 +886,8 @@ def batches(prompts: list[str], size: int | None):
 
 
 def recipe_from_keywords(prompt, *, negative_prompt=None, seed=None, num_images=1, image=None, mask=None,
-                         image_latents=None, control_image=None, control_scale=None, **fields) -> Recipe:
+                         image_latents=None, control_image=None, control_scale=None, reference_images=None,
+                         **fields) -> Recipe:
     """generate()'s keywords as a Recipe: a seed list is one seed per image; images and masks are opened."""
     check_prompts(prompt, "prompt")
     if isinstance(fields.get("cfg_normalization"), bool):  # True meant 1.0
@@ -837,4 +913,13 @@ def recipe_from_keywords(prompt, *, negative_prompt=None, seed=None, num_images=
                   seed=seed, num_images=num_images, image=file_name(image), mask=file_name(mask),
                   init_image=None if image is None else open_image(image, "image"),
                   init_mask=None if mask is None else open_image(mask, "mask"), init_latents=image_latents,
-                  controls=controls, **fields)
+                  controls=controls, **_references(reference_images), **fields)
+
+
+def _references(images) -> dict:
+    """reference_images (a path or PIL image, or a list of them) as the recipe's names and opened images."""
+    if images is None:
+        return {}
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    return dict(reference_images=[file_name(x) for x in images],
+                reference_pixels=[open_image(x, "reference image", "reference_images") for x in images])
