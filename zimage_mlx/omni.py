@@ -288,6 +288,10 @@ def check_references(recipe) -> None:
     n = max(len(recipe.reference_images), len(recipe.reference_pixels))
     if n > MAX_REFERENCES:
         raise InputError(f"{n} reference images: at most {MAX_REFERENCES}", "reference_images")
+    if len(recipe.reference_pixels) != len(recipe.reference_images):
+        names = ", ".join(str(x) for x in recipe.reference_images)
+        raise InputError(f"the recipe names {len(recipe.reference_images)} reference image(s) ({names}) but carries "
+                         f"{len(recipe.reference_pixels)}: give them again (reference_images=...)", "reference_images")
     for k, im in enumerate(recipe.reference_pixels):
         check_reference(im, f"reference image {k + 1}")
     if recipe.has_image or recipe.controls:

@@ -577,6 +577,10 @@ class ZImagePipeline:
         (default: steps); hires_upscaler "lanczos" (the decoded image) or "latent" (see zimage_mlx.hires).
         tile: a pass from an image (image to image, the hires pass) larger than `tile` pixels a side is denoised in
         overlapping tiles, blended every step (MultiDiffusion: a lower peak); the hires pass's default is 1024.
+        reference_images (a Z-Image-Omni folder only): a path or PIL image, or a list of up to 4, each encoded once
+        per call at its own size (VAE latents and SigLIP2 features, see zimage_mlx.omni); without width and height
+        the output takes the last reference's size. An Omni folder runs text-only prompts through the omni
+        sequence as well.
         """
         run = dict(latents=latents, release_transformer=release_transformer, on_step=on_step, cancel=cancel)
         if isinstance(prompt, Recipe):
