@@ -219,3 +219,8 @@ def test_turbo_refuses_references(reference_checkpoint):
     assert pipe.siglip_processor is None
     with pytest.raises(InputError, match="Z-Image-Omni"):
         pipe.generate("a fox", reference_images=REFS[:1], width=64, height=64, steps=1)
+
+
+def test_unsupported_options_are_refused(omni_pipe):
+    with pytest.raises(InputError, match="variety"):
+        omni_pipe.generate("a fox", width=64, height=64, steps=1, variety=0.5)

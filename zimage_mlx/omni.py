@@ -299,6 +299,15 @@ def check_references(recipe) -> None:
                          "reference_images", ("reference_images", "image"))
 
 
+def check_omni_run(recipe, dtype: str) -> None:
+    """What an Omni folder's run does not support yet, refused before any work."""
+    if dtype == "float16":
+        raise InputError("Omni runs in float32 or bfloat16, not float16: load with dtype='bfloat16'", "dtype")
+    for name in ("variety", "tile"):
+        if getattr(recipe, name):
+            raise InputError(f"{{{name}}} is not supported with Z-Image-Omni yet", name, (name,))
+
+
 def is_omni_folder(root) -> bool:
     """Whether a checkpoint folder is Z-Image-Omni's: its model_index.json names `siglip` and `siglip_processor`."""
     import json

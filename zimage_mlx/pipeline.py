@@ -675,6 +675,10 @@ class ZImagePipeline:
         if recipe.reference_images and self.siglip_processor is None:
             raise InputError("{reference_images} need a Z-Image-Omni model (a folder with siglip/ and "
                              "siglip_processor/)", "reference_images", ("reference_images",))
+        if self.siglip_processor is not None:
+            from .omni import check_omni_run
+
+            check_omni_run(recipe, self.dtype)
         if recipe.controls and self.controlnet is None:
             raise InputError("{controls} need a ControlNet: call load_controlnet(...) first", "controls", ("controls",))
         self._dit().check_sizes(recipe.height // 8, recipe.width // 8, [1])
