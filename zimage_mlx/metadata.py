@@ -21,7 +21,7 @@ KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "cfg_normaliza
         "height", "model", "transformer", "quantization", "text_encoder_quantization", "quantize", "dtype", "image",
         "strength", "mask", "original_prompt", "loras", "controlnet", "controls", "control_type", "control_start",
         "control_end", "controlnet_graph", "variety", "variety_until", "hires_scale", "hires_strength",
-        "hires_steps", "hires_upscaler", "tile")
+        "hires_steps", "hires_upscaler", "tile", "reference_images")
 INTS = ("seed", "steps", "width", "height", "hires_steps", "tile")
 FLOATS = ("guidance", "cfg_normalization", "cfg_truncation", "strength", "control_start", "control_end", "variety",
           "variety_until", "hires_scale", "hires_strength")
@@ -71,6 +71,8 @@ def png_text(r: dict) -> dict[str, str]:
             text["hires_steps"] = str(r["hires_steps"])
     if r.get("tile"):
         text["tile"] = str(r["tile"])
+    if r.get("reference_images"):  # Omni: the references' file names (JSON list)
+        text["reference_images"] = json.dumps(r["reference_images"], ensure_ascii=False)
     text.update(version=__version__, Software=f"zimage-mlx {__version__}", parameters=infotext(r))
     return text
 
@@ -257,6 +259,8 @@ def _value(key: str, value: str):
         return [{"name": str(x["name"]), "scale": float(x["scale"])} for x in json.loads(value)]
     if key == "controls":
         return [{"image": str(x["image"]), "scale": float(x["scale"])} for x in json.loads(value)]
+    if key == "reference_images":
+        return [None if x is None else str(x) for x in json.loads(value)]
     return value
 
 

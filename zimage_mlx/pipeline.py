@@ -82,6 +82,9 @@ class ZImagePipeline(RecipeRunner):
         self._owner = threading.get_ident()
         self.parallel = None  # a distributed.Parallel when loaded with a group of several ranks
         self.transformer_file: str | None = None  # the DiT file that replaced the checkpoint's (its name)
+        self.siglip = None  # Omni: the SigLIP2 tower (None while freed in low-memory mode)
+        self.siglip_processor = None  # Omni: its processor's settings; set for an Omni folder (see omni.py)
+        self._omni_cache = None  # (reference list, size, OmniConditions) of the current call
 
     def _check_thread(self) -> None:
         if threading.get_ident() != self._owner:
@@ -166,7 +169,20 @@ class ZImagePipeline(RecipeRunner):
         pipe.reason = choice.reason
         if not low_memory:
             pipe.text_encoder = pipe._load_text_encoder()
+        from .omni import is_omni_folder
+
+        if is_omni_folder(root):
+            from .siglip import SiglipProcessor
+
+            pipe.siglip_processor = SiglipProcessor.from_pretrained(root / "siglip_processor")
+            if not low_memory:
+                pipe.siglip = pipe._load_siglip()
         return pipe
+
+    def _load_siglip(self):
+        from .siglip import SiglipVisionModel
+
+        return SiglipVisionModel.from_pretrained(self.root / "siglip", dtype="bfloat16" if self.dtype == "float16" else self.dtype)
 
     @classmethod
     def _with_dit_file(cls, model, file, dtype: str, quantize: int | None, low_memory: bool) -> "ZImagePipeline":
@@ -308,7 +324,7 @@ class ZImagePipeline(RecipeRunner):
                 cfg_normalization: float | bool = False, cfg_truncation: float = 1.0, mask: mx.array | None = None,
                 image_latents: mx.array | None = None, noise: mx.array | None = None,
                 control=None, early_embeds: list[mx.array] | None = None, early_steps: int = 0,
-                tile: int | None = None) -> Iterator[Step]:
+                tile: int | None = None, omni=None) -> Iterator[Step]:
         """Run the sampler, yielding a `Step` after each DiT step (len(sigmas) - 1 of them).
 
         prompt_embeds: one caption per latent; latents: (B, h, w, 16) float32 latents at sigmas[0] (pure
@@ -324,6 +340,8 @@ class ZImagePipeline(RecipeRunner):
         early_embeds (one per latent) replace prompt_embeds for the first `early_steps` steps (variety).
         tile: compute each step's velocity on overlapping tiles of `tile` pixels a side, blended (MultiDiffusion,
         see zimage_mlx.tiles); not with `control`.
+        omni: an `omni.OmniConditions` (references encoded; empty for text only) runs an Omni DiT's omni sequence;
+        each prompt embedding is then the list of its caption segments' features (omni.encode_segments).
 
         A float16 DiT (the scaled graph) is checked after every step: if the step's output holds a non-finite
         value, the step is redone with bfloat16 GEMMs (the float16 weights cast to bfloat16 as each layer
@@ -336,6 +354,10 @@ class ZImagePipeline(RecipeRunner):
         dit = self._dit()
         if tile is not None and control is None:
             dit = TiledDiT(dit, tile)
+        if omni is not None:
+            from .omni import OmniDiT
+
+            dit = OmniDiT(dit, omni)
         x = latents.astype(mx.float32)
         total = len(sigmas) - 1
         guard = dit.scaled and dit.dtype == mx.float16  # one isfinite reduction per step, evaluated with it

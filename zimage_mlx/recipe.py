@@ -104,6 +104,8 @@ class Recipe:
     init_image: object = field(default=None, compare=False, repr=False)  # PIL image
     init_mask: object = field(default=None, compare=False, repr=False)  # PIL image, white = repaint
     init_latents: object = field(default=None, compare=False, repr=False)  # the image encoded (1 or B, h, w, 16)
+    reference_images: list = field(default_factory=list)  # Omni: the reference images' file names
+    reference_pixels: list = field(default_factory=list, compare=False, repr=False)  # ... opened (PIL images)
 
     # ------------------------------------------------------------------------------------------
     # Views
@@ -194,6 +196,10 @@ class Recipe:
         for lora in self.loras or []:
             _check_number("loras", lora.scale, -10, 10, what=f"the scale of LoRA {lora.name}")
         self._check_controls()
+        if self.reference_pixels or self.reference_images:
+            from .omni import check_references
+
+            check_references(self)
         _check_int("max_sequence_length", self.max_sequence_length, 1)
         _check_number("variety", self.variety, 0, MAX_VARIETY)
         _check_number("variety_until", self.variety_until, 0, 1)
@@ -290,6 +296,10 @@ class Recipe:
                 width, height = output_size(self.controls[0].pixels.size, width, height)
             except InputError as e:
                 raise InputError(str(e), "controls") from None
+        elif self.reference_pixels and width is None and height is None:  # Omni: the last reference's size
+            from .omni import reference_size
+
+            width, height = reference_size(self.reference_pixels[-1])
         return self.replace(width=width or DEFAULT_SIZE, height=height or DEFAULT_SIZE, strength=strength)
 
     # ------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ class RecipeRunner:
                  control_image=None, control_scale: float | list[float] | None = None, control_start: float = 0.0,
                  control_end: float = 1.0, variety: float = 0.0, variety_until: float = 0.5,
                  hires_scale: float | None = None, hires_strength: float = 0.35, hires_steps: int | None = None,
-                 hires_upscaler: str = "lanczos", tile: int | None = None) -> list:
+                 hires_upscaler: str = "lanczos", tile: int | None = None, reference_images=None) -> list:
         """Generate images; returns a list of PIL images, prompt-major (all images of prompt 0 first). `prompt`
         is a string, a list of them, or a `Recipe` (then the other keywords but the run's own, `latents`,
         `release_transformer`, `on_step` and `cancel`, must be left out). Each image carries its seed
@@ -86,6 +86,10 @@ class RecipeRunner:
         (default: steps); hires_upscaler "lanczos" (the decoded image) or "latent" (see zimage_mlx.hires).
         tile: a pass from an image (image to image, the hires pass) larger than `tile` pixels a side is denoised in
         overlapping tiles, blended every step (MultiDiffusion: a lower peak); the hires pass's default is 1024.
+        reference_images (a Z-Image-Omni folder only): a path or PIL image, or a list of up to 4, each encoded once
+        per call at its own size (VAE latents and SigLIP2 features, see zimage_mlx.omni); without width and height
+        the output takes the last reference's size. An Omni folder runs text-only prompts through the omni
+        sequence as well.
         """
         run = dict(latents=latents, release_transformer=release_transformer, on_step=on_step, cancel=cancel)
         if isinstance(prompt, Recipe):
@@ -97,7 +101,7 @@ class RecipeRunner:
             image_latents=image_latents, control_image=control_image, control_scale=control_scale,
             control_start=control_start, control_end=control_end, variety=variety, variety_until=variety_until,
             hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps,
-            hires_upscaler=hires_upscaler, tile=tile)
+            hires_upscaler=hires_upscaler, tile=tile, reference_images=reference_images)
         return self.run(recipe, **run)
 
     def upscale(self, image, *, scale: float = 2.0, prompt: str | None = None, strength: float | None = None,
@@ -182,6 +186,13 @@ class RecipeRunner:
         if not isinstance(recipe, Recipe):
             raise TypeError(f"expected a Recipe, got {type(recipe).__name__}")
         recipe = recipe.validate().settle().validate()
+        if recipe.reference_images and self.siglip_processor is None:
+            raise InputError("{reference_images} need a Z-Image-Omni model (a folder with siglip/ and "
+                             "siglip_processor/)", "reference_images", ("reference_images",))
+        if self.siglip_processor is not None:
+            from .omni import check_omni_run
+
+            check_omni_run(recipe, self.dtype)
         if recipe.controls and self.controlnet is None:
             raise InputError("{controls} need a ControlNet: call load_controlnet(...) first", "controls", ("controls",))
         self._dit().check_sizes(recipe.height // 8, recipe.width // 8, [1])
@@ -263,6 +274,8 @@ class RecipeRunner:
 
     def _denoise_batch(self, batch, latents, sigmas, control, inpaint, prompts, release, on_step, cancel):
         r = batch[0]
+        if self.siglip_processor is not None:  # an Omni folder: always the omni sequence (omni.py)
+            return self._denoise_omni(batch, latents, sigmas, release, on_step, cancel)
         negatives = [x.negative_prompt or "" for x in batch] if r.guidance > 0 else []
         self._encode_chunk(batch[0].prompt, prompts, negatives[:1], r.max_sequence_length, release)
         feats = self.encode_prompt([x.prompt for x in batch] + negatives, r.max_sequence_length)
@@ -280,6 +293,54 @@ class RecipeRunner:
                 on_step(step)
             _check_cancel(cancel)
         return latents
+
+    def _denoise_omni(self, batch, latents, sigmas, release, on_step, cancel):
+        """An Omni folder's denoising: the references encoded once per call, each prompt split around them."""
+        from .omni import encode_segments, prompt_segments
+
+        r = batch[0]
+        cond = self._omni_conditions(r)
+        encoder = self.text_encoder or self._load_text_encoder()
+        prompts = [x.prompt for x in batch] + ([x.negative_prompt or "" for x in batch] if r.guidance > 0 else [])
+        feats = [encode_segments(encoder, prompt_segments(p, len(cond)), r.max_sequence_length) for p in prompts]
+        mx.eval(feats)
+        if self.text_encoder is None:
+            encoder.release()
+        elif release or self.low_memory:
+            self.release_text_encoder()
+        del encoder
+        pos, neg = feats[: len(batch)], feats[len(batch):] or None
+        for step in self.denoise(pos, latents, sigmas, negative_embeds=neg, guidance=r.guidance,
+                                 cfg_normalization=r.cfg_normalization, cfg_truncation=r.cfg_truncation, omni=cond):
+            latents = step.latents
+            if on_step is not None:
+                on_step(step)
+            _check_cancel(cancel)
+        return latents
+
+    def _omni_conditions(self, r: Recipe):
+        """The recipe's references encoded (VAE latents, mode; SigLIP grids), once per call: the batches of one
+        call share the opened list. The SigLIP tower is loaded for the encoding in low-memory mode."""
+        from .omni import OmniConditions, reference_pixels, resized_reference
+
+        key = (r.width, r.height)
+        if self._omni_cache is not None and self._omni_cache[0] is r.reference_pixels and self._omni_cache[1] == key:
+            return self._omni_cache[2]
+        refs = [resized_reference(im, r.width, r.height) for im in r.reference_pixels]
+        latents, grids = [], []
+        if refs:
+            tower = self.siglip or self._load_siglip()
+            for im in refs:
+                mean, _ = self.vae.posterior(reference_pixels(im))  # (1, h, w, 16): the mode, as diffusers
+                latents.append(self.vae.scale_latents(mean)[0])
+                grids.append(tower.encode(self.siglip_processor, im).astype(mx.float32))
+                mx.eval(latents[-1], grids[-1])
+            del tower
+            if self.siglip is None:
+                mx.clear_cache()
+        cond = OmniConditions(latents, grids)
+        self._omni_cache = (r.reference_pixels, key, cond)
+        return cond
 
     def _encode_chunk(self, prompt: str, prompts: list[str], negative: list[str], max_sequence_length: int,
                       release: bool) -> None:
@@ -354,7 +415,8 @@ def batches(prompts: list[str], size: int | None):
 
 
 def recipe_from_keywords(prompt, *, negative_prompt=None, seed=None, num_images=1, image=None, mask=None,
-                         image_latents=None, control_image=None, control_scale=None, **fields) -> Recipe:
+                         image_latents=None, control_image=None, control_scale=None, reference_images=None,
+                         **fields) -> Recipe:
     """generate()'s keywords as a Recipe: a seed list is one seed per image; images and masks are opened."""
     check_prompts(prompt, "prompt")
     if isinstance(fields.get("cfg_normalization"), bool):  # True meant 1.0
@@ -380,4 +442,13 @@ def recipe_from_keywords(prompt, *, negative_prompt=None, seed=None, num_images=
                   seed=seed, num_images=num_images, image=file_name(image), mask=file_name(mask),
                   init_image=None if image is None else open_image(image, "image"),
                   init_mask=None if mask is None else open_image(mask, "mask"), init_latents=image_latents,
-                  controls=controls, **fields)
+                  controls=controls, **_references(reference_images), **fields)
+
+
+def _references(images) -> dict:
+    """reference_images (a path or PIL image, or a list of them) as the recipe's names and opened images."""
+    if images is None:
+        return {}
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    return dict(reference_images=[file_name(x) for x in images],
+                reference_pixels=[open_image(x, "reference image", "reference_images") for x in images])

@@ -66,6 +66,7 @@ class TransformerArgs:
     axes_lens: list = field(default_factory=lambda: [1536, 512, 512])
     all_patch_size: list = field(default_factory=lambda: [2])
     all_f_patch_size: list = field(default_factory=lambda: [1])
+    siglip_feat_dim: int | None = None  # Omni checkpoints only: the SigLIP feature width (see omni.py)
 
     @classmethod
     def from_dict(cls, config: dict) -> "TransformerArgs":
@@ -387,6 +388,11 @@ class ZImageTransformer(nn.Module):
         self.x_pad_token = mx.zeros((1, args.dim))
         self.cap_pad_token = mx.zeros((1, args.dim))
         self.layers = [TransformerBlock(args, modulation=True) for _ in range(args.n_layers)]
+        if args.siglip_feat_dim is not None:  # Omni: reference images' SigLIP features (omni.py runs them)
+            self.siglip_embedder = [nn.RMSNorm(args.siglip_feat_dim, eps=args.norm_eps),
+                                    nn.Linear(args.siglip_feat_dim, args.dim)]
+            self.siglip_refiner = [TransformerBlock(args, modulation=False) for _ in range(args.n_refiner_layers)]
+            self.siglip_pad_token = mx.zeros((1, args.dim))
         # "auto": the scaled graph for float16 weights, the plain one otherwise; "plain" runs float16 naively
         # (it overflows: the tests' negative control); "scaled" runs the scaled graph in any dtype.
         self.graph = "auto"

@@ -1,0 +1,226 @@
+"""Z-Image-Omni: the SigLIP2 tower against transformers, the omni DiT against diffusers' transformer, and whole
+images against diffusers' ZImageOmniPipeline on a random-weight Omni checkpoint built here, same latents."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import reference
+from zimage_mlx import ZImagePipeline
+from zimage_mlx.errors import InputError
+from zimage_mlx.omni import OmniConditions, omni_forward
+from zimage_mlx.siglip import SiglipProcessor, SiglipVisionModel
+from zimage_mlx.transformer import ZImageTransformer
+
+SIGLIP_CONFIG = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2, patch_size=8,
+                     num_patches=16)  # a 4x4 learned position grid, resized to every image's grid
+PROCESSOR = dict(patch_size=8, max_num_patches=24)
+OMNI_DIT_CONFIG = dict(reference.TRANSFORMER_CONFIG, siglip_feat_dim=24)
+
+
+def build_siglip(path, seed=5):
+    from transformers import Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
+
+    model = Siglip2VisionModel(Siglip2VisionConfig(**SIGLIP_CONFIG))
+    reference.randomize_(model, seed)
+    model.eval().save_pretrained(path / "siglip", safe_serialization=True)
+    processor = Siglip2ImageProcessor(**PROCESSOR)
+    processor.save_pretrained(path / "siglip_processor")
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def omni_checkpoint(reference_checkpoint, tmp_path_factory):
+    """The reference checkpoint with an Omni DiT (siglip_feat_dim), a SigLIP2 tower and its processor."""
+    root = tmp_path_factory.mktemp("omni") / "Z-Image-Omni-Tiny"
+    shutil.copytree(reference_checkpoint, root, ignore=shutil.ignore_patterns("transformer"))
+    reference.build_transformer(root / "transformer", config=OMNI_DIT_CONFIG, seed=3)
+    build_siglip(root)
+    index = dict(reference.MODEL_INDEX, _class_name="ZImageOmniPipeline",
+                 siglip=["transformers", "Siglip2VisionModel"], siglip_processor=["transformers", "Siglip2ImageProcessor"])
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    return root
+
+
+def image(w, h, seed):
+    rng = np.random.default_rng(seed)
+    base = np.linspace(0, 255, w)[None, :, None] * np.array([1.0, 0.5, 0.2]) + rng.normal(0, 40, (h, w, 3))
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------
+# Components
+
+
+def test_siglip_matches_transformers(tmp_path):
+    ref, processor = build_siglip(tmp_path)
+    ours, ours_p = SiglipVisionModel.from_pretrained(tmp_path / "siglip"), SiglipProcessor.from_pretrained(tmp_path / "siglip_processor")
+    for w, h in [(80, 64), (50, 130)]:  # two sizes: a 3x4-ish and a tall grid, both resized from the 4x4 table
+        im = image(w, h, w)
+        inputs = processor(images=[im], return_tensors="pt")
+        gh, gw = inputs.spatial_shapes[0].tolist()
+        with torch.no_grad():
+            expected = ref(**inputs).last_hidden_state[0, : gh * gw].numpy().reshape(gh, gw, -1)
+        patches, grid = ours_p(im)
+        assert grid == (gh, gw) and gh != gw
+        np.testing.assert_allclose(np.array(patches), inputs.pixel_values[0, : gh * gw].numpy(), atol=1e-6)
+        # float32 on both sides, a different summation order only
+        np.testing.assert_allclose(np.array(ours(patches, grid)), expected, atol=1e-4)
+
+
+def test_omni_dit_matches_diffusers(tmp_path):
+    from diffusers import ZImageTransformer2DModel
+
+    model = ZImageTransformer2DModel(**OMNI_DIT_CONFIG)
+    reference.randomize_(model, 3)
+    model.eval().save_pretrained(tmp_path)
+    ours = ZImageTransformer.from_pretrained(tmp_path)
+    rng = np.random.default_rng(0)
+    r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    # (reference latent sizes, SigLIP grids, caption segment lengths): text only, one and two references
+    for refs, grids, caps in [([], [], [7]), ([(6, 4)], [(3, 5)], [5, 40, 3]),
+                              ([(6, 4), (4, 10)], [(3, 5), (7, 2)], [5, 4, 33, 3])]:
+        lat, x = [r(16, h, w) for h, w in refs], r(16, 8, 6)
+        segs, sig = [r(n, 48) for n in caps], [r(h, w, 24) for h, w in grids]
+        with torch.no_grad():
+            expected = model(x=[[torch.from_numpy(a)[:, None] for a in lat] + [torch.from_numpy(x)[:, None]]],
+                             t=torch.tensor([0.3]), cap_feats=[[torch.from_numpy(s) for s in segs]],
+                             siglip_feats=[[torch.from_numpy(s) for s in sig] + [None]] if refs else [None],
+                             image_noise_mask=[[0] * len(refs) + [1]], return_dict=False)[0][0][:, 0].numpy()
+        cond = OmniConditions([mx.array(a.transpose(1, 2, 0)) for a in lat], [mx.array(s) for s in sig])
+        got = omni_forward(ours, mx.array(x.transpose(1, 2, 0)), mx.array([0.3]), [mx.array(s) for s in segs], cond)
+        # float32; outputs of magnitude ~4 through 2 + 2 + 2 blocks
+        np.testing.assert_allclose(np.array(got).transpose(2, 0, 1), expected, atol=2e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end against ZImageOmniPipeline
+
+
+@pytest.fixture(scope="module")
+def reference_omni(omni_checkpoint):
+    from diffusers import ZImageOmniPipeline, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Siglip2ImageProcessor, Siglip2VisionModel
+
+    base = ZImagePipeline.from_pretrained(str(omni_checkpoint), dtype=torch.float32,
+                                          transformer=ZImageTransformer2DModel.from_pretrained(omni_checkpoint / "transformer"))
+    pipe = ZImageOmniPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder,
+                              tokenizer=base.tokenizer, transformer=base.transformer,
+                              siglip=Siglip2VisionModel.from_pretrained(omni_checkpoint / "siglip").eval(),
+                              siglip_processor=Siglip2ImageProcessor.from_pretrained(omni_checkpoint / "siglip_processor"))
+    pipe.set_progress_bar_config(disable=True)
+
+    # diffusers 0.42 encodes the references with `self.vae.encode(image.bfloat16())`: with a float32 VAE that is
+    # a dtype mismatch (an error), and it would round the pixels to bfloat16 first. The same method without
+    # the cast: the float32 reference our float32 run is compared with.
+    def prepare_image_latents(images, batch_size, device, dtype):
+        out = []
+        for im in images:
+            z = pipe.vae.encode(im.to(device=device, dtype=dtype)).latent_dist.mode()[0]
+            out.append(((z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor).unsqueeze(1).to(dtype))
+        return [out.copy() for _ in range(batch_size)]
+
+    pipe.prepare_image_latents = prepare_image_latents
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def omni_pipe(omni_checkpoint):
+    return ZImagePipeline.from_pretrained(omni_checkpoint, dtype="float32")
+
+
+REFS = [image(80, 64, 1), image(64, 96, 2)]  # different sizes (and aspect ratios)
+
+CASES = [
+    ("text only", [], 0.0),
+    ("one reference", REFS[:1], 0.0),
+    ("two references of different sizes", REFS, 0.0),
+    ("text only, CFG", [], 3.0),
+    ("one reference, CFG", REFS[:1], 3.0),
+    ("two references, CFG", REFS, 3.0),
+]
+
+
+@pytest.mark.parametrize("name,refs,guidance", CASES, ids=[c[0] for c in CASES])
+def test_images_match_diffusers_omni(omni_pipe, reference_omni, name, refs, guidance):
+    latents = np.random.default_rng(0).standard_normal((1, 16, 8, 8)).astype(np.float32)
+    kw = dict(negative_prompt="blurry") if guidance else {}
+    expected = reference_omni(image=list(refs) or None, prompt="a red fox", width=64, height=64, num_inference_steps=2,
+                              guidance_scale=guidance, latents=torch.from_numpy(latents), **kw).images[0]
+    got = omni_pipe.generate("a red fox", reference_images=list(refs) or None, width=64, height=64, steps=2,
+                             guidance=guidance, latents=mx.array(latents.transpose(0, 2, 3, 1)), **kw)[0]
+    a, b = np.asarray(got, np.int16), np.asarray(expected, np.int16)
+    # float32 on both sides: a pixel may cross a rounding boundary of the uint8 conversion, 1 level at most
+    print(f"{name}: max |diff| {np.abs(a - b).max()} levels, mean {np.abs(a - b).mean():.4f}, std {b.std():.1f}")
+    assert np.abs(a - b).max() <= 1
+    assert b.std() > 10
+
+
+def test_references_change_the_image_and_are_recorded(omni_pipe):
+    plain = omni_pipe.generate("a red fox", width=64, height=64, steps=2, seed=3)[0]
+    with_ref = omni_pipe.generate("a red fox", reference_images=REFS[:1], width=64, height=64, steps=2, seed=3)[0]
+    assert np.abs(np.asarray(plain, np.int16) - np.asarray(with_ref, np.int16)).max() > 5
+    assert len(with_ref.info["recipe"].reference_pixels) == 1
+
+
+def test_references_size_and_refusals(omni_pipe, tmp_path):
+    # no size given: the last reference's, rounded down to multiples of 16 (diffusers' rule)
+    out = omni_pipe.generate("a fox", reference_images=[REFS[0], image(100, 70, 4)], steps=1, seed=1)[0]
+    assert out.size == (96, 64)
+    with pytest.raises(InputError, match="at least 64"):
+        omni_pipe.generate("a fox", reference_images=[image(40, 80, 1)], width=64, height=64, steps=1)
+    with pytest.raises(InputError, match="at most 4"):
+        omni_pipe.generate("a fox", reference_images=REFS * 3, width=64, height=64, steps=1)
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    with pytest.raises(InputError, match="not an image"):
+        omni_pipe.generate("a fox", reference_images=[bad], width=64, height=64, steps=1)
+
+
+def test_low_memory_frees_the_tower(omni_checkpoint):
+    pipe = ZImagePipeline.from_pretrained(omni_checkpoint, dtype="float32", low_memory=True)
+    assert pipe.siglip is None and pipe.siglip_processor is not None
+    out = pipe.generate("a fox", reference_images=REFS[:1], width=64, height=64, steps=1, seed=0)[0]
+    assert pipe.siglip is None and pipe.text_encoder is None and out.size == (64, 64)
+
+
+def test_png_metadata_names_the_references(omni_pipe, tmp_path):
+    from zimage_mlx.recipe import Recipe
+
+    path = tmp_path / "fox-ref.png"
+    REFS[0].save(path)
+    out = omni_pipe.generate("a fox", reference_images=[path], width=64, height=64, steps=1, seed=2)[0]
+    recipe = out.info["recipe"]
+    assert recipe.reference_images == ["fox-ref.png"]
+    out.save(tmp_path / "out.png", pnginfo=recipe.to_png())
+    back = Recipe.from_png(tmp_path / "out.png")
+    assert back.reference_images == ["fox-ref.png"] and back.seed == 2 and back.prompt == "a fox"
+
+
+def test_a_replayed_recipe_needs_its_references(omni_pipe):
+    from zimage_mlx.recipe import Recipe
+
+    recipe = Recipe(prompt="a fox", width=64, height=64, steps=1, seed=1, reference_images=["fox.png"])
+    with pytest.raises(InputError, match="give them again"):
+        omni_pipe.run(recipe)
+    out = omni_pipe.run(recipe.replace(reference_pixels=REFS[:1]))[0]
+    assert out.size == (64, 64)
+
+
+def test_turbo_refuses_references(reference_checkpoint):
+    pipe = ZImagePipeline.from_pretrained(reference_checkpoint, dtype="float32")
+    assert pipe.siglip_processor is None
+    with pytest.raises(InputError, match="Z-Image-Omni"):
+        pipe.generate("a fox", reference_images=REFS[:1], width=64, height=64, steps=1)
+
+
+def test_unsupported_options_are_refused(omni_pipe):
+    with pytest.raises(InputError, match="variety"):
+        omni_pipe.generate("a fox", width=64, height=64, steps=1, variety=0.5)
