@@ -224,3 +224,33 @@ def test_turbo_refuses_references(reference_checkpoint):
 def test_unsupported_options_are_refused(omni_pipe):
     with pytest.raises(InputError, match="variety"):
         omni_pipe.generate("a fox", width=64, height=64, steps=1, variety=0.5)
+
+
+def test_cli_references_give_the_api_pixels_and_replay(omni_pipe, omni_checkpoint, tmp_path, monkeypatch):
+    """generate --reference: the API's pixels; the PNG names the references by file name and --from-image finds
+    them beside it; an unreadable reference is one error line before anything loads."""
+    from click.testing import CliRunner
+
+    from zimage_mlx import cli
+
+    ref = tmp_path / "fox-ref.png"
+    REFS[0].save(ref)
+    out, again = tmp_path / "out.png", tmp_path / "again.png"
+    args = ["-m", str(omni_checkpoint), "--size", "64", "--steps", "2", "--seed", "4", "--dtype", "float32"]
+    r = CliRunner().invoke(cli.main, ["generate", "the fox in the snow", "--reference", str(ref), *args, "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    want = omni_pipe.generate("the fox in the snow", reference_images=[ref], width=64, height=64, steps=2, seed=4)[0]
+    with Image.open(out) as got:
+        np.testing.assert_array_equal(np.asarray(got.convert("RGB")), np.asarray(want))
+        assert json.loads(got.text["reference_images"]) == ["fox-ref.png"]
+    r = CliRunner().invoke(cli.main, ["generate", "--from-image", str(out), "-m", str(omni_checkpoint), "-o", str(again)])
+    assert r.exit_code == 0, r.output
+    with Image.open(out) as a, Image.open(again) as b:
+        np.testing.assert_array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+    loads = []
+    monkeypatch.setattr(ZImagePipeline, "from_pretrained", classmethod(lambda *a, **k: loads.append(1)))
+    (tmp_path / "bad.png").write_text("not an image")
+    r = CliRunner().invoke(cli.main, ["generate", "a fox", "--reference", str(tmp_path / "bad.png"), *args,
+                                      "-o", str(tmp_path / "x.png")])
+    assert r.exit_code == 2 and r.stderr.startswith("Error: --reference") and len(r.stderr.splitlines()) == 1
+    assert not loads

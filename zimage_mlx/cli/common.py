@@ -18,7 +18,7 @@ from ..errors import ZImageError
 
 # A Recipe field -> the flag that sets it (the library names fields; the CLI names flags).
 FLAGS = {"prompt": "the prompt", "hires_scale": "--hires", "loras": "--lora", "controls": "--control", "num_images": "--num-images",
-         "image_latents": "--image", "latents": "latents"}
+         "image_latents": "--image", "latents": "latents", "reference_images": "--reference"}
 
 
 def flag(field: str) -> str:

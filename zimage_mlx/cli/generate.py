@@ -46,6 +46,9 @@ from .output import DEFAULT_OUTPUT, plan_outputs, plan_preview, preview_writer, 
               help="Start from this image (image to image). The output takes its size rounded down to multiples of "
                    "16, unless --size/--width/--height resize it (Lanczos).")
 @click.option("--mask", metavar="FILE", help="Inpaint: repaint where this mask is white (same size as --image).")
+@click.option("--reference", "references", metavar="IMAGE", multiple=True,
+              help="A reference image for a Z-Image-Omni model (repeat for up to 4): edit or combine them as the "
+                   "prompt says. Without a size, the output takes the last reference's.")
 @click.option("--strength", type=float, metavar="0..1",
               help="How much of --image to repaint: 0 keeps it, 1 starts from pure noise; ceil(strength x steps) "
                    "of the steps run.  [default: 0.6, with --mask 1]")
@@ -178,7 +181,8 @@ FIELDS_OF = {"prompt": ("prompt",), "prompt_option": ("prompt",), "prompt_file":
              "dtype": ("dtype",), "enhance": ("enhance",), "transformer_file": ("transformer",),
              "variety": ("variety",), "variety_until": ("variety_until",), "hires_scale": ("hires_scale",),
              "hires_strength": ("hires_strength",), "hires_steps": ("hires_steps",),
-             "hires_upscaler": ("hires_upscaler",), "tile": ("tile",)}
+             "hires_upscaler": ("hires_upscaler",), "tile": ("tile",),
+             "references": ("reference_images", "reference_pixels")}
 
 
 def replay(o, given: set) -> Recipe:
@@ -195,6 +199,9 @@ def replay(o, given: set) -> Recipe:
         out = out.replace(init_image=open_input(beside(o.from_image, saved.image), "--image"),
                           init_mask=out.init_mask if "mask" in given else
                           open_input(beside(o.from_image, saved.mask), "--mask"))
+    if "references" not in given and saved.reference_images:  # the stored references, beside the PNG
+        out = out.replace(reference_pixels=[open_input(beside(o.from_image, n), "--reference")
+                                            for n in saved.reference_images])
     if "control_specs" not in given and saved.controls:  # the stored control images, made into maps again
         specs = [(beside(o.from_image, c.image), c.scale) for c in saved.controls]
         out = out.replace(controls=control_refs(out, specs))
@@ -220,6 +227,8 @@ def recipe_from_flags(o) -> Recipe:
     width, height = parse_size(o.size, o.width, o.height)
     loras = [parse_lora(spec) for spec in o.lora_specs]
     r = Recipe(prompt=prompts[0] if len(prompts) == 1 else prompts, negative_prompt=o.negative_prompt or None,
+               reference_images=[file_name(p) for p in o.references],
+               reference_pixels=[open_input(p, "--reference") for p in o.references],
                width=width, height=height, steps=o.steps, guidance=o.guidance, cfg_normalization=o.cfg_normalization,
                cfg_truncation=o.cfg_truncation, seed=list(o.seed) or None, num_images=o.num_images,
                image=file_name(o.init_image), mask=file_name(o.mask), strength=o.strength,
