@@ -326,3 +326,28 @@ def test_image_to_image_and_inpainting_from_the_page_equal_the_api(page, studio_
     assert page.input_value("#seed") == "11"
     screenshot(page, tmp_path, "page-reloaded.png")
     assert not errors
+
+
+def test_hires_and_variety_from_the_page_equal_the_api(page, server, tmp_path):
+    """The More panel's Hires fix and Seed variety reach the native job as the API's `hires` and `variety`."""
+    jobs = posted_jobs(page)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent !== 'connecting…'")
+    page.fill("#prompt", "a lighthouse at dusk")
+    page.fill("#steps", "2")
+    page.fill("#seed", "5")
+    page.evaluate("document.querySelector('details.more').open = true")
+    page.select_option("#hires", "2")
+    page.fill("#hires-strength", "0.5")
+    page.fill("#variety", "0.5")
+    page.click("#generate")
+    sync_api.expect(page.locator("#gallery .card").first).to_be_visible(timeout=120_000)
+    body, created = jobs[-1]
+    assert body["hires"] == {"scale": 2, "strength": 0.5} and body["variety"] == 0.5
+    settings = {"prompt": "a lighthouse at dusk", "size": f"{body['width']}x{body['height']}", "steps": 2, "seed": 5,
+                "hires": {"scale": 2, "strength": 0.5}, "variety": 0.5}
+    assert same_pixels(finished_image(server, created["id"]), api_image(server, settings))
+    screenshot(page, tmp_path, "page-hires.png")
+    assert not errors
