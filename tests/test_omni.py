@@ -254,3 +254,167 @@ def test_cli_references_give_the_api_pixels_and_replay(omni_pipe, omni_checkpoin
                                       "-o", str(tmp_path / "x.png")])
     assert r.exit_code == 2 and r.stderr.startswith("Error: --reference") and len(r.stderr.splitlines()) == 1
     assert not loads
+
+
+# ----------------------------------------------------------------------------------------------
+# The server: OpenAI edits and native jobs with references (a real Worker and app, TestClient)
+
+
+def png_bytes(im) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def b64(im) -> str:
+    import base64
+
+    return base64.b64encode(png_bytes(im)).decode()
+
+
+def app_client(worker, **cfg):
+    from starlette.testclient import TestClient
+
+    from zimage_mlx.server import ServerConfig, create_app
+
+    return TestClient(create_app(worker, ServerConfig(max_side=256, **cfg)), base_url="http://localhost",
+                      raise_server_exceptions=False)
+
+
+def error_param(r, status: int = 400):
+    assert r.status_code == status, r.text
+    return r.json()["error"]["param"]
+
+
+@pytest.fixture(scope="module")
+def omni_server(omni_checkpoint):
+    from zimage_mlx.worker import Worker
+
+    worker = Worker(lambda: ZImagePipeline.from_pretrained(omni_checkpoint, dtype="float32"), queue_size=4)
+    worker.start(timeout=300)
+    yield app_client(worker, model_id="z-image-omni-tiny", max_input_pixels=256 * 256), worker
+    worker.shutdown(wait=30)
+
+
+def png_pixels(data: bytes):
+    import io
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB")), dict(im.text)
+
+
+def test_server_references_give_the_api_pixels(omni_server, omni_pipe):
+    """/v1/images/edits with two image[] parts (multipart and JSON) and a native job with base64 references: the
+    pixels of `generate(prompt, reference_images=[a, b])`, the references recorded by file name."""
+    import base64
+    import time
+
+    client, worker = omni_server
+    assert worker.omni is True
+    want = np.asarray(omni_pipe.generate("the fox in the room", reference_images=REFS, width=64, height=64, steps=2,
+                                         seed=5)[0])
+    form = {"prompt": "the fox in the room", "seed": "5", "steps": "2", "size": "64x64"}
+    files = [("image[]", ("fox.png", png_bytes(REFS[0]), "image/png")),
+             ("image[]", ("room.png", png_bytes(REFS[1]), "image/png"))]
+    r = client.post("/v1/images/edits", data=form, files=files)
+    assert r.status_code == 200, r.text
+    got, text = png_pixels(base64.b64decode(r.json()["data"][0]["b64_json"]))
+    np.testing.assert_array_equal(got, want)
+    assert json.loads(text["reference_images"]) == ["fox.png", "room.png"] and r.json()["zimage"]["comments"] == []
+    r = client.post("/v1/images/edits", json={"prompt": "the fox in the room", "seed": 5, "steps": 2, "size": "64x64",
+                                              "image": [b64(REFS[0]), b64(REFS[1])]})
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(png_pixels(base64.b64decode(r.json()["data"][0]["b64_json"]))[0], want)
+
+    r = client.post("/v1/jobs", json={"prompt": "the fox in the room", "seed": 5, "steps": 2, "size": "64x64",
+                                      "reference_images": [b64(REFS[0]), "data:image/png;base64," + b64(REFS[1])]})
+    assert r.status_code == 202, r.text
+    job, deadline = r.json()["id"], time.time() + 120
+    while (status := client.get(f"/v1/jobs/{job}").json()["status"]) in ("queued", "running") and time.time() < deadline:
+        time.sleep(0.1)
+    assert status == "completed"
+    np.testing.assert_array_equal(png_pixels(client.get(f"/v1/jobs/{job}/images/0").content)[0], want)
+
+
+def test_server_refuses_bad_references_before_queueing(omni_server):
+    client, worker = omni_server
+    loads = worker.loads
+
+    def edit(parts, **form):
+        files = [(name, (f"{k}.png", data, "image/png")) for k, (name, data) in enumerate(parts)]
+        return client.post("/v1/images/edits", data={"prompt": "a fox", "size": "64x64", **form}, files=files)
+
+    ref = png_bytes(REFS[0])
+    assert error_param(edit([("image[]", ref), ("mask", ref)])) == "mask"  # Omni edits take no mask
+    assert error_param(edit([("image[]", ref)] * 5)) == "image[]"  # at most 4
+    assert error_param(edit([("image", ref), ("image", b"not an image")])) == "image"  # unreadable
+    r = edit([("image[]", png_bytes(image(40, 80, 1)))])  # under 64 px a side: the Recipe's check
+    assert error_param(r) == "image[]" and "at least 64" in r.json()["error"]["message"]
+    assert error_param(edit([("image[]", png_bytes(image(300, 300, 1)))]), 413) == "image[]"  # over the pixel cap
+    assert error_param(edit([("image[]", ref)], strength="0.5")) == "strength"
+    for refs in ([b64(REFS[0])] * 5, ["bm90IGFuIGltYWdl"], [b64(image(40, 80, 1))], "x"):
+        r = client.post("/v1/jobs", json={"prompt": "a fox", "size": "64x64", "reference_images": refs})
+        assert error_param(r) == "reference_images"
+    assert worker.queued() == [] and worker.running is None and worker.loads == loads
+
+
+class StubPipeline:
+    """A loaded pipeline as the worker sees it: Omni when it has a siglip_processor; records the recipes run."""
+
+    def __init__(self, omni: bool):
+        self.siglip_processor = object() if omni else None
+        self.recipes = []
+
+    def run(self, recipe, **kw):
+        self.recipes.append(recipe)
+        r = recipe.settle()
+        im = Image.new("RGB", (r.width, r.height))
+        im.info["recipe"] = r.replace(strength=r.strength or 0.6) if r.has_image else r  # as the pipeline records
+        return [im]
+
+
+def test_edits_wait_for_the_load_to_know_the_model():
+    """While the model loads, whether it is Omni is unknown: an edit waits for the load (its job would wait in the
+    queue anyway), then is parsed as the loaded model's."""
+    import threading
+    import time
+
+    from zimage_mlx.worker import Worker
+
+    gate, pipe = threading.Event(), StubPipeline(omni=True)
+    worker = Worker(lambda: (gate.wait(30), pipe)[1])
+    worker.start(wait=False)
+    client, result = app_client(worker), {}
+    files = [("image[]", ("a.png", png_bytes(REFS[0]), "image/png")), ("image[]", ("b.png", png_bytes(REFS[1]), "image/png"))]
+    thread = threading.Thread(target=lambda: result.update(r=client.post(
+        "/v1/images/edits", data={"prompt": "a fox", "size": "64x64", "seed": "1"}, files=files)))
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive() and worker.omni is None and worker.queued() == []
+    gate.set()
+    thread.join(30)
+    assert result["r"].status_code == 200, result["r"].text
+    recipe = pipe.recipes[0]
+    assert worker.omni is True and recipe.reference_images == ["a.png", "b.png"] and not recipe.has_image
+    assert [im.size for im in recipe.reference_pixels] == [im.size for im in REFS]
+    worker.shutdown(wait=10)
+
+
+def test_a_turbo_server_keeps_its_edits_and_refuses_references():
+    from zimage_mlx.worker import Worker
+
+    pipe = StubPipeline(omni=False)
+    worker = Worker(lambda: pipe)
+    worker.start(timeout=10)
+    client = app_client(worker)
+    assert worker.omni is False
+    r = client.post("/v1/jobs", json={"prompt": "a fox", "reference_images": [b64(REFS[0])]})
+    assert error_param(r) == "reference_images" and "Z-Image-Omni" in r.json()["error"]["message"]
+    files = [("image[]", ("a.png", png_bytes(REFS[0]), "image/png")), ("image[]", ("b.png", b"unread", "image/png"))]
+    r = client.post("/v1/images/edits", data={"prompt": "a fox", "seed": "1"}, files=files)
+    assert r.status_code == 200, r.text
+    assert pipe.recipes[0].has_image and not pipe.recipes[0].reference_pixels and "first of the 2" in \
+        r.json()["zimage"]["comments"][0]
+    worker.shutdown(wait=10)

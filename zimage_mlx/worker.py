@@ -205,6 +205,10 @@ class Worker:
     Memory: after `idle_unload` seconds without a job (None: never), or when `unload()` asks, the worker
     drops the pipeline and MLX's cache (state "unloaded"); the next job loads it again first ("loading").
     `on_done(job)`, if set, runs on the worker thread for every completed job before its `done` event.
+
+    `omni`: whether the loaded pipeline is Z-Image-Omni (takes reference images: `siglip_processor` is set),
+    read on the worker thread when a load succeeds; None until the first load has (kept while unloaded: the
+    same load function loads the same kind). `wait_kind()` waits for it.
     """
 
     def __init__(self, load_pipeline: Callable[[], object], queue_size: int = 8, *, name: str = "zimage-worker",
@@ -227,6 +231,7 @@ class Worker:
         self.idle_unload = idle_unload
         self.on_done: Callable[[Job], None] | None = None
         self.loads = 0  # how many times the pipeline was loaded
+        self.omni: bool | None = None  # the loaded pipeline is Z-Image-Omni (None: not loaded yet)
         self._last_active = time.monotonic()
         self._unload_asked = False
         self._unloaded = threading.Event()
@@ -252,6 +257,17 @@ class Worker:
             raise TimeoutError("the pipeline did not load in time")
         if self.load_error is not None:
             raise self.load_error
+
+    async def wait_kind(self, poll: float = 0.05) -> bool:
+        """(async) Whether the pipeline is Omni, waiting for its first load if need be; re-raises a load failure
+        (ShuttingDown if the worker stopped before loading)."""
+        while self.omni is None:
+            if self.load_error is not None:
+                raise self.load_error
+            if self.stopping:
+                raise ShuttingDown()
+            await asyncio.sleep(poll)
+        return self.omni
 
     def report_load(self, phase: str, fraction: float | None = None) -> None:
         """For the load function (any thread): what it is doing now (e.g. download, load) and how far."""
@@ -352,6 +368,7 @@ class Worker:
             self._load_failed(e)
             return False
         self.loads += 1
+        self.omni = getattr(self.pipeline, "siglip_processor", None) is not None
         self._state = "ready"
         self._last_active = time.monotonic()
         return True

@@ -154,6 +154,18 @@ class Server:
         except ShuttingDown:
             raise (load_failed(self.worker) if self.worker.state == "failed" else shutting_down()) from None
 
+    async def omni(self) -> bool:
+        """Whether the served model is Z-Image-Omni (its edits take references). Until the model's first load
+        has finished this is unknown: the request waits for it, as its job would wait in the queue anyway."""
+        try:
+            return await self.worker.wait_kind()
+        except ShuttingDown:
+            raise shutting_down() from None
+        except BaseException:
+            if self.worker.load_error is not None:
+                raise load_failed(self.worker) from None
+            raise
+
     async def run_sync(self, request: Request, job: Job) -> bool:
         """Wait for a submitted job; a client disconnect cancels it. False if the client left."""
         async def disconnected():

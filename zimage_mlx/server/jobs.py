@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..memory import memory_info
+from ..omni import MAX_REFERENCES
 from ..recipe import Recipe
 from ..worker import FORMATS, Job
 from .core import ApiError, Server, ServerConfig, bad, load_state
@@ -21,13 +22,14 @@ from .fields import decode_base64_image, read_extras
 
 NATIVE_FIELDS = frozenset({"prompt", "negative_prompt", "width", "height", "size", "steps", "seed", "n", "guidance",
                            "loras", "enhance", "output_format", "previews", "variety", "hires",
-                           "image", "mask", "strength"})
+                           "image", "mask", "strength", "reference_images"})
 NAMES = {"num_images": "n"}
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 
-def parse_native(body: dict, cfg: ServerConfig) -> tuple[Recipe, dict]:
-    """A job's body -> (the checked Recipe, the worker's options)."""
+def parse_native(body: dict, cfg: ServerConfig, omni: bool = False) -> tuple[Recipe, dict]:
+    """A job's body -> (the checked Recipe, the worker's options); `omni`: the served model is Z-Image-Omni
+    (it takes reference_images)."""
     unknown = sorted(set(body) - NATIVE_FIELDS)
     if unknown:
         raise bad(unknown[0], f"unknown field {unknown[0]!r}; the fields are {', '.join(sorted(NATIVE_FIELDS))}",
@@ -36,6 +38,7 @@ def parse_native(body: dict, cfg: ServerConfig) -> tuple[Recipe, dict]:
     prompt = f.str("prompt", required=True)
     names = dict(NAMES)
     image, mask, strength = read_images(f, cfg)
+    references = read_references(f, cfg, omni)
     if f.has("size"):
         if f.has("width") or f.has("height"):
             raise bad("size", "give size or width and height, not both")
@@ -49,6 +52,9 @@ def parse_native(body: dict, cfg: ServerConfig) -> tuple[Recipe, dict]:
     recipe = Recipe(prompt=prompt, negative_prompt=f.str("negative_prompt") or None, width=size[0], height=size[1],
                     seed=f.seed("seed")[1], loras=read_loras(f.first("loras")[1], cfg), enhance=f.bool("enhance"),
                     **{"steps": cfg.default_steps, **given, **read_extras(f, names)})
+    if references:
+        recipe = recipe.replace(reference_images=[f"reference-{k + 1}.png" for k in range(len(references))],
+                                reference_pixels=references)
     if image is not None:
         recipe = recipe.replace(image="image.png", init_image=image, init_mask=mask, strength=strength,
                                 mask="mask.png" if mask is not None else None)
@@ -67,6 +73,22 @@ def read_images(f: Fields, cfg: ServerConfig):
     image = decode_base64_image(image, "image", cfg).convert("RGB")
     mask = None if mask is None else decode_base64_image(mask, "mask", cfg).convert("L")
     return image, mask, strength
+
+
+def read_references(f: Fields, cfg: ServerConfig, omni: bool) -> list:
+    """reference_images (a list of base64 images or data: URLs, at most MAX_REFERENCES; Z-Image-Omni only),
+    opened; their sizes are the Recipe's to check."""
+    value = f.first("reference_images")[1]
+    if value is None:
+        return []
+    if not omni:
+        raise bad("reference_images", "reference_images need a Z-Image-Omni model; this server's model takes an "
+                  "image (image to image) instead", "unsupported_parameter")
+    if not isinstance(value, list) or not value:
+        raise bad("reference_images", "reference_images must be a list of 1 to 4 base64 images or data: URLs")
+    if len(value) > MAX_REFERENCES:
+        raise bad("reference_images", f"{len(value)} reference images: at most {MAX_REFERENCES}")
+    return [decode_base64_image(v, "reference_images", cfg) for v in value]
 
 
 def settings(job: Job) -> dict:
@@ -118,7 +140,9 @@ class JobRoutes:
             del jobs[old.id]
 
     async def create(self, request: Request):
-        recipe, options = parse_native(await read_json(request), self.cfg)
+        body = await read_json(request)
+        omni = await self.server.omni() if body.get("reference_images") is not None else False  # waits for the load
+        recipe, options = parse_native(body, self.cfg, omni)
         job = self.server.submit(recipe, **options)
         self.remember(job)
         return JSONResponse({"id": job.id, "status": "queued", "queue_position": job.position,

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..omni import MAX_REFERENCES
 from ..recipe import Recipe, file_name as recorded_name
 from ..worker import FORMATS, Job
 from .core import ApiError, Server, ServerConfig, bad
@@ -49,9 +50,11 @@ def partial_steps(steps: int, count: int) -> frozenset:
 
 
 def parse_openai(f: Fields, cfg: ServerConfig, *, any_model: bool, edit: bool = False, image=None, mask=None,
-                 image_name: str | None = None, mask_name: str | None = None) -> tuple[Recipe, dict, dict]:
-    """OpenAI fields (and for edits the opened image and mask) -> (the checked Recipe, the worker's options,
-    what the response needs: stream, partial_images)."""
+                 image_name: str | None = None, mask_name: str | None = None,
+                 references: tuple | None = None) -> tuple[Recipe, dict, dict]:
+    """OpenAI fields (and for edits the opened image and mask, or with a Z-Image-Omni model `references`:
+    (param, file names, opened images), the prompt their instruction) -> (the checked Recipe, the worker's
+    options, what the response needs: stream, partial_images)."""
     for name in REFUSED + (() if edit else IMAGE_ONLY):
         if f.has(name):
             raise bad(name, f"{name} is not supported on this route" + (
@@ -61,6 +64,12 @@ def parse_openai(f: Fields, cfg: ServerConfig, *, any_model: bool, edit: bool = 
         raise bad("prompt", "prompt must not be empty", "missing_required_parameter")
     served = check_openai_only(f, cfg, any_model)
     names = {"num_images": "n"}
+    if references is not None:
+        for name in ("strength", "denoising_strength"):
+            if f.has(name):
+                raise bad(name, f"{name} does not apply to a Z-Image-Omni edit: the images given are references "
+                          "and the prompt says what to make of them", "unsupported_parameter")
+        names["reference_images"] = references[0]
     width, height = read_size(f, cfg, names, edit)
     fields = {}
     for field, aliases in (("steps", ("steps", "num_inference_steps")), ("guidance", ("guidance", "guidance_scale")),
@@ -73,7 +82,9 @@ def parse_openai(f: Fields, cfg: ServerConfig, *, any_model: bool, edit: bool = 
     recipe = Recipe(prompt=prompt, negative_prompt=f.str("negative_prompt") or None, width=width, height=height,
                     seed=seed, loras=read_loras(f.first("loras")[1], cfg, strings=f.strings), enhance=f.bool("enhance"),
                     **{"steps": cfg.default_steps, **fields, **read_extras(f, names)})
-    if edit:
+    if references is not None:
+        recipe = recipe.replace(reference_images=list(references[1]), reference_pixels=list(references[2]))
+    elif edit:
         recipe = recipe.replace(image=image_name or "image.png", init_image=image, init_mask=mask,
                                 mask=(mask_name or "mask.png") if mask is not None else None)
     recipe = check_recipe(recipe, cfg, names)
@@ -114,6 +125,17 @@ def read_size(f: Fields, cfg: ServerConfig, names: dict, edit: bool) -> tuple:
     else:
         size = None
     return size or ((None, None) if edit else (cfg.default_width, cfg.default_height))
+
+
+def refuse_mask(mask) -> None:
+    if mask:
+        raise bad("mask", "this server's model is Z-Image-Omni: its edits take reference images and a prompt, not "
+                  "a mask", "unsupported_parameter")
+
+
+def check_count(n: int, param: str) -> None:
+    if n > MAX_REFERENCES:
+        raise bad(param, f"{n} images: a Z-Image-Omni edit takes at most {MAX_REFERENCES} (its references)")
 
 
 def has_alpha(im) -> bool:
@@ -171,13 +193,19 @@ class OpenAIRoutes:
 
     async def edits(self, request: Request):
         ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            f, image, mask, names, count = await self.read_edit_form(request)
-        elif "json" in ctype:
-            f, image, mask, count = self.read_edit_json(await read_json(request))
-            names = (None, None)
-        else:
+        form = ctype.startswith("multipart/form-data")
+        if not form and "json" not in ctype:
             raise ApiError(415, "send multipart/form-data (or JSON with a base64 image)", None, "unsupported_media_type")
+        omni = await self.server.omni()  # waits for the model's first load: the job would wait for it anyway
+        if form:
+            f, image, mask, names, count = await self.read_edit_form(request, omni)
+        else:
+            f, image, mask, count = self.read_edit_json(await read_json(request), omni)
+            names = (None, None)
+        if omni:  # Z-Image-Omni: every image is a reference, the prompt the instruction
+            recipe, options, meta = parse_openai(f, self.cfg, any_model=request.url.path.startswith("/proxy/"),
+                                                 edit=True, references=image)
+            return await self.run(request, recipe, options, meta, "image_edit")
         image, mask = edit_inputs(image, mask)
         recipe, options, meta = parse_openai(f, self.cfg, any_model=request.url.path.startswith("/proxy/"), edit=True,
                                              image=image, mask=mask, image_name=names[0], mask_name=names[1])
@@ -185,8 +213,18 @@ class OpenAIRoutes:
             meta["comments"].append(f"edited the first of the {count} images given; this model edits one image")
         return await self.run(request, recipe, options, meta, "image_edit")
 
-    def read_edit_json(self, body: dict):
+    def read_edit_json(self, body: dict, omni: bool = False):
         images, count = body.get("image"), 1
+        if omni:  # (param, names, opened images) of every image: Z-Image-Omni's references
+            refuse_mask(body.get("mask"))
+            images = images if isinstance(images, list) else [] if images is None else [images]
+            if not images:
+                raise bad("image", "image is required", "missing_required_parameter")
+            check_count(len(images), "image")
+            opened = [decode_base64_image(x, "image", self.cfg) for x in images]
+            refs = ("image", [f"image-{k + 1}.png" for k in range(len(opened))], opened)
+            rest = {k: v for k, v in body.items() if k not in ("image", "mask")}
+            return Fields(rest, known=EDIT_FIELDS | frozenset(REFUSED)), refs, None, len(opened)
         if isinstance(images, list):
             if not images:
                 raise bad("image", "image is required", "missing_required_parameter")
@@ -198,7 +236,7 @@ class OpenAIRoutes:
         rest = {k: v for k, v in body.items() if k not in ("image", "mask")}
         return Fields(rest, known=EDIT_FIELDS | frozenset(REFUSED)), image, mask, count
 
-    async def read_edit_form(self, request: Request):
+    async def read_edit_form(self, request: Request, omni: bool = False):
         try:
             form = await request.form(max_files=17, max_fields=64, max_part_size=1024 * 1024)
         except Exception as e:  # noqa: BLE001 - Starlette's MultiPartException / HTTPException
@@ -218,6 +256,14 @@ class OpenAIRoutes:
             for key in ("image", "image[]", "mask"):
                 if key in values:
                     raise bad(key, f"{key} must be a file part")
+            if omni:  # (param, file names, opened images) of every upload: Z-Image-Omni's references
+                param = "image[]" if files.get("image[]") else "image"
+                refuse_mask(files.get("mask") or values.get("mask"))
+                check_count(len(uploads), param)
+                refs = (param, [file_name(u) for u in uploads], [decode_image(await u.read(), param, self.cfg)
+                                                                 for u in uploads])
+                return (Fields(values, strings=True, known=EDIT_FIELDS | frozenset(REFUSED)), refs, None, (None, None),
+                        len(uploads))
             image = decode_image(await uploads[0].read(), "image", self.cfg)
             masks = files.get("mask", [])
             mask = decode_image(await masks[0].read(), "mask", self.cfg) if masks else None
