@@ -357,13 +357,14 @@ class Worker:
         return True
 
     def _unload(self) -> None:
-        """On the worker thread: drop the pipeline (its arrays are freed with it) and MLX's buffer cache."""
+        """On the worker thread: drop the pipeline (its arrays are freed with it), MLX's buffer cache and the
+        memory malloc keeps free (`release_memory`)."""
         import gc
 
         if self.pipeline is not None:
             self.pipeline = None
             gc.collect()
-            clear_cache()
+            release_memory()
             log.info("models unloaded (%s)", "asked" if self._unload_asked else f"idle {self.idle_unload:g} s")
         self._state = "unloaded"
         self._unload_asked = False
@@ -548,6 +549,18 @@ def clear_cache() -> None:
 
         mx.clear_cache()
     except Exception:  # noqa: BLE001 - best effort
+        pass
+
+
+def release_memory() -> None:
+    """After the models are dropped: MLX's buffer cache, then what malloc keeps free (Linux CPU runs keep
+    freed memory, `kernels.keep_freed_memory`), back to the OS, so the resident set falls."""
+    clear_cache()
+    try:
+        from . import kernels
+
+        kernels.release_freed_memory()
+    except Exception:  # noqa: BLE001 - best effort (no MLX: a fake engine)
         pass
 
 
