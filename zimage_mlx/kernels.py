@@ -188,3 +188,18 @@ def keep_freed_memory() -> bool:
     # (a server's worker thread) would otherwise grow a separate arena of its own next to the main one.
     mallopt(m_arena_max, 1)
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def release_freed_memory() -> bool:
+    """Hand the memory malloc holds free back to the OS (glibc's `malloc_trim(0)`), e.g. after the models are
+    dropped: `keep_freed_memory` keeps freed blocks for reuse, so without this the resident set would not
+    fall when a server unloads its models. Returns whether memory was released (Linux with glibc only; a
+    no-op elsewhere: on macOS MLX's Metal buffers go back with `mx.clear_cache()`)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    return bool(malloc_trim(0))

@@ -85,10 +85,11 @@ class JobError:
 class Job:
     """A recipe in the queue: its state, its results and its event log."""
 
-    def __init__(self, recipe: Recipe, options: Options | None = None):
+    def __init__(self, recipe: Recipe, options: Options | None = None, model: str | None = None):
         self.id = "job_" + secrets.token_hex(8)
         self.recipe = recipe
         self.options = options or Options()
+        self.model = model  # the name of the worker's loader it runs on (None: a one-model worker's)
         self.status = "queued"  # queued | running | completed | failed | cancelled
         self.cancel = threading.Event()
         self.cancel_reason: str | None = None  # the caller's word: user, disconnect, shutdown, interrupt...
@@ -198,6 +199,11 @@ class Worker:
     `run(recipe, on_step=, cancel=, on_enhanced=, batch_size=)` and `fast_preview(step, size=)`.
     `queue_size` bounds the jobs waiting (the running one not counted).
 
+    Several models: `load_pipeline` may be a dict {name: loader}; the first is the default (loaded at start),
+    a job names its model (`submit(..., model=name)`), and one pipeline is resident at a time: before a job
+    on another model the worker drops the current one and loads that one (state "loading" meanwhile).
+    `model` names the pipeline loaded last (resident while `pipeline` is set, or loading).
+
     `state`: idle (not started), loading, ready, unloaded, failed (`load_error` says why) or stopped. While
     it loads, `load_progress` is {"phase", "fraction"} as the load function reports it with `report_load`;
     jobs submitted meanwhile wait in the queue, and fail (kind "load") if the load fails.
@@ -211,11 +217,16 @@ class Worker:
     same load function loads the same kind). `wait_kind()` waits for it.
     """
 
-    def __init__(self, load_pipeline: Callable[[], object], queue_size: int = 8, *, name: str = "zimage-worker",
-                 idle_unload: float | None = None):
+    def __init__(self, load_pipeline: Callable[[], object] | dict[str, Callable[[], object]], queue_size: int = 8,
+                 *, name: str = "zimage-worker", idle_unload: float | None = None):
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
-        self.load_pipeline = load_pipeline
+        self.loaders: dict = dict(load_pipeline) if isinstance(load_pipeline, dict) else {None: load_pipeline}
+        if not self.loaders:
+            raise ValueError("no model to load")
+        self.default_model = next(iter(self.loaders))
+        self.load_pipeline = self.loaders[self.default_model]
+        self.model = None  # the name of the pipeline loaded last (resident while `pipeline` is set)
         self.queue_size = queue_size
         self.pipeline = None
         self.running: Job | None = None
@@ -292,10 +303,14 @@ class Worker:
             self._thread.join(wait)
 
     # -- any thread -----------------------------------------------------------------------------------
-    def submit(self, recipe: Recipe, **options) -> Job:
-        """Queue a recipe; `options` are `Options` fields. Returns the job (`job.position`: 0 = next).
-        Raises QueueFull or ShuttingDown. The recipe is checked when it runs (a failed job, kind input)."""
-        job = Job(recipe, Options(**options))
+    def submit(self, recipe: Recipe, *, model: str | None = None, **options) -> Job:
+        """Queue a recipe on `model` (a name of the loaders; None: the default); `options` are `Options` fields.
+        Returns the job (`job.position`: 0 = next). Raises QueueFull or ShuttingDown, KeyError for an unknown
+        model. The recipe is checked when it runs (a failed job, kind input)."""
+        model = self.default_model if model is None else model
+        if model not in self.loaders:
+            raise KeyError(f"no model {model!r}")
+        job = Job(recipe, Options(**options), model)
         with self._cond:
             if self.stopping:
                 raise ShuttingDown()
@@ -345,12 +360,15 @@ class Worker:
     # -- the worker thread ----------------------------------------------------------------------------
     def _main(self) -> None:
         self.thread_ident = threading.get_ident()
-        if not self._load():
+        if not self._load(self.default_model):
             return
         self._ready.set()
         while (job := self._take()) is not None:
             try:
-                if self.pipeline is None and not self._load():  # unloaded while idle: load again first
+                if self.pipeline is not None and job.model != self.model:  # another model: one at a time
+                    log.info("swapping models: %s -> %s", self.model, job.model)
+                    self._drop()
+                if self.pipeline is None and not self._load(job.model):  # unloaded (idle, or swapped): load first
                     self._fail(job, JobError("load", f"the model failed to load: {self.load_error}", None,
                                              self.load_error))
                     return
@@ -360,10 +378,11 @@ class Worker:
                     self.running = None
                 self._last_active = time.monotonic()
 
-    def _load(self) -> bool:
-        self._state = "loading"
+    def _load(self, model) -> bool:
+        self._state, self.model = "loading", model
+        self.load_progress = {"phase": None, "fraction": None}
         try:
-            self.pipeline = self.load_pipeline()
+            self.pipeline = self.loaders[model]()
         except BaseException as e:  # noqa: BLE001 - handed to start() / wait_loaded(), and in `state`
             self._load_failed(e)
             return False
@@ -374,17 +393,21 @@ class Worker:
         return True
 
     def _unload(self) -> None:
-        """On the worker thread: drop the pipeline (its arrays are freed with it) and MLX's buffer cache."""
-        import gc
-
+        """On the worker thread: drop the pipeline (its arrays are freed with it), MLX's buffer cache and the
+        memory malloc keeps free (`release_memory`)."""
         if self.pipeline is not None:
-            self.pipeline = None
-            gc.collect()
-            clear_cache()
+            self._drop()
             log.info("models unloaded (%s)", "asked" if self._unload_asked else f"idle {self.idle_unload:g} s")
         self._state = "unloaded"
         self._unload_asked = False
         self._unloaded.set()
+
+    def _drop(self) -> None:
+        import gc
+
+        self.pipeline = None
+        gc.collect()
+        release_memory()
 
     def _idle_wait(self) -> float | None:
         """How long the queue may stay empty before the pipeline is unloaded (0: now; None: never)."""
@@ -565,6 +588,18 @@ def clear_cache() -> None:
 
         mx.clear_cache()
     except Exception:  # noqa: BLE001 - best effort
+        pass
+
+
+def release_memory() -> None:
+    """After the models are dropped: MLX's buffer cache, then what malloc keeps free (Linux CPU runs keep
+    freed memory, `kernels.keep_freed_memory`), back to the OS, so the resident set falls."""
+    clear_cache()
+    try:
+        from . import kernels
+
+        kernels.release_freed_memory()
+    except Exception:  # noqa: BLE001 - best effort (no MLX: a fake engine)
         pass
 
 

@@ -9,11 +9,14 @@ from pathlib import Path
 import click
 
 from .common import Command, UserError, expected_errors, slow_blas_hint
-from .options import bits, dtype_option, low_memory_option, model_option, quantize_option
+from .options import DEFAULT_MODEL, bits, dtype_option, low_memory_option, quantize_option
 
 
 @click.command("serve", cls=Command)
-@model_option("A Hugging Face repo id or a checkpoint folder, loaded once at start.")
+@click.option("-m", "--model", "models", multiple=True, metavar="[NAME=]MODEL",
+              help=f"A Hugging Face repo id or a checkpoint folder (default {DEFAULT_MODEL}), loaded at start. Repeat "
+                   "to serve several: requests choose one by name (NAME, else the folder's or repo's last part); the "
+                   "first is the default and loaded at start, and one is resident at a time (swapped between jobs).")
 @quantize_option()
 @low_memory_option()
 @dtype_option()
@@ -45,7 +48,7 @@ from .options import bits, dtype_option, low_memory_option, model_option, quanti
 @click.option("--idle-unload", type=click.FloatRange(min=1), metavar="SECONDS",
               help="Free the models after this long without a job; the next job loads them again.")
 @click.option("--insecure-no-auth", is_flag=True, help="Allow a non-loopback --host without --api-key.")
-def serve(model, quantize, low_memory, dtype, host, port, api_key, queue_size, lora_dir, max_side, max_n, max_steps,
+def serve(models, quantize, low_memory, dtype, host, port, api_key, queue_size, lora_dir, max_side, max_n, max_steps,
           max_body, allowed_host, output_dir, idle_unload, insecure_no_auth):
     """Serve the model over HTTP: the OpenAI images API, an A1111 subset, a job API with live previews, and a
     web page at /. Prints `listening on http://HOST:PORT` at once, then loads the model: /health says
@@ -79,21 +82,37 @@ def serve(model, quantize, low_memory, dtype, host, port, api_key, queue_size, l
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     quantize = bits(quantize)
-    name = Path(model.rstrip("/")).name.lower() or "z-image"
-    cfg = ServerConfig(model_id=name, model_aliases=(model,), api_key=api_key or None,
+    served = model_names(models or (DEFAULT_MODEL,))
+    (name, model), others = served[0], served[1:]
+    cfg = ServerConfig(model_id=name, model_aliases=(model,), models={n: (m,) for n, m in others},
+                       api_key=api_key or None,
                        allowed_hosts=allowed_hosts(host, allowed_host), max_side=max_side, max_n=max_n,
                        max_steps=max_steps, max_body=int(max_body * 2**20),
                        lora_dir=Path(lora_dir) if lora_dir else None,
                        output_dir=Path(output_dir).expanduser() if output_dir else None,
                        default_width=min(1024, max_side), default_height=min(1024, max_side))
-    runner = Worker(lambda: load_model(runner, model, dtype, quantize, low_memory), queue_size=queue_size,
-                    idle_unload=idle_unload)
+    loaders = {n: (lambda m=m: load_model(runner, m, dtype, quantize, low_memory)) for n, m in served}
+    runner = Worker(loaders if len(loaders) > 1 else loaders[name], queue_size=queue_size, idle_unload=idle_unload)
     with expected_errors():  # a load failure: one line, exit 1
         run_server(runner, cfg, host, port, sock=sock, announce=lambda line: click.echo(line) or sys.stdout.flush())
     # Shut down cleanly (jobs answered, worker stopped). MLX 0.32 on Linux aborts now and then in its static
     # destructors once a worker thread has used it (exit code 134), so the process ends here with code 0.
     sys.stdout.flush(), sys.stderr.flush()
     os._exit(0)
+
+
+def model_names(specs) -> list[tuple[str, str]]:
+    """--model values ([NAME=]MODEL) -> [(name, model)]: NAME, else the folder's or repo's last part, lower case."""
+    out: list[tuple[str, str]] = []
+    for spec in specs:
+        name, eq, model = spec.partition("=")
+        if not eq or "/" in name or not name.strip() or not model or Path(spec).exists():
+            name, model = Path(spec.rstrip("/")).name.lower() or "z-image", spec
+        name = name.strip()
+        if any(name.lower() == n.lower() for n, _ in out):
+            raise UserError(f"two models are named {name!r}: give one a name with --model NAME={model}")
+        out.append((name, model))
+    return out
 
 
 def load_model(runner, model: str, dtype, quantize, low_memory):

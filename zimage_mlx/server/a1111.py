@@ -148,25 +148,29 @@ def read_images(f: Fields, body: dict, cfg: ServerConfig, recipe: Recipe) -> Rec
                           mask="mask.png" if mask is not None else None, strength=0.75 if strength is None else strength)
 
 
-def check_override_settings(settings, cfg: ServerConfig, param: str | None = "override_settings") -> None:
-    """Accept settings that change nothing; refuse the rest (400 naming `param`, or the key when None)."""
+def check_override_settings(settings, cfg: ServerConfig, param: str | None = "override_settings") -> str | None:
+    """Accept settings that change nothing and a served model's name as sd_model_checkpoint (returned: the
+    model that runs); refuse the rest (400 naming `param`, or the key when None)."""
     if not settings:
-        return
+        return None
     if not isinstance(settings, dict):
         raise bad(param, f"{param or 'the body'} must be an object")
     current = options(cfg)
+    checkpoint = None
     for key, value in settings.items():
-        if key == "sd_model_checkpoint" and isinstance(value, str) and value.lower() in cfg.model_ids():
+        if key == "sd_model_checkpoint" and isinstance(value, str) and cfg.find_model(value):
+            checkpoint = cfg.find_model(value)
             continue
         if key == "CLIP_stop_at_last_layers" and value in (0, 1):
             continue
         if (key in current and current[key] == value) or (key == "sd_vae" and value in ("Automatic", "None", None)):
             continue
         raise bad(param or key, f"cannot change the setting {key!r} on this server", "unsupported_value")
+    return checkpoint
 
 
-def options(cfg: ServerConfig) -> dict:
-    return {"sd_model_checkpoint": cfg.model_id, "sd_checkpoint_hash": None, "sd_vae": "Automatic",
+def options(cfg: ServerConfig, checkpoint: str | None = None) -> dict:
+    return {"sd_model_checkpoint": checkpoint or cfg.model_id, "sd_checkpoint_hash": None, "sd_vae": "Automatic",
             "CLIP_stop_at_last_layers": 1, "samples_format": "png", "eta_noise_seed_delta": 0}
 
 
@@ -190,11 +194,14 @@ class A1111Routes:
     def __init__(self, server: Server):
         self.server = server
         self.cfg = server.cfg
+        self.checkpoint = server.cfg.model_id  # the model sd_model_checkpoint names (POST /sdapi/v1/options)
 
     async def run(self, request: Request, img2img: bool):
         body = await read_json(request)
         recipe, comments = parse_a1111(body, self.cfg, img2img=img2img)
-        job = self.server.submit(recipe, previews=True)
+        settings = body.get("override_settings") if isinstance(body, dict) else None
+        model = check_override_settings(settings, self.cfg) or self.checkpoint  # checked by parse_a1111 already
+        job = self.server.submit(recipe, model, previews=True)
         if not await self.server.run_sync(request, job):
             return Response(status_code=499)
         if job.status != "completed":
@@ -211,7 +218,7 @@ class A1111Routes:
         return {"prompt": job.recipe.prompt, "all_prompts": prompts, "negative_prompt": r.negative_prompt or "",
                 "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
                 "width": r.width, "height": r.height, "sampler_name": "Euler", "cfg_scale": r.guidance + 1.0,
-                "steps": r.steps, "batch_size": len(seeds), "sd_model_name": self.cfg.model_id,
+                "steps": r.steps, "batch_size": len(seeds), "sd_model_name": job.model or self.cfg.model_id,
                 "denoising_strength": r.strength if r.has_image else r.hires_strength if r.hires_scale else None,
                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "infotexts": [x.to_infotext() for x in job.recipes],
                 "comments": "".join(f"{c}\n" for c in comments)}
@@ -245,8 +252,8 @@ class A1111Routes:
         return JSONResponse({})
 
     async def sd_models(self, request):
-        return JSONResponse([{"title": self.cfg.model_id, "model_name": self.cfg.model_id, "hash": None,
-                              "sha256": None, "filename": self.cfg.model_id, "config": None}])
+        return JSONResponse([{"title": m, "model_name": m, "hash": None, "sha256": None, "filename": m, "config": None}
+                             for m in self.cfg.model_names()])
 
     async def samplers(self, request):
         return JSONResponse([{"name": "Euler", "aliases": ["euler", "Euler (flow match)"], "options": {}}])
@@ -267,8 +274,9 @@ class A1111Routes:
         return JSONResponse([])  # A1111's [{"model_name", "filename"}]: only the checkpoint's own VAE ("Automatic")
 
     async def get_options(self, request):
-        return JSONResponse(options(self.cfg))
+        return JSONResponse(options(self.cfg, self.checkpoint))
 
     async def set_options(self, request):
-        check_override_settings(await read_json(request), self.cfg, param=None)
+        """sd_model_checkpoint set here chooses the model of later requests that do not override it (as A1111)."""
+        self.checkpoint = check_override_settings(await read_json(request), self.cfg, param=None) or self.checkpoint
         return JSONResponse({})

@@ -25,6 +25,7 @@ LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "host.docker.internal"}
 class ServerConfig:
     model_id: str = "z-image-turbo"
     model_aliases: tuple = ()
+    models: dict = field(default_factory=dict)  # the other served models: {name: (aliases...)}; model_id is the default
     api_key: str | None = None
     allowed_hosts: frozenset | None = frozenset(LOOPBACK_NAMES)  # None: no Host check
     max_side: int = 2048
@@ -50,13 +51,33 @@ class ServerConfig:
         return {m.lower() for m in (self.model_id, *self.model_aliases, "z-image-turbo", "x/z-image-turbo",
                                     "zimage-mlx") if m}
 
-    def resolve_model(self, name: str | None) -> str | None:
-        """The served model a request's `model` names, or None (unknown: 404). Our own names, no name, and the
-        names OpenAI clients send by default (dall-e-2, dall-e-3, gpt-image-*) run the one served model; with
-        several served models, OpenAI's names would need a mapping (the hook is here)."""
-        if not name or name.lower() in self.model_ids() or OPENAI_DEFAULT_MODELS.match(name.lower()):
+    def model_names(self) -> list[str]:
+        """The served models' names, the default first."""
+        return [self.model_id, *self.models]
+
+    def find_model(self, name: str | None) -> str | None:
+        """The served model that `name` is the name (or an alias) of, any case; None if none."""
+        if not name:
+            return None
+        if name.lower() in self.model_ids():
             return self.model_id
+        for served, aliases in self.models.items():
+            if name.lower() in {m.lower() for m in (served, *aliases) if m}:
+                return served
         return None
+
+    def resolve_model(self, name: str | None) -> str | None:
+        """The served model a request's `model` names, or None (unknown: 404). A served model's names, and for
+        the default model no name and the names OpenAI clients send by default (dall-e-2, dall-e-3,
+        gpt-image-*)."""
+        if not name or OPENAI_DEFAULT_MODELS.match(name.lower()):
+            return self.model_id
+        return self.find_model(name)
+
+    def unknown_model(self, name: str, param: str | None = "model") -> "ApiError":
+        served = ", ".join(repr(m) for m in self.model_names())
+        return ApiError(404, f"the model {name!r} does not exist; this server serves {served}", param,
+                        "model_not_found", "invalid_request_error")
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -145,9 +166,10 @@ class Server:
         for data, recipe in zip(job.images, job.recipes):
             job.history_ids.append(self.history.add(data, recipe, job.options.output_format)["id"])
 
-    def submit(self, recipe, **options) -> Job:
+    def submit(self, recipe, model: str | None = None, **options) -> Job:
+        """Queue a recipe on `model` (a served name; None or the default's name: the worker's default)."""
         try:
-            return self.worker.submit(recipe, **options)
+            return self.worker.submit(recipe, model=None if model in (None, self.cfg.model_id) else model, **options)
         except QueueFull:
             raise ApiError(503, f"the queue is full ({self.worker.queue_size} waiting); retry later", None,
                            "queue_full", "server_error", {"Retry-After": str(self.worker.retry_after())}) from None

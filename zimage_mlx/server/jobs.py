@@ -22,14 +22,14 @@ from .fields import decode_base64_image, read_extras
 
 NATIVE_FIELDS = frozenset({"prompt", "negative_prompt", "width", "height", "size", "steps", "seed", "n", "guidance",
                            "loras", "enhance", "output_format", "previews", "variety", "hires",
-                           "image", "mask", "strength", "reference_images"})
+                           "image", "mask", "strength", "reference_images", "model"})
 NAMES = {"num_images": "n"}
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 
 def parse_native(body: dict, cfg: ServerConfig, omni: bool = False) -> tuple[Recipe, dict]:
-    """A job's body -> (the checked Recipe, the worker's options); `omni`: the served model is Z-Image-Omni
-    (it takes reference_images)."""
+    """A job's body -> (the checked Recipe, the worker's options with `model`: the served model that runs it);
+    `omni`: the served model is Z-Image-Omni (it takes reference_images)."""
     unknown = sorted(set(body) - NATIVE_FIELDS)
     if unknown:
         raise bad(unknown[0], f"unknown field {unknown[0]!r}; the fields are {', '.join(sorted(NATIVE_FIELDS))}",
@@ -58,7 +58,11 @@ def parse_native(body: dict, cfg: ServerConfig, omni: bool = False) -> tuple[Rec
     if image is not None:
         recipe = recipe.replace(image="image.png", init_image=image, init_mask=mask, strength=strength,
                                 mask="mask.png" if mask is not None else None)
-    options = {"output_format": f.choice("output_format", FORMATS, "png"), "previews": f.bool("previews", True)}
+    model = cfg.resolve_model(f.str("model"))  # a served model's name; none: the default
+    if model is None:
+        raise cfg.unknown_model(f.str("model"))
+    options = {"output_format": f.choice("output_format", FORMATS, "png"), "previews": f.bool("previews", True),
+               "model": model}
     return check_recipe(recipe, cfg, names), options
 
 
@@ -191,7 +195,9 @@ class JobRoutes:
         worker, cfg = self.server.worker, self.cfg
         running = worker.running
         return JSONResponse({
-            "model": cfg.model_id, **load_state(worker), "running": running.id if running else None,
+            "model": cfg.model_id, "models": cfg.model_names(),
+            "loaded_model": None if worker.pipeline is None and worker.state != "loading" else
+            (cfg.model_id if worker.model is None else worker.model), **load_state(worker), "running": running.id if running else None,
             "queue": [j.id for j in worker.queued()], "queue_size": worker.queue_size,
             "limits": {"max_side": cfg.max_side, "max_n": cfg.max_n, "max_steps": cfg.max_steps},
             "defaults": {"width": cfg.default_width, "height": cfg.default_height, "steps": cfg.default_steps},

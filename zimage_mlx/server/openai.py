@@ -98,12 +98,13 @@ def parse_openai(f: Fields, cfg: ServerConfig, *, any_model: bool, edit: bool = 
 
 def check_openai_only(f: Fields, cfg: ServerConfig, any_model: bool) -> str:
     """The fields only this dialect has: the model's name (-> the served model that runs), response_format,
-    background. Under /proxy/openai (ComfyUI's nodes) any model name runs the served model."""
+    background. Under /proxy/openai (ComfyUI's nodes) a name that is no served model's runs the default one."""
     model = f.str("model")
-    served = cfg.model_id if any_model else cfg.resolve_model(model)
+    served = cfg.resolve_model(model) or (cfg.model_id if any_model else None)
     if served is None:
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves {cfg.model_id!r} (also as "
-                       "dall-e-2, dall-e-3 or gpt-image-*)", "model", "model_not_found", "invalid_request_error")
+        e = cfg.unknown_model(model)
+        e.body["error"]["message"] += " (the first also as dall-e-2, dall-e-3 or gpt-image-*)"
+        raise e
     if f.str("response_format") not in (None, "b64_json"):
         raise bad("response_format", "only response_format b64_json is supported (images are returned inline)",
                   "unsupported_value")
@@ -276,22 +277,22 @@ class OpenAIRoutes:
         raise ApiError(404, "image variations are not supported; use /v1/images/edits with a prompt", None,
                        "unsupported_endpoint")
 
-    def model_entry(self) -> dict:
-        return {"id": self.cfg.model_id, "object": "model", "created": 0, "owned_by": "zimage-mlx"}
+    def model_entry(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "zimage-mlx"}
 
     async def models(self, request):
-        return JSONResponse({"object": "list", "data": [self.model_entry()]})
+        return JSONResponse({"object": "list", "data": [self.model_entry(m) for m in self.cfg.model_names()]})
 
     async def model(self, request):
         model_id = request.path_params["model_id"]
-        if model_id.lower() not in self.cfg.model_ids():
-            raise ApiError(404, f"the model {model_id!r} does not exist; this server serves {self.cfg.model_id!r}",
-                           "model", "model_not_found", "invalid_request_error")
-        return JSONResponse(self.model_entry())
+        served = self.cfg.find_model(model_id)
+        if served is None:
+            raise self.cfg.unknown_model(model_id)
+        return JSONResponse(self.model_entry(served))
 
     # -- answering ------------------------------------------------------------------------------------
     async def run(self, request: Request, recipe: Recipe, options: dict, meta: dict, prefix: str):
-        job = self.server.submit(recipe, **options)
+        job = self.server.submit(recipe, meta["model"], **options)
         if meta["stream"]:
             return JobStream(self.stream(job, prefix, meta), job, self.server)
         if not await self.server.run_sync(request, job):
@@ -352,7 +353,7 @@ def zimage_info(job: Job, cfg: ServerConfig, meta: dict) -> dict:
     requested = meta.get("requested_model")
     comments = list(meta.get("comments", []))
     if requested and requested.lower() != meta["model"].lower():
-        comments.insert(0, f"the model {requested!r} ran as {meta['model']!r}, the model this server serves")
+        comments.insert(0, f"the model {requested!r} ran as {meta['model']!r}, a model this server serves")
     return {"width": r.width, "height": r.height, "steps": r.steps, "guidance": r.guidance,
             "strength": r.strength if r.has_image else None, "model": meta["model"], "requested_model": requested,
             "seeds": job.seeds, "timings": job.timings, "comments": comments}
