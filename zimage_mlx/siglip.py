@@ -21,7 +21,24 @@ import mlx.nn as nn
 import numpy as np
 
 from .sources import read_config
-from .weights import CheckpointError, load_into, load_safetensors, to_dtype
+from .weights import CheckpointError, load_into, load_safetensors, quant_policy, quantize_as_stored, to_dtype
+
+# The tower's quantization policy (`zimage-mlx convert --quantize`): the attention and MLP Linear layers at
+# 8 bits whatever the DiT's; the embeddings (patch projection, position table) stay float, as the other
+# models' embedders do (layer norms are never quantized).
+QUANT_KEEP = ("embeddings.",)
+QUANT_BITS = 8
+DEFAULT_GROUP_SIZE = 64
+
+
+def default_bits(bits: int | None) -> int | None:
+    """The tower's bits when the whole model is quantized to `bits`: 8 for any."""
+    return None if bits is None else QUANT_BITS
+
+
+def quant_predicate(bits: int, group_size: int = DEFAULT_GROUP_SIZE, keep: tuple[str, ...] = QUANT_KEEP):
+    """The tower's quantization policy (weights.quant_policy): its Linear layers but the embeddings'."""
+    return quant_policy(bits, group_size, keep)
 
 
 @dataclass
@@ -209,8 +226,12 @@ class SiglipVisionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, dtype="float32") -> "SiglipVisionModel":
-        """Load a `siglip/` folder (transformers' Siglip2VisionModel: config.json + safetensors)."""
+        """Load a `siglip/` folder (transformers' Siglip2VisionModel: config.json + safetensors), quantized as
+        its config.json records when `zimage-mlx convert --quantize` wrote it. dtype None: as stored."""
         folder = Path(folder)
-        model = cls(SiglipArgs.from_dict(read_config(folder)))
-        load_into(model, cls.sanitize(load_safetensors(folder)), f"siglip ({folder})", to_dtype(dtype))
+        config = read_config(folder)
+        model = cls(SiglipArgs.from_dict(config))
+        weights, what = cls.sanitize(load_safetensors(folder)), f"siglip ({folder})"
+        quantize_as_stored(model, weights, config, what)
+        load_into(model, weights, what, None if dtype is None else to_dtype(dtype))
         return model

@@ -360,8 +360,9 @@ def _blocks(blocks, x, rope, mask, adaln, residuals=None, **kw):
 # Kept in the compute dtype: the timestep MLP and the caption projection, which diffusers also keeps out of
 # layerwise casting (spec trap 14), and the patch embedding and final layer, which map straight from and to
 # the 64-wide patch space: per parameter they are over 100x more sensitive than block weights, and together
-# these four are 0.2% of the parameters.
-QUANT_KEEP = ("t_embedder.", "cap_embedder.", "all_x_embedder.", "all_final_layer.")
+# these four are 0.2% of the parameters. Omni's SigLIP feature projection stays float likewise, as the
+# caption projection it mirrors.
+QUANT_KEEP = ("t_embedder.", "cap_embedder.", "all_x_embedder.", "all_final_layer.", "siglip_embedder.")
 # At least 8 bits: the blocks' adaLN modulation (the scale and gate of every branch), 3-6x more sensitive
 # per parameter than attention and FFN weights, 2% of the parameters (+2% size at 4 bits).
 QUANT_MIN_BITS = {"adaLN_modulation": 8}
