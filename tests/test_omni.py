@@ -25,10 +25,10 @@ PROCESSOR = dict(patch_size=8, max_num_patches=24)
 OMNI_DIT_CONFIG = dict(reference.TRANSFORMER_CONFIG, siglip_feat_dim=24)
 
 
-def build_siglip(path, seed=5):
+def build_siglip(path, seed=5, config=SIGLIP_CONFIG):
     from transformers import Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
 
-    model = Siglip2VisionModel(Siglip2VisionConfig(**SIGLIP_CONFIG))
+    model = Siglip2VisionModel(Siglip2VisionConfig(**config))
     reference.randomize_(model, seed)
     model.eval().save_pretrained(path / "siglip", safe_serialization=True)
     processor = Siglip2ImageProcessor(**PROCESSOR)
@@ -161,6 +161,84 @@ def test_images_match_diffusers_omni(omni_pipe, reference_omni, name, refs, guid
     print(f"{name}: max |diff| {np.abs(a - b).max()} levels, mean {np.abs(a - b).mean():.4f}, std {b.std():.1f}")
     assert np.abs(a - b).max() <= 1
     assert b.std() > 10
+
+
+# ----------------------------------------------------------------------------------------------
+# zimage-mlx convert of an Omni folder
+
+
+def test_convert_float32_gives_the_same_image(omni_checkpoint, omni_pipe, tmp_path):
+    from click.testing import CliRunner
+
+    from zimage_mlx import cli
+
+    dst = tmp_path / "omni-f32"
+    result = CliRunner().invoke(cli.main, ["convert", str(omni_checkpoint), str(dst), "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    summary = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert "float32, from" in summary["siglip"] and "siglip_processor" in summary
+    assert sorted(p.name for p in dst.iterdir()) == ["model_index.json", "scheduler", "siglip", "siglip_processor",
+                                                      "text_encoder", "tokenizer", "transformer", "vae"]
+    index = json.loads((dst / "model_index.json").read_text())
+    assert index["siglip"] == ["transformers", "Siglip2VisionModel"] and "siglip_processor" in index
+    config = json.loads((dst / "siglip" / "config.json").read_text())
+    assert config["dtype"] == "float32" and "quantization" not in config
+    pipe = ZImagePipeline.from_pretrained(dst, dtype="float32")
+    kw = dict(reference_images=REFS[:1], width=64, height=64, steps=2, seed=4)
+    a = np.asarray(pipe.generate("a red fox", **kw)[0], np.int16)
+    b = np.asarray(omni_pipe.generate("a red fox", **kw)[0], np.int16)
+    # float32 weights written as read: the same arithmetic, the same pixels (1 level allowed for a rounding edge)
+    print(f"converted float32: max |diff| {np.abs(a - b).max()} levels")
+    assert np.abs(a - b).max() <= 1 and b.std() > 10
+
+
+WIDE_SIGLIP = dict(SIGLIP_CONFIG, hidden_size=64, intermediate_size=96)  # widths that group size 32 divides
+
+
+@pytest.fixture(scope="module")
+def omni_wide(omni_checkpoint, tmp_path_factory):
+    """The Omni checkpoint with a 64-wide tower (the fixture's 24-wide one has no quantizable layer)."""
+    root = tmp_path_factory.mktemp("omni-wide") / "Z-Image-Omni-Wide"
+    shutil.copytree(omni_checkpoint, root, ignore=shutil.ignore_patterns("transformer", "siglip"))
+    reference.build_transformer(root / "transformer", config=dict(OMNI_DIT_CONFIG, siglip_feat_dim=64), seed=3)
+    build_siglip(root, config=WIDE_SIGLIP)
+    return root
+
+
+def test_convert_quantized_tower(omni_wide, tmp_path):
+    import mlx.nn as nn
+
+    from zimage_mlx.convert import convert
+
+    dst = tmp_path / "omni-q8"
+    result = convert(omni_wide, dst, dtype="float32", quantize=8, group_size=32)
+    assert "8-bit (group 32)" in result["siglip"][1]
+    config = json.loads((dst / "siglip" / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 32, "bits": 8, "mode": "affine"}
+    pipe = ZImagePipeline.from_pretrained(dst, dtype="float32")
+    modules = dict(pipe.siglip.named_modules())
+    linear = [p for p, m in modules.items() if isinstance(m, nn.Linear)]
+    quantized = [p for p, m in modules.items() if isinstance(m, nn.QuantizedLinear)]
+    # every attention and MLP Linear at 8 bits; the patch projection (and position table, layer norms) float
+    assert linear == ["embeddings.patch_embedding"]
+    assert len(quantized) == 6 * WIDE_SIGLIP["num_hidden_layers"] and {modules[p].bits for p in quantized} == {8}
+    assert isinstance(modules["embeddings.position_embedding"], nn.Embedding)
+    # The DiT keeps its SigLIP embedder float, as the other embedders; its SigLIP refiner is quantized.
+    assert type(pipe.transformer.siglip_embedder[1]) is nn.Linear
+    assert isinstance(pipe.transformer.siglip_refiner[0].attention.to_q, nn.QuantizedLinear)
+
+    float_tower = SiglipVisionModel.from_pretrained(omni_wide / "siglip")
+    processor = SiglipProcessor.from_pretrained(dst / "siglip_processor")
+    for im in REFS:
+        got, expected = np.array(pipe.siglip.encode(processor, im)), np.array(float_tower.encode(processor, im))
+        err = np.abs(got - expected).max() / np.abs(expected).max()
+        print(f"8-bit tower, grid {got.shape[:2]}: max |diff| {err:.5f} of the largest |feature|")
+        # 8-bit affine, group 32: each weight off by at most 1/510 of its group's range (~0.2%); through 2
+        # layers and the final layer norm this measured 0.7% of the largest feature: 2% leaves room
+        # and still fails a tower that lost a layer or got 4-bit.
+        assert err < 0.02
+    out = pipe.generate("a red fox", reference_images=REFS[:1], width=64, height=64, steps=2, seed=4)[0]
+    assert out.size == (64, 64)
 
 
 def test_references_change_the_image_and_are_recorded(omni_pipe):

@@ -37,7 +37,7 @@ DEFAULT_BASE = "Tongyi-MAI/Z-Image-Turbo"
 DEFAULT_SHARD_SIZE = 2 * 2**30
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 WEIGHTS = ("transformer", "text_encoder", "vae")
-LABELS = {"transformer": "DiT", "text_encoder": "text encoder", "vae": "VAE"}
+LABELS = {"transformer": "DiT", "text_encoder": "text encoder", "vae": "VAE", "siglip": "SigLIP tower"}
 OPTIONS = {"transformer": "--transformer", "text_encoder": "--text-encoder", "vae": "--vae"}
 
 
@@ -45,7 +45,7 @@ OPTIONS = {"transformer": "--transformer", "text_encoder": "--text-encoder", "va
 class Component:
     """Where one model's weights come from and the config to build it with."""
 
-    name: str  # transformer | text_encoder | vae
+    name: str  # transformer | text_encoder | vae | siglip (an Omni checkpoint's vision tower)
     files: list[Path]
     config: dict
     label: str  # the folder or file, for messages
@@ -150,7 +150,7 @@ def find_sources(src, *, transformer=None, text_encoder=None, vae=None, base=Non
             raise InputError(f"{{base}} is for single files; {src} is a checkpoint with its own tokenizer and configs",
                              "base", ("base",))
         # a Hub id: the small files plus the weights of the components not given as files only
-        root = resolve_model(src, components=tuple(c for c in WEIGHTS if files[c] is None))
+        root = resolve_model(src, components=tuple(c for c in WEIGHTS if files[c] is None) + ("siglip",))
     else:
         found = _scan(path) if path.is_dir() else {identify(_open([path], str(path))): [path]}
         for name in WEIGHTS:
@@ -174,6 +174,11 @@ def find_sources(src, *, transformer=None, text_encoder=None, vae=None, base=Non
             components[name] = Component(name, safetensors_files(root / name), config, str(root / name))
         else:
             components[name] = Component(name, [files[name]], config, str(files[name]), single_file=True)
+    from .omni import is_omni_folder
+
+    if is_omni_folder(root):  # Z-Image-Omni: its SigLIP2 tower too (siglip_processor/ is copied)
+        components["siglip"] = Component("siglip", safetensors_files(root / "siglip"), read_config(root / "siglip"),
+                                         str(root / "siglip"))
     return root, components
 
 
@@ -215,6 +220,10 @@ def _model(c: Component, tensors: dict):
     from .vae import VAE, VAEArgs
 
     try:
+        if c.name == "siglip":
+            from .siglip import SiglipArgs, SiglipVisionModel
+
+            return SiglipVisionModel(SiglipArgs.from_dict(c.config)), SiglipVisionModel.sanitize
         if c.name == "transformer":
             if c.single_file:
                 c.config = _derive_dit_config(ZImageTransformer.sanitize(tensors), c.config)
@@ -409,6 +418,13 @@ def _check_written(root: Path) -> None:
             raise CheckpointError("the tokenizer has no chat template")
         VAE.from_pretrained(root / "vae")
         FlowMatchScheduler.from_pretrained(root / "scheduler")
+        from .omni import is_omni_folder
+
+        if is_omni_folder(root):
+            from .siglip import SiglipProcessor, SiglipVisionModel
+
+            SiglipVisionModel.from_pretrained(root / "siglip", dtype=None)
+            SiglipProcessor.from_pretrained(root / "siglip_processor")
     except Exception as e:
         raise RuntimeError(f"the converted folder does not load ({e}); this is a bug in zimage-mlx convert") from e
 
@@ -439,6 +455,7 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
     """
     import mlx.core as mx
 
+    from . import siglip as siglip_module
     from . import text_encoder as te_module
     from .weights import check_quantization
 
@@ -450,8 +467,9 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
     plan = _Plan(
         bits={"transformer": transformer_bits if transformer_bits is not None else quantize,
               "text_encoder": text_encoder_bits if text_encoder_bits is not None else te_module.default_bits(quantize),
-              "vae": None},
-        dtypes={"transformer": dtype, "text_encoder": "bfloat16" if dtype == "float16" else dtype, "vae": None},
+              "vae": None, "siglip": siglip_module.default_bits(quantize)},
+        dtypes={"transformer": dtype, "text_encoder": "bfloat16" if dtype == "float16" else dtype, "vae": None,
+                "siglip": "bfloat16" if dtype == "float16" else dtype},  # as the pipeline runs them
         group_size=group_size)
     dst = Path(dst).expanduser()
     ancestor = _check_destination(src, dst, force)
@@ -459,7 +477,8 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
     root, components = find_sources(src, transformer=transformer, text_encoder=text_encoder, vae=vae, base=base)
     models = {name: _prepare(name, c, plan) for name, c in components.items()}
     _check_pair(models, components)
-    needed = sum(c.out_bytes for c in components.values()) + folder_size(root / "tokenizer") + 2**20
+    copied = ("tokenizer", "scheduler") + (("siglip_processor",) if "siglip" in components else ())
+    needed = sum(c.out_bytes for c in components.values()) + sum(folder_size(root / n) for n in copied) + 2**20
     free = shutil.disk_usage(ancestor).free
     if needed > free:
         raise CheckpointError(f"not enough disk space for {dst}: it needs about {needed / 1e9:.1f} GB, "
@@ -471,7 +490,7 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
         for name, c in components.items():
             _write_component(tmp / name, name, c, models.pop(name), plan, shard_size, progress)
             mx.clear_cache()  # this component's weights are freed before the next one's are read
-        for name in ("tokenizer", "scheduler"):
+        for name in copied:
             shutil.copytree(root / name, tmp / name)
         shutil.copyfile(root / "model_index.json", tmp / "model_index.json")
         _check_written(tmp)
@@ -484,7 +503,7 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {name: (folder_size(dst / name), _note(dst, name, components.get(name), plan))
-            for name in WEIGHTS + ("tokenizer", "scheduler")}
+            for name in WEIGHTS + tuple(n for n in ("siglip",) if n in components) + copied}
 
 
 @dataclass
@@ -521,8 +540,11 @@ def _prepare(name: str, c: "Component", plan: _Plan) -> tuple:
     from . import transformer as dit_module
     from .weights import to_dtype
 
+    from . import siglip as siglip_module
+
     tensors = _open(c.files, c.label)
-    _check_kind(name, tensors, c.label)
+    if name != "siglip":  # the tower is checked by its keys and shapes alone (_fits)
+        _check_kind(name, tensors, c.label)
     model, sanitize = _model(c, tensors)
     sanitized = sanitize(tensors)
     if name == "transformer":
@@ -531,7 +553,8 @@ def _prepare(name: str, c: "Component", plan: _Plan) -> tuple:
         c.stored = quantize_like(model, sanitized)  # a GGUF's Q8_0/Q4_0/Q4_1 layers stay as they are
     _fits(model, sanitized, f"{c.label} ({LABELS[name]})")
     c.bits = plan.bits[name]
-    policy = {"transformer": dit_module.quant_predicate, "text_encoder": te_module.quant_predicate}.get(name)
+    policy = {"transformer": dit_module.quant_predicate, "text_encoder": te_module.quant_predicate,
+              "siglip": siglip_module.quant_predicate}.get(name)
     predicate = policy(c.bits, plan.group_size) if c.bits else None
     out_dtype = to_dtype(plan.dtypes[name]) if plan.dtypes[name] else None
     modules = dict(model.named_modules())
@@ -549,6 +572,12 @@ def _check_pair(models: dict, components: dict) -> None:
         raise CheckpointError(f"the text encoder ({components['text_encoder'].label}) has hidden size {hidden} but the DiT "
                               f"({components['transformer'].label}) takes caption features of {cap_feat_dim}: they come "
                               f"from different models")
+    if "siglip" in models:
+        width, feat = models["siglip"][0].args.hidden_size, models["transformer"][0].args.siglip_feat_dim
+        if width != feat:
+            what = "no SigLIP features (it is not an Omni DiT)" if feat is None else f"SigLIP features of {feat}"
+            raise CheckpointError(f"the SigLIP tower ({components['siglip'].label}) has hidden size {width} but the DiT "
+                                  f"({components['transformer'].label}) takes {what}: they come from different models")
 
 
 def _write_component(folder: Path, name: str, c: "Component", prepared: tuple, plan: _Plan, shard_size: int,
