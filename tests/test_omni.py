@@ -241,6 +241,18 @@ def test_convert_quantized_tower(omni_wide, tmp_path):
     assert out.size == (64, 64)
 
 
+def test_convert_refuses_a_tower_of_another_width(omni_checkpoint, omni_wide, tmp_path):
+    from zimage_mlx.convert import convert
+    from zimage_mlx.weights import CheckpointError
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(omni_checkpoint, mixed, ignore=shutil.ignore_patterns("siglip"))
+    shutil.copytree(omni_wide / "siglip", mixed / "siglip")
+    with pytest.raises(CheckpointError, match="SigLIP tower .* has hidden size 64 but the DiT .* SigLIP features of 24"):
+        convert(mixed, tmp_path / "out", dtype="float32")
+    assert not (tmp_path / "out").exists()
+
+
 def test_references_change_the_image_and_are_recorded(omni_pipe):
     plain = omni_pipe.generate("a red fox", width=64, height=64, steps=2, seed=3)[0]
     with_ref = omni_pipe.generate("a red fox", reference_images=REFS[:1], width=64, height=64, steps=2, seed=3)[0]

@@ -12,7 +12,9 @@ Sources:
 The output has the diffusers layout: model_index.json; transformer/ and text_encoder/ in `dtype`, quantized
 with each model's policy (`quant_predicate` in transformer.py and text_encoder.py) when asked, which their
 config.json records; vae/ in diffusers names and torch layout, in its own dtype and never quantized;
-tokenizer/ and scheduler/ copied. Shards of at most `shard_size` bytes are planned from the lazy shapes, and
+tokenizer/ and scheduler/ copied. A Z-Image-Omni checkpoint (model_index.json names siglip and
+siglip_processor) also gets siglip/, its SigLIP2 tower, in `dtype` (bfloat16 for float16, as the pipeline runs
+it) and at 8 bits when quantized (siglip.quant_predicate), and siglip_processor/ copied. Shards of at most `shard_size` bytes are planned from the lazy shapes, and
 tensors are then read, converted and appended one at a time, so the peak memory is one source tensor and its
 output whatever the model's or the shard's size (benchmarks/convert_memory.py: ~1.4 GiB for the release at 4
 or 8 bits). The folder is written next to dst under a temporary name, loaded once (lazily) as a check, then
@@ -448,7 +450,7 @@ def convert(src, dst, *, dtype: str = "bfloat16", quantize: int | None = None, g
     base: for single files, the folder or Hub id that gives tokenizer, scheduler and configs (default
     Tongyi-MAI/Z-Image-Turbo). dtype: the DiT and text encoder weights' dtype (the text encoder is stored in
     bfloat16 for float16, as the pipeline runs it: see pipeline._load_text_encoder); the VAE keeps its own.
-    quantize: bits for the DiT, and at least 8 for the text encoder (transformer_bits and text_encoder_bits set
+    quantize: bits for the DiT, and at least 8 for the text encoder (8 for an Omni checkpoint's SigLIP tower) (transformer_bits and text_encoder_bits set
     each alone); group_size for both. The DiT's config.json records its float16 statistics (fp16.statistics),
     which dtype="auto" reads. progress(component, done, total) is called after each tensor written.
     Everything is checked before anything is written; errors raise CheckpointError or InputError.

@@ -16,11 +16,11 @@ BITS = ["2", "3", "4", "5", "6", "8"]
 @click.argument("src")
 @click.argument("dst")
 @click.option("--quantize", type=click.Choice(["4", "8"]),
-              help="Quantize the DiT to 4 or 8 bits and the text encoder to 8 (the VAE never is).")
+              help="Quantize the DiT to 4 or 8 bits and the text encoder (and an Omni SigLIP tower) to 8 (the VAE never is).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
               help="Quantization group size: smaller is more accurate and larger.")
 @click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="bfloat16", show_default=True,
-              help="Dtype of the DiT and text encoder weights (float16 keeps the text encoder in bfloat16).")
+              help="Dtype of the DiT, text encoder and SigLIP tower weights (float16 keeps the latter two in bfloat16).")
 @click.option("--transformer-bits", type=click.Choice(BITS), help="Bits for the DiT alone (overrides --quantize).")
 @click.option("--text-encoder-bits", type=click.Choice(BITS), help="Bits for the text encoder alone (overrides --quantize).")
 @click.option("--transformer", "transformer_file", metavar="FILE", help="The DiT from one .safetensors file (e.g. ComfyUI's).")
@@ -38,7 +38,8 @@ def convert_command(src, dst, quantize, group_size, dtype, transformer_bits, tex
 
     SRC is a diffusers checkpoint (a folder or a Hub id), or ComfyUI single files: a folder holding the DiT,
     the text encoder and the VAE (recognised by their tensor names), or a file; --transformer, --text-encoder
-    and --vae name single files one by one, replacing SRC's.
+    and --vae name single files one by one, replacing SRC's. A Z-Image-Omni checkpoint also gets its SigLIP
+    tower (siglip/) and processor settings (siglip_processor/).
 
     \b
       zimage-mlx convert Tongyi-MAI/Z-Image-Turbo z-image-turbo-mlx
