@@ -219,3 +219,121 @@ def test_generate_transformer_flag(state, reference_checkpoint, tmp_path):
     assert r.exit_code == 0, r.output
     with Image.open(out) as a, Image.open(again) as b:
         np.testing.assert_array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+
+
+# ------------------------------------------------------------------------------------------------
+# K-quants: gguf-py dequantizes them but cannot quantize them, so blocks are written here by hand from the layout
+# its dequantizers (and llama.cpp's ggml-common.h block_q4_K / block_q6_K) read, with simple scale choices.
+
+QK_K = 256
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16)
+
+
+def quantize_q6_k(a: np.ndarray) -> np.ndarray:
+    """Q6_K blocks (uint8, rows x (width / 256 * 210)): ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16]
+    (one per 16 values), f16 d; value = d * scale * (q - 32), q in 0..63."""
+    rows = a.shape[0]
+    x = a.astype(np.float32).reshape(-1, 16, 16)  # (blocks, groups of 16, 16)
+    n = x.shape[0]
+    group = np.abs(x).max(-1) / 31  # each group's step
+    d = _f16(group.max(-1) / 127)  # (blocks,)
+    df = d.astype(np.float32)
+    sc = np.clip(np.round(np.divide(group, df[:, None], out=np.zeros_like(group), where=df[:, None] > 0)), -128, 127)
+    step = df[:, None] * sc
+    q = np.round(np.divide(x, step[..., None], out=np.zeros_like(x), where=step[..., None] != 0))
+    q = (np.clip(q, -32, 31) + 32).astype(np.uint8).reshape(n, QK_K)
+    p = np.arange(QK_K)
+    h, r = p // 128, p % 128
+    ql = np.zeros((n, 128), np.uint8)
+    qh = np.zeros((n, 64), np.uint8)
+    for i in range(QK_K):  # position i: ql byte h*64 + r%64 (nibble r//64), qh byte h*32 + r%32 (bits 2*(r//32))
+        ql[:, h[i] * 64 + r[i] % 64] |= (q[:, i] & 0x0F) << np.uint8(4 * (r[i] // 64))
+        qh[:, h[i] * 32 + r[i] % 32] |= (q[:, i] >> 4) << np.uint8(2 * (r[i] // 32))
+    blocks = np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8), d.reshape(n, 1).view(np.uint8)], axis=1)
+    return blocks.reshape(rows, -1)
+
+
+def quantize_q4_k(a: np.ndarray) -> np.ndarray:
+    """Q4_K blocks (uint8, rows x (width / 256 * 144)): f16 d, f16 dmin, 12 bytes of 6-bit scales and mins (8 of
+    each, one per 32 values), qs[128] (4 bits); value = d * scale * q - dmin * min, q in 0..15."""
+    rows = a.shape[0]
+    x = a.astype(np.float32).reshape(-1, 8, 32)
+    n = x.shape[0]
+    lo = np.minimum(x.min(-1), 0)  # (blocks, 8)
+    step = (x.max(-1) - lo) / 15
+    d, dmin = _f16(step.max(-1) / 63), _f16(-lo.min(-1) / 63)
+    df, dmf = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    sc = np.clip(np.round(np.divide(step, df, out=np.zeros_like(step), where=df > 0)), 0, 63).astype(np.uint8)
+    mn = np.clip(np.round(np.divide(-lo, dmf, out=np.zeros_like(lo), where=dmf > 0)), 0, 63).astype(np.uint8)
+    scale, offset = (df * sc)[..., None], (dmf * mn)[..., None]
+    q = np.round(np.divide(x + offset, scale, out=np.zeros_like(x), where=scale > 0))
+    q = np.clip(q, 0, 15).astype(np.uint8)  # (blocks, 8, 32): sub-block j = 2 * chunk + nibble
+    qs = (q[:, 0::2] | (q[:, 1::2] << np.uint8(4))).reshape(n, 128)
+    packed = np.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
+                             (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)], axis=1).astype(np.uint8)
+    blocks = np.concatenate([d.reshape(n, 1).view(np.uint8), dmin.reshape(n, 1).view(np.uint8), packed, qs], axis=1)
+    return blocks.reshape(rows, -1)
+
+
+K_QUANTIZERS = {T.Q6_K: quantize_q6_k, T.Q4_K: quantize_q4_k}
+
+
+def k_quantizable(name: str, a: np.ndarray) -> bool:
+    """The tiny DiT's 2-D weights whose rows are whole 256-value blocks: the FFNs' w2 (96 x 256), the time
+    embedder's first layer (1024 x 256)..."""
+    return a.ndim == 2 and name.endswith(".weight") and a.shape[1] % QK_K == 0
+
+
+def write_k_gguf(path, state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """A GGUF with the 256-wide weights as K-quants (Q6_K and Q4_K in turn), the rest Q8_0 / F32 as city96's;
+    returns the values gguf-py dequantizes (ComfyUI names) and each K-quant tensor's type."""
+    w = GGUFWriter(str(path), "lumina2")
+    held, kinds = {}, {}
+    for name, a in state.items():
+        if k_quantizable(name, a):
+            qtype = list(K_QUANTIZERS)[len(kinds) % 2]
+            q = K_QUANTIZERS[qtype](a)
+            kinds[name] = qtype
+        elif quantizable(name, a):
+            qtype, q = T.Q8_0, quantize(a, T.Q8_0)
+        else:
+            w.add_tensor(name, a)
+            held[name] = a
+            continue
+        w.add_tensor(name, q, raw_dtype=qtype)
+        held[name] = dequantize(q, qtype).reshape(a.shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return held, kinds
+
+
+@pytest.mark.parametrize("qtype", list(K_QUANTIZERS), ids=lambda q: q.name)
+def test_hand_written_k_blocks_are_valid(qtype):
+    """The blocks are what the layout says: gguf-py reads back the values within the quantization's step."""
+    a = np.random.default_rng(0).normal(size=(8, 512)).astype(np.float32) * np.linspace(0.01, 2, 512)
+    a[0, :256] = 0  # an all-zero block
+    q = K_QUANTIZERS[qtype](a)
+    assert q.shape == (8, 2 * {T.Q6_K: 210, T.Q4_K: 144}[qtype])
+    back = dequantize(q, qtype).reshape(a.shape)
+    groups = a.reshape(-1, {T.Q6_K: 16, T.Q4_K: 32}[qtype])
+    levels = {T.Q6_K: 31, T.Q4_K: 15}[qtype]
+    step = (groups.max(-1) - np.minimum(groups.min(-1), 0)) / levels
+    assert np.all(np.abs(back - a).reshape(groups.shape) <= step[:, None] * 0.75 + 2e-3 * np.abs(a).max())
+    np.testing.assert_array_equal(back[0, :256], 0)
+
+
+def test_k_quant_gguf_matches_gguf_py_and_diffusers(state, reference_checkpoint, tmp_path):
+    """Q6_K and Q4_K weights: our loader holds exactly gguf-py's dequantization, and the image is diffusers' with
+    those weights within 1 level."""
+    held, kinds = write_k_gguf(tmp_path / "k.gguf", state)
+    assert len(kinds) >= 6 and set(kinds.values()) == {T.Q6_K, T.Q4_K}, kinds
+    g = read_gguf(tmp_path / "k.gguf")
+    for name in kinds:
+        np.testing.assert_array_equal(np.array(g.tensors[name]), held[name])
+    pipe = ZImagePipeline.from_pretrained(reference_checkpoint, dtype="float32", transformer=tmp_path / "k.gguf")
+    assert np.abs(ours(pipe) - theirs(reference_checkpoint, held)).max() <= 1

@@ -16,7 +16,7 @@ from zimage_mlx import ZImagePipeline, cli
 from zimage_mlx.errors import InputError
 from zimage_mlx.hires import target_size, upscale_latents
 from zimage_mlx.noise import image_key, noise, variety_key, variety_steps
-from zimage_mlx.recipe import Recipe
+from zimage_mlx.recipe import ControlRef, Recipe
 
 
 @pytest.fixture(scope="module")
@@ -418,3 +418,112 @@ def test_tile_is_checked_and_recorded():
     r = Recipe(prompt="x", seed=1, width=32, height=32, image="in.png", strength=0.5, tile=512)
     assert "Tile: 512" in r.to_infotext() and r.to_png_text()["tile"] == "512"
     assert Recipe.from_png(_png(r)).tile == 512 and Recipe.from_infotext(r.to_infotext()).tile == 512
+
+
+# ------------------------------------------------------------------------------------------------
+# The hires pass under a (Union Tile) ControlNet
+
+
+@pytest.fixture(scope="module")
+def tile_net(tmp_path_factory):
+    """A random ControlNet Union 2.1 file over the reference DiT's 2 layers (a Tile one has the same layout)."""
+    import reference
+    from diffusers import ZImageControlNetModel
+    from safetensors.torch import save_file
+
+    cfg = reference.TRANSFORMER_CONFIG
+    model = ZImageControlNetModel(control_in_dim=33, control_layers_places=[0, 1], control_refiner_layers_places=[0, 1],
+                                  add_control_noise_refiner="control_noise_refiner", dim=cfg["dim"],
+                                  n_refiner_layers=2, n_heads=cfg["n_heads"], n_kv_heads=cfg["n_kv_heads"],
+                                  norm_eps=1e-5, qk_norm=True)
+    reference.randomize_(model, 31)
+    path = tmp_path_factory.mktemp("tile") / "tile.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture()
+def netted(pipe, tile_net):
+    """The module's pipeline with the tile ControlNet loaded, unloaded afterwards."""
+    pipe.load_controlnet(tile_net)
+    yield pipe
+    pipe.unload_controlnet()
+
+
+def controlled_by_hand(pipe, prompt, seed, *, scale, strength=0.7, steps=2):
+    """generate; Lanczos x2 of the 8-bit image; image to image with that image as the control image."""
+    first = pipe.generate(prompt, width=32, height=32, steps=steps, seed=seed)[0]
+    big = first.resize((64, 64), resample=Image.Resampling.LANCZOS)
+    return pipe.generate(prompt, image=big, strength=strength, steps=steps, seed=seed, control_image=big,
+                         control_scale=scale)[0]
+
+
+def test_hires_control_is_the_two_passes_by_hand(netted):
+    pipe = netted
+    made = pipe.generate("a fox", width=32, height=32, steps=2, seed=4, hires_scale=2, hires_strength=0.7,
+                         hires_control=True, hires_control_scale=0.8)[0]
+    hand = controlled_by_hand(pipe, "a fox", 4, scale=0.8)
+    assert made.size == (64, 64) and np.abs(pixels(made) - pixels(hand)).max() <= 1
+    plain = pipe.generate("a fox", width=32, height=32, steps=2, seed=4, hires_scale=2, hires_strength=0.7)[0]
+    assert np.abs(pixels(made) - pixels(plain)).mean() > 0.5  # the ControlNet does act on the second pass
+    r = made.info["recipe"]
+    assert (r.hires_control, r.hires_control_scale, r.controlnet, r.controls) == ("tile.safetensors", 0.8, None, [])
+    default = pipe.generate("a fox", width=32, height=32, steps=2, seed=4, hires_scale=2, hires_strength=0.7,
+                            hires_control=True)[0]
+    assert default.info["recipe"].hires_control_scale == 0.9  # Union 2.1's recommended scale
+    assert np.abs(pixels(default) - pixels(controlled_by_hand(pipe, "a fox", 4, scale=None))).max() <= 1
+    # the metadata both ways, and a replay through the API
+    again = Recipe.from_png(_png(r))
+    assert (again.hires_control, again.hires_control_scale) == ("tile.safetensors", 0.8)
+    assert "Hires ControlNet: tile.safetensors, Hires control scale: 0.8" in r.to_infotext()
+    assert Recipe.from_infotext(r.to_infotext()).hires_control == "tile.safetensors"
+    np.testing.assert_array_equal(pixels(pipe.run(again)[0]), pixels(made))
+
+
+def test_hires_control_is_checked(pipe):
+    base = dict(prompt="x", width=32, height=32)
+    for bad, match in [(dict(hires_control=True), "hires_control needs hires_scale"),
+                       (dict(hires_scale=2, hires_control_scale=0.5), "hires_control_scale needs hires_control"),
+                       (dict(hires_scale=2, hires_control=True, hires_control_scale=3), r"\[-2, 2\]"),
+                       (dict(hires_scale=2, hires_control=1), "must be a ControlNet's name or True"),
+                       (dict(hires_scale=2, hires_control=True, hires_upscaler="latent"), "needs the lanczos"),
+                       (dict(hires_scale=2, hires_control="b.safetensors", controlnet="a.safetensors",
+                             controls=[ControlRef("c.png")]), "one ControlNet serves both passes")]:
+        with pytest.raises(InputError, match=match):
+            Recipe(**base, **bad).validate()
+    with pytest.raises(InputError, match="hires_control needs a ControlNet: call load_controlnet"):
+        pipe.generate("x", width=32, height=32, steps=1, seed=1, hires_scale=2, hires_control=True)
+
+
+def test_cli_hires_control_is_the_two_passes_by_hand_and_replays(netted, cli_loads, reference_checkpoint, tile_net,
+                                                                  tmp_path):
+    pipe, m = netted, str(reference_checkpoint)
+    out = tmp_path / "c.png"
+    r = run("generate", "a fox", "-m", m, "--size", 32, "--steps", 2, "--seed", 4, "--hires", 2,
+            "--hires-strength", 0.7, "--hires-control", tile_net, "--hires-control-scale", 0.8, "-o", out)
+    assert r.exit_code == 0, r.output
+    assert "hires pass scale 0.8" in r.output
+    with Image.open(out) as im:
+        meta, got = dict(im.text), pixels(im)
+    assert (meta["hires_control"], meta["hires_control_scale"]) == ("tile.safetensors", "0.8")  # a name, no path
+    assert "controlnet" not in meta  # the first pass is not controlled
+    assert np.abs(got - pixels(controlled_by_hand(pipe, "a fox", 4, scale=0.8))).max() <= 1
+    r = run("generate", "--from-image", out, "-m", m, "-o", tmp_path / "again.png")  # the local file: name it again
+    assert r.exit_code == 2 and "the local hires ControlNet tile.safetensors; give it again with --hires-control" \
+        in r.stderr, r.output
+    r = run("generate", "--from-image", out, "-m", m, "--hires-control", tile_net, "-o", tmp_path / "again.png")
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "again.png") as im:
+        np.testing.assert_array_equal(pixels(im), got)
+        assert dict(im.text) == meta
+
+
+def test_cli_hires_control_with_another_controlnet_is_refused(cli_loads, reference_checkpoint, tile_net, tmp_path):
+    other = tmp_path / "other" / "tile.safetensors"  # the same name, another file
+    other.parent.mkdir()
+    other.write_bytes(tile_net.read_bytes())
+    Image.new("RGB", (32, 32)).save(tmp_path / "edges.png")
+    r = run("generate", "a fox", "-m", reference_checkpoint, "--size", 32, "--hires", 2, "--controlnet", other,
+            "--control", tmp_path / "edges.png", "--hires-control", tile_net, "-o", tmp_path / "x.png")
+    assert r.exit_code == 2 and "--hires-control must be the --controlnet file" in r.stderr, r.output
+    assert cli_loads == []

@@ -8,6 +8,12 @@ VAE posterior sample image_key(seed)'s, as any image-to-image run of that seed. 
 it: the composition is the first pass's. A second pass larger than `tile` (default 1024) pixels a side is
 denoised in MultiDiffusion tiles (zimage_mlx.tiles).
 
+`hires_control` runs the second pass under the loaded ControlNet (a Union Tile one, made for this) with one
+control image, the upscaled first image itself, at `hires_control_scale` (default: the ControlNet's
+recommended scale) over all its steps: it holds the composition at higher strengths. The first pass keeps
+its own controls (none unless given). A pass under ControlNet is never tiled (one DiT call over the whole
+image), so `tile` does not apply to it.
+
 The "latent" upscaler skips the decode and the encode: the first pass's final latents are resized to the
 target's latent grid by bilinear interpolation with half-pixel centres (torch's `interpolate(mode="bilinear",
 align_corners=False)`, A1111's "Latent"), and the second pass starts from them as `image_latents`.
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 from .errors import InputError
 from .inputs import MAX_SIDE, check_number, open_image
-from .recipe import DEFAULT_TILE, MAX_HIRES_SCALE, Recipe, file_name, scaled_size as target_size
+from .recipe import DEFAULT_TILE, MAX_HIRES_SCALE, ControlRef, Recipe, file_name, scaled_size as target_size
 
 DEFAULT_STRENGTH = 0.35  # Recipe.hires_strength's default, for upscale
 
@@ -59,7 +65,13 @@ def second_pass(r: Recipe, first) -> Recipe:
     if r.hires_upscaler == "latent":
         z = upscale_latents(first, height // 8, width // 8)
         return r.replace(init_image=None, init_latents=z, **common).settle()
-    return r.replace(init_image=upscale_image(first, width, height), init_latents=None, **common).settle()
+    big = upscale_image(first, width, height)
+    control = {}
+    if r.hires_control:
+        control = dict(controlnet=r.hires_control if isinstance(r.hires_control, str) else None,
+                       controls=[ControlRef("hires.png", r.hires_control_scale, big)], control_type="none",
+                       control_start=0.0, control_end=1.0, hires_control=None, hires_control_scale=None)
+    return r.replace(init_image=big, init_latents=None, **common, **control).settle()
 
 
 def run_second_passes(pipe, batch: list[Recipe], made, *, prompts: list[str], release: bool,

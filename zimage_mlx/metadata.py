@@ -21,10 +21,10 @@ KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "cfg_normaliza
         "height", "model", "transformer", "quantization", "text_encoder_quantization", "quantize", "dtype", "image",
         "strength", "mask", "original_prompt", "loras", "controlnet", "controls", "control_type", "control_start",
         "control_end", "controlnet_graph", "variety", "variety_until", "hires_scale", "hires_strength",
-        "hires_steps", "hires_upscaler", "tile", "reference_images")
+        "hires_steps", "hires_upscaler", "hires_control", "hires_control_scale", "tile", "reference_images")
 INTS = ("seed", "steps", "width", "height", "hires_steps", "tile")
 FLOATS = ("guidance", "cfg_normalization", "cfg_truncation", "strength", "control_start", "control_end", "variety",
-          "variety_until", "hires_scale", "hires_strength")
+          "variety_until", "hires_scale", "hires_strength", "hires_control_scale")
 UPSCALER_NAMES = {"lanczos": "Lanczos", "latent": "Latent"}  # A1111's names
 BITS = ("quantization", "text_encoder_quantization", "quantize")
 USER_COMMENT = 0x9286  # EXIF UserComment, where A1111 writes its infotext in a JPEG or WebP
@@ -69,6 +69,10 @@ def png_text(r: dict) -> dict[str, str]:
                     hires_upscaler=r["hires_upscaler"])
         if r["hires_steps"]:
             text["hires_steps"] = str(r["hires_steps"])
+        if r.get("hires_control"):
+            text["hires_control"] = str(r["hires_control"])
+            if r.get("hires_control_scale") is not None:
+                text["hires_control_scale"] = number(r["hires_control_scale"])
     if r.get("tile"):
         text["tile"] = str(r["tile"])
     if r.get("reference_images"):  # Omni: the references' file names (JSON list)
@@ -122,6 +126,10 @@ def _extra_infotext(r: dict) -> dict:
         if r["hires_steps"]:
             out["Hires steps"] = r["hires_steps"]
         out["Hires upscaler"] = UPSCALER_NAMES[r["hires_upscaler"]]
+        if r.get("hires_control"):
+            out["Hires ControlNet"] = str(r["hires_control"])
+            if r.get("hires_control_scale") is not None:
+                out["Hires control scale"] = number(r["hires_control_scale"])
     if r.get("tile"):
         out["Tile"] = r["tile"]
     return out
@@ -182,7 +190,8 @@ def from_infotext(text: str) -> dict:
                    variety_until=a.get("Variety until"), tile=a.get("Tile"))
         if "Hires upscale" in a and "Hires strength" not in a:
             raw.pop("strength")  # A1111's way: the hires pass's strength
-        raw.update(_hires_from_infotext(a, True))
+        raw.update(_hires_from_infotext(a, True), hires_control=a.get("Hires ControlNet"),
+                   hires_control_scale=a.get("Hires control scale"))
         if a.get("LoRA"):
             raw["loras"] = json.dumps([{"name": n, "scale": float(s)} for n, _, s in
                                        (x.strip().rpartition(":") for x in a["LoRA"].split(","))])

@@ -94,6 +94,8 @@ class Recipe:
     hires_strength: float = 0.35
     hires_steps: int | None = None  # None: the first pass's steps
     hires_upscaler: str = "lanczos"
+    hires_control: str | bool | None = None  # the hires pass under the loaded ControlNet (Tile): its name (True: as loaded)
+    hires_control_scale: float | None = None  # ... at this scale (None: the ControlNet's recommended one)
     tile: int | None = None  # MultiDiffusion tiles (pixels a side) for a pass from an image; hires: default 1024
     model: str | None = None
     transformer: str | None = None  # the DiT file (.safetensors or .gguf) that replaced the model's, by name
@@ -238,9 +240,11 @@ class Recipe:
 
     def _check_hires(self, max_side: int, max_steps: int | None) -> None:
         if self.hires_scale is None:
-            if self.hires_steps is not None:
-                raise InputError("{hires_steps} needs {hires_scale}", "hires_steps", ("hires_steps", "hires_scale"))
+            for name in ("hires_steps", "hires_control"):
+                if getattr(self, name) not in (None, False):
+                    raise InputError(f"{{{name}}} needs {{hires_scale}}", name, (name, "hires_scale"))
             return
+        self._check_hires_control()
         ok = isinstance(self.hires_scale, (int, float)) and not isinstance(self.hires_scale, bool)
         if not ok or not 1 < self.hires_scale <= MAX_HIRES_SCALE:
             raise InputError(f"{{hires_scale}} must be a number above 1 and at most {MAX_HIRES_SCALE:g}, got "
@@ -257,6 +261,28 @@ class Recipe:
                 if side > min(max_side, MAX_SIDE):
                     raise InputError(f"{{hires_scale}} {self.hires_scale:g} makes {width}x{height} pixels, above the "
                                      f"limit of {min(max_side, MAX_SIDE)} a side", "hires_scale", ("hires_scale",))
+
+    def _check_hires_control(self) -> None:
+        """The hires pass's ControlNet: the loaded one (True) or its name; with the lanczos upscaler (its control
+        image is the upscaled first image); the first pass's ControlNet when both name one."""
+        c = self.hires_control
+        if c in (None, False):
+            if self.hires_control_scale is not None:
+                raise InputError("{hires_control_scale} needs {hires_control}", "hires_control_scale",
+                                 ("hires_control_scale", "hires_control"))
+            return
+        if not (c is True or (isinstance(c, str) and c)):
+            raise InputError(f"{{hires_control}} must be a ControlNet's name or True (the loaded one), got {c!r}",
+                             "hires_control", ("hires_control",))
+        if self.hires_control_scale is not None:
+            _check_number("hires_control_scale", self.hires_control_scale, -2, 2,
+                          what="a control scale (0.65-1 is the useful range)")
+        if self.hires_upscaler != "lanczos":
+            raise InputError("{hires_control} needs the lanczos {hires_upscaler}: its control image is the upscaled "
+                             "first image", "hires_control", ("hires_control", "hires_upscaler"))
+        if isinstance(c, str) and self.controlnet and self.controls and c != self.controlnet:
+            raise InputError(f"{{hires_control}} {c} is not the first pass's {{controlnet}} {self.controlnet}: one "
+                             "ControlNet serves both passes", "hires_control", ("hires_control", "controlnet"))
 
     @property
     def hires_size(self) -> tuple[int, int]:

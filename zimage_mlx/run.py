@@ -37,7 +37,8 @@ class RecipeRunner:
                  control_image=None, control_scale: float | list[float] | None = None, control_start: float = 0.0,
                  control_end: float = 1.0, variety: float = 0.0, variety_until: float = 0.5,
                  hires_scale: float | None = None, hires_strength: float = 0.35, hires_steps: int | None = None,
-                 hires_upscaler: str = "lanczos", tile: int | None = None, reference_images=None) -> list:
+                 hires_upscaler: str = "lanczos", hires_control: bool | str | None = None,
+                 hires_control_scale: float | None = None, tile: int | None = None, reference_images=None) -> list:
         """Generate images; returns a list of PIL images, prompt-major (all images of prompt 0 first). `prompt`
         is a string, a list of them, or a `Recipe` (then the other keywords but the run's own, `latents`,
         `release_transformer`, `on_step` and `cancel`, must be left out). Each image carries its seed
@@ -84,6 +85,10 @@ class RecipeRunner:
         i/N < variety_until (more different images across seeds; 0 changes nothing). hires_scale (1-4): the
         hires fix, a second image-to-image pass at that scale with hires_strength over hires_steps steps
         (default: steps); hires_upscaler "lanczos" (the decoded image) or "latent" (see zimage_mlx.hires).
+        hires_control=True (after `load_controlnet`, a Union Tile one): the second pass runs under that
+        ControlNet with the upscaled first image as its control image, at hires_control_scale (default: the
+        ControlNet's recommended scale); a string names it in the metadata. The first pass has no control
+        unless control_image is given (the same ControlNet then serves both). Never tiled (see below).
         tile: a pass from an image (image to image, the hires pass) larger than `tile` pixels a side is denoised in
         overlapping tiles, blended every step (MultiDiffusion: a lower peak); the hires pass's default is 1024.
         reference_images (a Z-Image-Omni folder only): a path or PIL image, or a list of up to 4, each encoded once
@@ -101,7 +106,8 @@ class RecipeRunner:
             image_latents=image_latents, control_image=control_image, control_scale=control_scale,
             control_start=control_start, control_end=control_end, variety=variety, variety_until=variety_until,
             hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps,
-            hires_upscaler=hires_upscaler, tile=tile, reference_images=reference_images)
+            hires_upscaler=hires_upscaler, hires_control=hires_control, hires_control_scale=hires_control_scale,
+            tile=tile, reference_images=reference_images)
         return self.run(recipe, **run)
 
     def upscale(self, image, *, scale: float = 2.0, prompt: str | None = None, strength: float | None = None,
@@ -195,6 +201,9 @@ class RecipeRunner:
             check_omni_run(recipe, self.dtype)
         if recipe.controls and self.controlnet is None:
             raise InputError("{controls} need a ControlNet: call load_controlnet(...) first", "controls", ("controls",))
+        if recipe.hires_control and self.controlnet is None:
+            raise InputError("{hires_control} needs a ControlNet: call load_controlnet(...) first", "hires_control",
+                             ("hires_control",))
         self._dit().check_sizes(recipe.height // 8, recipe.width // 8, [1])
         if recipe.hires_scale is not None:
             self._dit().check_sizes(recipe.hires_size[1] // 8, recipe.hires_size[0] // 8, [1])
@@ -205,7 +214,12 @@ class RecipeRunner:
     def describe(self, recipe: Recipe) -> Recipe:
         """The recipe as this pipeline makes it: its model, quantization, dtype, LoRAs and ControlNet filled in."""
         net = self.controlnet if recipe.controls else None
+        hires = self.controlnet if recipe.hires_control and recipe.hires_scale is not None else None
         return recipe.replace(
+            hires_control=(recipe.hires_control if isinstance(recipe.hires_control, str) else
+                           self.controlnet_label or hires.args.name) if hires is not None else None,
+            hires_control_scale=(hires.args.scale if recipe.hires_control_scale is None else
+                                 recipe.hires_control_scale) if hires is not None else None,
             model=self.label, transformer=self.transformer_file, quantization=self.quantization["transformer"],
             text_encoder_quantization=self.quantization["text_encoder"], quantize=self.quantize, dtype=self.dtype,
             loras=[LoraRef(model_label(name), scale) for name, scale in self.loras],

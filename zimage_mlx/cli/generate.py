@@ -81,6 +81,12 @@ from .output import DEFAULT_OUTPUT, plan_outputs, plan_preview, preview_writer, 
 @click.option("--hires-steps", type=int, metavar="N", help="The second pass's schedule.  [default: --steps]")
 @click.option("--hires-upscaler", type=click.Choice(["lanczos", "latent"]), default="lanczos", show_default=True,
               help="Resize the first image (lanczos) or its latents (latent, bilinear: no decode and encode).")
+@click.option("--hires-control", "hires_control", metavar="PATH|ID",
+              help="Run the hires pass under this ControlNet Union (a Tile one; as --controlnet takes) with the "
+                   "upscaled first image as its control image: it holds the composition at higher strengths. The "
+                   "first pass is not controlled by it; the pass is not tiled.")
+@click.option("--hires-control-scale", type=float, metavar="SCALE",
+              help="The hires ControlNet's strength.  [default: the ControlNet's recommended scale]")
 @click.option("--tile", type=int, metavar="PIXELS",
               help="Denoise a pass from an image (--image, --hires) larger than PIXELS a side in overlapping tiles "
                    "blended every step (MultiDiffusion): a lower peak.  [default: 1024 for --hires, else none]")
@@ -181,7 +187,8 @@ FIELDS_OF = {"prompt": ("prompt",), "prompt_option": ("prompt",), "prompt_file":
              "dtype": ("dtype",), "enhance": ("enhance",), "transformer_file": ("transformer",),
              "variety": ("variety",), "variety_until": ("variety_until",), "hires_scale": ("hires_scale",),
              "hires_strength": ("hires_strength",), "hires_steps": ("hires_steps",),
-             "hires_upscaler": ("hires_upscaler",), "tile": ("tile",),
+             "hires_upscaler": ("hires_upscaler",), "hires_control": ("hires_control",),
+             "hires_control_scale": ("hires_control_scale",), "tile": ("tile",),
              "references": ("reference_images", "reference_pixels")}
 
 
@@ -237,7 +244,9 @@ def recipe_from_flags(o) -> Recipe:
                controlnet=model_label(o.controlnet) if o.controlnet else None, control_type=o.control_type,
                control_start=o.control_start, control_end=o.control_end, controlnet_graph=o.controlnet_graph,
                enhance=o.enhance, variety=o.variety, variety_until=o.variety_until, hires_scale=o.hires_scale,
-               hires_strength=o.hires_strength, hires_steps=o.hires_steps, hires_upscaler=o.hires_upscaler, tile=o.tile,
+               hires_strength=o.hires_strength, hires_steps=o.hires_steps, hires_upscaler=o.hires_upscaler,
+               hires_control=model_label(o.hires_control) if o.hires_control else None,
+               hires_control_scale=o.hires_control_scale, tile=o.tile,
                model=o.model, transformer=file_name(o.transformer_file), quantize=int(o.quantize) if o.quantize else None,
                dtype=None if o.dtype == "auto" else o.dtype)
     return r.replace(controls=control_refs(r, [parse_control(spec) for spec in o.control_specs]))
@@ -315,7 +324,6 @@ def find_sources(job: Job, o, given: set) -> None:
     Face cache only (nothing is downloaded that was not named). LoRAs are read now, so that a missing or
     foreign one fails before the model loads."""
     from ..lora import read_lora
-    from ..sources import resolve_controlnet
 
     r = job.recipe
     replaying = o.from_image is not None
@@ -328,15 +336,32 @@ def find_sources(job: Job, o, given: set) -> None:
     net = o.controlnet
     if r.controlnet and not ({"controlnet", "control_specs"} & given):
         net = cached(o, r.controlnet, "ControlNet") if replaying else net
-    if net:
-        files = resolve_controlnet(net)[0]
-        job.controlnet = net if Path(net).expanduser().exists() else str(files[0])  # a Hub id: the file downloaded
+    hires = o.hires_control
+    if r.hires_control and "hires_control" not in given:
+        hires = cached(o, r.hires_control, "hires ControlNet") if replaying else hires
+    if not r.hires_control:
+        hires = None
+    paths = [controlnet_file(x) for x in (net, hires)]
+    if net and hires and r.controls and Path(paths[0]).resolve() != Path(paths[1]).resolve():
+        raise UserError("--hires-control must be the --controlnet file when both are given: one ControlNet serves "
+                        "both passes")
+    job.controlnet = paths[0] if net and r.controls else paths[1] if hires else paths[0]
     loras = r.loras or []
     if replaying and "lora_specs" not in given:
         loras = [LoraRef(x.name, x.scale, cached(o, x.name, "LoRA")) for x in loras]
     job.recipe = r.replace(loras=[LoraRef(x.name, x.scale, read_lora(x.load)) for x in loras])
     if replaying:
         say_sources(job, o, given)
+
+
+def controlnet_file(net: str | None) -> str | None:
+    """The ControlNet to load: a local file or folder as given, a Hub id's downloaded file."""
+    from ..sources import resolve_controlnet
+
+    if not net:
+        return None
+    files = resolve_controlnet(net)[0]
+    return net if Path(net).expanduser().exists() else str(files[0])
 
 
 def cached(o, name: str, what: str) -> str:
@@ -347,7 +372,8 @@ def cached(o, name: str, what: str) -> str:
     try:
         return str(find(name, what))
     except NotCachedError as e:
-        option = {"model": "--model", "LoRA": "--lora", "ControlNet": "--controlnet"}[what]
+        option = {"model": "--model", "LoRA": "--lora", "ControlNet": "--controlnet",
+                  "hires ControlNet": "--hires-control"}[what]
         if e.local:
             raise UserError(f"--from-image {o.from_image} was made with the local {what} {name}; give it again with "
                             f"{option} {'FOLDER' if '#' in str(name) else 'FILE'}") from None
@@ -374,6 +400,8 @@ def say_sources(job: Job, o, given: set) -> None:
     if r.controlnet:
         job.say(f"From {png}: ControlNet {r.controlnet}"
                 + ("" if {"controlnet", "control_specs"} & given else cache))
+    if r.hires_control:
+        job.say(f"From {png}: hires ControlNet {r.hires_control}" + ("" if "hires_control" in given else cache))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -426,10 +454,14 @@ def load_adapters(pipe, job: Job) -> None:
         for w in caught:
             job.say(f"Warning: {w.message}")
         job.say(f"Applied LoRA {ref.load.name} at scale {number(ref.scale)}")
-    if r.controls:
-        net = pipe.load_controlnet(job.controlnet, graph=r.controlnet_graph, label=r.controlnet)
+    if r.controls or r.hires_control:
+        net = pipe.load_controlnet(job.controlnet, graph=r.controlnet_graph,
+                                   label=r.controlnet if r.controls else r.hires_control)
         scales = [net.args.scale if c.scale is None else c.scale for c in r.controls]
-        job.say(f"Loaded ControlNet {net.args.name}, graph {net.graph}, scale {', '.join(map(number, scales))}")
+        hires = net.args.scale if r.hires_control_scale is None else r.hires_control_scale
+        job.say(f"Loaded ControlNet {net.args.name}, graph {net.graph}"
+                + (f", scale {', '.join(map(number, scales))}" if scales else "")
+                + (f", hires pass scale {number(hires)}" if r.hires_control else ""))
 
 
 # ------------------------------------------------------------------------------------------------
