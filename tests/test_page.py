@@ -354,3 +354,127 @@ def test_hires_and_variety_from_the_page_equal_the_api(page, server, tmp_path):
     assert same_pixels(finished_image(server, created["id"]), api_image(server, settings))
     screenshot(page, tmp_path, "page-hires.png")
     assert not errors
+
+
+# ----------------------------------------------------------------------------------------------
+# ControlNet (serve --controlnet): the page's control section against the API and the library
+
+
+@pytest.fixture(scope="module")
+def controlnet_file(tmp_path_factory):
+    """A random Union 2.1-layout ControlNet for the reference DiT (2 layers: control blocks at 0 and 1), written
+    as alibaba-pai ships one (as tests/test_controlnet.py builds them)."""
+    pytest.importorskip("torch")
+    from diffusers import ZImageControlNetModel
+    from safetensors.torch import save_file
+
+    import reference
+
+    model = ZImageControlNetModel(add_control_noise_refiner="control_noise_refiner", control_in_dim=33,
+                                  control_layers_places=[0, 1], control_refiner_layers_places=[0, 1], dim=96,
+                                  n_refiner_layers=2, n_heads=3, n_kv_heads=3, norm_eps=1e-5, qk_norm=True)
+    reference.randomize_(model, 21)
+    path = tmp_path_factory.mktemp("cn") / "union-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture()
+def control_server(reference_checkpoint, controlnet_file):
+    """The real app with serve's own loader: the pipeline, then the ControlNet beside it, on the worker's thread."""
+    from zimage_mlx.cli.serve import load_model
+
+    class Runner:
+        def report_load(self, *a):
+            pass
+
+    with live_server(lambda: load_model(Runner(), str(reference_checkpoint), "float32", None, False,
+                                        str(controlnet_file), "union-tiny.safetensors"),
+                     controlnet="union-tiny.safetensors") as s:
+        yield s
+
+
+def photo(width, height):
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([(x * 7 + y * 3) % 256, ((x // 5 + y // 4) % 2) * 200 + 20, (y * 9) % 256], -1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def test_control_image_from_the_page_equals_the_api_and_the_library(page, control_server, controlnet_file,
+                                                                    reference_checkpoint, tmp_path):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pytest.importorskip("cv2")
+    from zimage_mlx.controlnet import control_map
+    from zimage_mlx.pipeline import ZImagePipeline
+
+    start = tmp_path / "photo.png"
+    photo(96, 64).save(start)  # the size follows it: 96x64
+    b64 = base64.b64encode(start.read_bytes()).decode()
+    assert get(control_server, "/v1/status")["controlnet"] == "union-tiny.safetensors"
+    jobs = posted_jobs(page)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(control_server.url + "/")
+    sync_api.expect(page.locator("#control")).to_be_visible()
+    assert page.text_content("#controlnet-name") == "union-tiny.safetensors"
+    page.fill("#prompt", "a glass house")
+    page.fill("#steps", "2")
+    page.fill("#seed", "3")
+    page.set_input_files("#control-image", str(start))
+    page.wait_for_function("document.getElementById('width').value === '96'")
+    assert page.input_value("#height") == "64"
+    page.select_option("#control-type", "canny")
+    page.fill("#control-scale", "0.8")
+    page.click("#generate")
+    sync_api.expect(page.locator("#gallery .card")).to_have_count(1, timeout=120_000)
+    body, created = jobs[0]
+    assert body["control"] == "data:image/png;base64," + b64
+    assert body["control_type"] == "canny" and body["control_scale"] == 0.8
+    got = finished_image(control_server, created["id"])
+    settings = {"prompt": "a glass house", "size": "96x64", "steps": 2, "seed": 3}
+    api = api_image(control_server, {**settings, "control": b64, "control_type": "canny", "control_scale": 0.8})
+    assert same_pixels(got, api)
+    plain = api_image(control_server, settings)
+    assert not same_pixels(got, plain)  # the control changes the image
+
+    pipe = ZImagePipeline.from_pretrained(reference_checkpoint, dtype="float32")
+    pipe.load_controlnet(controlnet_file)
+    edges = control_map(Image.open(start), "canny", 96, 64)
+    want = pipe.generate("a glass house", width=96, height=64, steps=2, seed=3, control_image=edges,
+                         control_scale=0.8)[0]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(got)).convert("RGB")), np.asarray(want))
+    screenshot(page, tmp_path, "page-control.png")
+
+    page.reload()  # the control image, type and scale are kept with the form
+    sync_api.expect(page.locator("#control-shown")).to_be_visible()
+    assert page.input_value("#control-type") == "canny" and page.input_value("#control-scale") == "0.8"
+    assert page.evaluate("control.image") == "data:image/png;base64," + b64
+    # control fields without a control image are refused, naming the field
+    r = httpx.post(control_server.url + "/v1/jobs", json={**settings, "control_type": "canny"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "control_type", r.text
+    r = httpx.post(control_server.url + "/v1/jobs", json={**settings, "control": b64, "control_scale": 5}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "control_scale", r.text
+    assert not errors
+
+
+def test_control_fields_need_a_controlnet(page, server):
+    import base64
+
+    b64 = base64.b64encode(b"\x89PNG").decode()
+    assert get(server, "/v1/status")["controlnet"] is None
+    for field, value in (("control", b64), ("control_type", "canny"), ("control_scale", 0.8)):
+        r = httpx.post(server.url + "/v1/jobs", json={"prompt": "p", field: value}, timeout=10)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == field and "--controlnet" in error["message"], error
+    page.goto(server.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent !== 'connecting…'")
+    assert page.locator("#control").is_hidden()

@@ -433,6 +433,22 @@ def plan(pipe, inputs: ControlInputs, width: int, height: int, init=None) -> Con
 CONTROL_TYPES = ("none", "canny", "lines")
 
 
+def control_refs(controls, kind: str = "none", width: int | None = None, height: int | None = None,
+                 init_size: tuple[int, int] | None = None) -> list:
+    """Opened control images [(name, scale, PIL image)] as a Recipe's `controls`: each made into a map of
+    `kind` (`control_map`) at the output size, as the Recipe settles it: width x height, a missing side from
+    the input image's size (`init_size`), else from the first control image's (`inputs.output_size`). The
+    CLI and the server both build their controls here, so a control image gives the same map either way."""
+    from .inputs import output_size
+    from .recipe import ControlRef
+
+    if not controls:
+        return []
+    size = init_size if init_size is not None else controls[0][2].size
+    width, height = output_size(size, width, height)
+    return [ControlRef(name, scale, control_map(image, kind, width, height)) for name, scale, image in controls]
+
+
 def control_map(image, kind: str, width: int, height: int):
     """A control map computed from a photo at the output size: "canny" (the authors' annotator: OpenCV Canny
     100/200 on the grey image, white edges on black) or "lines" (OpenCV's LSD line segments drawn 1 px wide,

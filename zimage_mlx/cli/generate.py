@@ -256,14 +256,11 @@ def control_refs(r: Recipe, specs: list) -> list[ControlRef]:
     """The control images (path, scale) opened and made into maps (--control-type) at the output size."""
     if not specs:
         return []
-    from ..controlnet import control_map
-    from ..inputs import output_size
+    from ..controlnet import control_refs as make_refs
 
     images = [open_input(path, f"--control {path}") for path, _ in specs]
-    size = r.init_image.size if r.init_image is not None else images[0].size
-    width, height = output_size(size, r.width, r.height)
-    return [ControlRef(file_name(path), scale, control_map(im, r.control_type, width, height))
-            for (path, scale), im in zip(specs, images)]
+    return make_refs([(file_name(path), scale, im) for (path, scale), im in zip(specs, images)], r.control_type,
+                     r.width, r.height, None if r.init_image is None else r.init_image.size)
 
 
 def open_input(path, what: str):

@@ -31,6 +31,9 @@ from .options import DEFAULT_MODEL, bits, dtype_option, low_memory_option, quant
               help="Jobs that may wait behind the running one; more get 503 with Retry-After.")
 @click.option("--lora-dir", type=click.Path(exists=True, file_okay=False), metavar="DIR",
               help="Folder of .safetensors LoRAs that requests may name (by file name, without the extension).")
+@click.option("--controlnet", metavar="FILE",
+              help="A ControlNet Union file (or folder, or Hub id) loaded beside the model: jobs may then send a "
+                   "control image (`control`, with control_type and control_scale); requests never name a file.")
 @click.option("--max-side", type=click.IntRange(16, 8192), default=2048, show_default=True,
               help="Largest width or height a request may ask for (a multiple of 16).")
 @click.option("--max-n", type=click.IntRange(1, 64), default=8, show_default=True,
@@ -48,7 +51,7 @@ from .options import DEFAULT_MODEL, bits, dtype_option, low_memory_option, quant
 @click.option("--idle-unload", type=click.FloatRange(min=1), metavar="SECONDS",
               help="Free the models after this long without a job; the next job loads them again.")
 @click.option("--insecure-no-auth", is_flag=True, help="Allow a non-loopback --host without --api-key.")
-def serve(models, quantize, low_memory, dtype, host, port, api_key, queue_size, lora_dir, max_side, max_n, max_steps,
+def serve(models, quantize, low_memory, dtype, host, port, api_key, queue_size, lora_dir, controlnet, max_side, max_n, max_steps,
           max_body, allowed_host, output_dir, idle_unload, insecure_no_auth):
     """Serve the model over HTTP: the OpenAI images API, an A1111 subset, a job API with live previews, and a
     web page at /. Prints `listening on http://HOST:PORT` at once, then loads the model: /health says
@@ -83,15 +86,21 @@ def serve(models, quantize, low_memory, dtype, host, port, api_key, queue_size, 
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     quantize = bits(quantize)
     served = model_names(models or (DEFAULT_MODEL,))
+    controlnet_label = None
+    if controlnet:
+        from ..weights import model_label
+
+        controlnet_label = model_label(controlnet)  # its name, never its path
     (name, model), others = served[0], served[1:]
     cfg = ServerConfig(model_id=name, model_aliases=(model,), models={n: (m,) for n, m in others},
                        api_key=api_key or None,
                        allowed_hosts=allowed_hosts(host, allowed_host), max_side=max_side, max_n=max_n,
                        max_steps=max_steps, max_body=int(max_body * 2**20),
-                       lora_dir=Path(lora_dir) if lora_dir else None,
+                       lora_dir=Path(lora_dir) if lora_dir else None, controlnet=controlnet_label,
                        output_dir=Path(output_dir).expanduser() if output_dir else None,
                        default_width=min(1024, max_side), default_height=min(1024, max_side))
-    loaders = {n: (lambda m=m: load_model(runner, m, dtype, quantize, low_memory)) for n, m in served}
+    loaders = {n: (lambda m=m: load_model(runner, m, dtype, quantize, low_memory, controlnet, controlnet_label))
+               for n, m in served}
     runner = Worker(loaders if len(loaders) > 1 else loaders[name], queue_size=queue_size, idle_unload=idle_unload)
     with expected_errors():  # a load failure: one line, exit 1
         run_server(runner, cfg, host, port, sock=sock, announce=lambda line: click.echo(line) or sys.stdout.flush())
@@ -115,9 +124,9 @@ def model_names(specs) -> list[tuple[str, str]]:
     return out
 
 
-def load_model(runner, model: str, dtype, quantize, low_memory):
-    """On the worker thread: find (or download) the checkpoint, then load it, saying each phase on stderr and
-    to the worker (for /health)."""
+def load_model(runner, model: str, dtype, quantize, low_memory, controlnet=None, controlnet_label=None):
+    """On the worker thread: find (or download) the checkpoint, then load it (and the ControlNet beside it),
+    saying each phase on stderr and to the worker (for /health)."""
     import time
 
     from ..pipeline import ZImagePipeline
@@ -131,6 +140,10 @@ def load_model(runner, model: str, dtype, quantize, low_memory):
     runner.report_load("load")
     pipe = ZImagePipeline.from_pretrained(path, dtype=dtype, quantize=quantize, low_memory=low_memory,
                                           label=model_label(model))  # the Hub id, not the cache folder
+    if controlnet:
+        runner.report_load("controlnet")
+        net = pipe.load_controlnet(controlnet, label=controlnet_label)
+        click.echo(f"ControlNet {controlnet_label}: {net.args.name}, graph {net.graph}", err=True)
     click.echo(f"model ready in {time.perf_counter() - t0:.1f} s", err=True)
     slow_blas_hint()
     return pipe

@@ -34,6 +34,7 @@ class ServerConfig:
     max_body: int = 64 * 2**20
     max_input_pixels: int = 4096 * 4096
     lora_dir: Path | None = None
+    controlnet: str | None = None  # the name (no path) of the ControlNet loaded beside the model (serve --controlnet)
     default_width: int = 1024
     default_height: int = 1024
     default_steps: int = 8

@@ -14,15 +14,18 @@ from starlette.routing import Route
 
 from ..memory import memory_info
 from ..omni import MAX_REFERENCES
-from ..recipe import Recipe
+from ..errors import InputError
+from ..recipe import CONTROL_TYPES, Recipe
 from ..worker import FORMATS, Job
-from .core import ApiError, Server, ServerConfig, bad, load_state
+from .core import ApiError, Server, ServerConfig, bad, input_error, load_state
 from .fields import Fields, check_recipe, list_loras, parse_size, read_json, read_loras
 from .fields import decode_base64_image, read_extras
 
 NATIVE_FIELDS = frozenset({"prompt", "negative_prompt", "width", "height", "size", "steps", "seed", "n", "guidance",
                            "loras", "enhance", "output_format", "previews", "variety", "hires",
-                           "image", "mask", "strength", "reference_images", "model"})
+                           "image", "mask", "strength", "reference_images", "model",
+                           "control", "control_type", "control_scale"})
+CONTROL_FIELDS = ("control", "control_type", "control_scale")
 NAMES = {"num_images": "n"}
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
@@ -39,13 +42,15 @@ def parse_native(body: dict, cfg: ServerConfig, omni: bool = False) -> tuple[Rec
     names = dict(NAMES)
     image, mask, strength = read_images(f, cfg)
     references = read_references(f, cfg, omni)
+    control = read_control(f, cfg)
     if f.has("size"):
         if f.has("width") or f.has("height"):
             raise bad("size", "give size or width and height, not both")
         names.update(width="size", height="size")
         size = parse_size(f.str("size")) or (cfg.default_width, cfg.default_height)
     else:
-        default = (None, None) if image is not None else (cfg.default_width, cfg.default_height)  # the image's
+        given_image = image is not None or control is not None  # the size follows the image (or control image)
+        default = (None, None) if given_image else (cfg.default_width, cfg.default_height)
         size = (f.raw("width")[1] or default[0], f.raw("height")[1] or default[1])
     given = {k: v for k, v in (("steps", f.raw("steps")[1]), ("guidance", f.raw("guidance")[1]),
                                ("num_images", f.raw("n")[1])) if v is not None}
@@ -58,6 +63,8 @@ def parse_native(body: dict, cfg: ServerConfig, omni: bool = False) -> tuple[Rec
     if image is not None:
         recipe = recipe.replace(image="image.png", init_image=image, init_mask=mask, strength=strength,
                                 mask="mask.png" if mask is not None else None)
+    if control is not None:
+        recipe = with_control(recipe, control, cfg, names)
     model = cfg.resolve_model(f.str("model"))  # a served model's name; none: the default
     if model is None:
         raise cfg.unknown_model(f.str("model"))
@@ -77,6 +84,38 @@ def read_images(f: Fields, cfg: ServerConfig):
     image = decode_base64_image(image, "image", cfg).convert("RGB")
     mask = None if mask is None else decode_base64_image(mask, "mask", cfg).convert("L")
     return image, mask, strength
+
+
+def read_control(f: Fields, cfg: ServerConfig):
+    """control (base64 or a data: URL), control_type (none, canny, lines) and control_scale (default: the
+    ControlNet's recommended one): (image, type, scale), or None without a control image. The ControlNet is
+    the server's (serve --controlnet), never named by the request."""
+    image, kind, scale = f.first("control")[1], f.choice("control_type", CONTROL_TYPES), f.raw("control_scale")[1]
+    given = [name for name, v in zip(CONTROL_FIELDS, (image, kind, scale)) if v is not None]
+    if given and cfg.controlnet is None:
+        raise bad(given[0], f"{given[0]} needs a ControlNet: start the server with --controlnet FILE",
+                  "unsupported_parameter")
+    if image is None:
+        for name in given:
+            raise bad(name, f"{name} needs a control image (control)")
+        return None
+    return decode_base64_image(image, "control", cfg).convert("RGB"), kind or "none", scale
+
+
+def with_control(recipe: Recipe, control, cfg: ServerConfig, names: dict) -> Recipe:
+    """The recipe with its control: the map (control_type) computed at the output size, as the CLI makes it."""
+    from ..controlnet import control_refs
+
+    image, kind, scale = control
+    names.update(controls="control_scale", control_type="control_type")
+    init = None if recipe.init_image is None else recipe.init_image.size
+    try:
+        controls = control_refs([("control.png", scale, image)], kind, recipe.width, recipe.height, init)
+    except InputError as e:
+        if e.field is None:  # the map needs OpenCV, which this server lacks
+            raise bad("control_type", " ".join(str(e).split()), "unsupported_parameter") from None
+        raise input_error(e, {**names, "image": "image" if init else "control"}) from None
+    return recipe.replace(controls=controls, control_type=kind)
 
 
 def read_references(f: Fields, cfg: ServerConfig, omni: bool) -> list:
@@ -101,7 +140,8 @@ def settings(job: Job) -> dict:
             "steps": r.steps, "seed": r.seed, "n": r.num_images, "guidance": r.guidance,
             "loras": [{"name": x.name, "scale": x.scale} for x in r.loras or []],
             "output_format": job.options.output_format, "previews": job.options.previews, "enhance": r.enhance,
-            "variety": r.variety, "strength": r.strength if r.has_image else None, "hires": None if r.hires_scale is None else {
+            "variety": r.variety, "control_type": r.control_type if r.controls else None,
+            "control_scale": r.controls[0].scale if r.controls else None, "strength": r.strength if r.has_image else None, "hires": None if r.hires_scale is None else {
                 "scale": r.hires_scale, "strength": r.hires_strength, "steps": r.hires_steps or r.steps,
                 "upscaler": r.hires_upscaler}}
 
@@ -201,5 +241,5 @@ class JobRoutes:
             "queue": [j.id for j in worker.queued()], "queue_size": worker.queue_size,
             "limits": {"max_side": cfg.max_side, "max_n": cfg.max_n, "max_steps": cfg.max_steps},
             "defaults": {"width": cfg.default_width, "height": cfg.default_height, "steps": cfg.default_steps},
-            "loras": list_loras(cfg), "resident": worker.pipeline is not None, "loads": worker.loads,
+            "loras": list_loras(cfg), "controlnet": cfg.controlnet, "resident": worker.pipeline is not None, "loads": worker.loads,
             "idle_unload": worker.idle_unload, "memory": memory_info(), "output_dir": cfg.output_dir is not None})
