@@ -23,7 +23,8 @@ _REPO_PART = re.compile(r"(?![.-])[\w.-]+(?<![.-])")
 COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
 WEIGHT_COMPONENTS = ("transformer", "text_encoder", "vae")
 # What any use of a Z-Image checkpoint needs from the Hub: configs and tokenizer files (a few MB) ...
-HUB_SMALL_FILES = ["model_index.json", "scheduler/*.json", "tokenizer/*", "*/config.json"]
+HUB_SMALL_FILES = ["model_index.json", "scheduler/*.json", "tokenizer/*", "*/config.json",
+                   "siglip_processor/*.json"]  # (Z-Image-Omni: its SigLIP2 processor)
 # ... and the safetensors weights (no .bin/.pth).
 HUB_PATTERNS = HUB_SMALL_FILES + ["*/*.safetensors", "*/*.safetensors.index.json"]
 # The keyword each kind of source is passed as (ZImagePipeline.from_pretrained(model), load_lora(lora), ...).
