@@ -478,3 +478,44 @@ def test_control_fields_need_a_controlnet(page, server):
     page.goto(server.url + "/")
     page.wait_for_function("document.getElementById('model').textContent !== 'connecting…'")
     assert page.locator("#control").is_hidden()
+
+
+def test_a_lora_chosen_on_the_page_equals_the_api(page, reference_checkpoint, tmp_path):
+    """A LoRA from --lora-dir, ticked with a scale on the page: the job carries it by name, and its image is the
+    API's with that LoRA (and not the image without it)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from zimage_mlx.pipeline import ZImagePipeline
+
+    rng = np.random.default_rng(3)
+    dim = 96  # the test DiT's width (tests/reference.py)
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    save_file({"transformer.layers.0.attention.to_q.lora_A.weight": rng.normal(0, 0.5, (4, dim)).astype(np.float32),
+               "transformer.layers.0.attention.to_q.lora_B.weight": rng.normal(0, 0.5, (dim, 4)).astype(np.float32)},
+              str(loras / "style.safetensors"))
+    with live_server(lambda: ZImagePipeline.from_pretrained(reference_checkpoint, dtype="float32"),
+                     lora_dir=loras) as server:
+        jobs = posted_jobs(page)
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent !== 'connecting…'")
+        lora = page.locator("#loras .lora[data-name='style']")
+        sync_api.expect(lora).to_be_visible()
+        lora.locator("input[type=checkbox]").check()
+        lora.locator("input[type=number]").fill("0.7")
+        page.fill("#prompt", "a lighthouse at dusk")
+        page.fill("#steps", "2")
+        page.fill("#seed", "8")
+        page.click("#generate")
+        for _ in range(600):
+            if jobs:
+                break
+            page.wait_for_timeout(100)
+        body, created = jobs[-1]
+        assert body["loras"] == [{"name": "style", "scale": 0.7}]
+        settings = {"prompt": "a lighthouse at dusk", "size": f"{body['width']}x{body['height']}", "steps": 2, "seed": 8}
+        made = finished_image(server, created["id"])
+        assert same_pixels(made, api_image(server, {**settings, "loras": [{"name": "style", "scale": 0.7}]}))
+        assert not same_pixels(made, api_image(server, settings))  # the LoRA acts
+        screenshot(page, tmp_path, "page-lora.png")
