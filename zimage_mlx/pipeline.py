@@ -43,6 +43,31 @@ def default_dtype() -> str:
     return "bfloat16" if mx.default_device() == mx.gpu else "float32"
 
 
+def _load_dit(folder: Path, dtype: str, choice, stored_dtype: str | None, quantize: int | None, par):
+    """The DiT in the dtype `choice` settles on (fp16.choose_dtype): on M1/M2 without stored statistics it is
+    judged on the float16 weights just loaded and loaded again in bfloat16 when they fail; a float16 asked for
+    explicitly on a failing checkpoint is honoured, with a warning (the per-step guard catches what overflows).
+    `par`: a distributed.Parallel (its ranks load their shards) or None. Returns (transformer, choice)."""
+    def load(dt: str):
+        if par is not None:
+            return par.load_transformer(folder, dt, quantize)
+        return ZImageTransformer.from_pretrained(folder, dtype=dt, quantize=quantize)
+
+    transformer = load(choice.dtype)
+    if choice.pending:  # M1/M2 and no stored statistics: judged on the float16 weights just loaded
+        choice = fp16.choose_dtype(dtype, transformer.fp16_stats, stored=stored_dtype)
+        if choice.dtype != "float16":
+            transformer = None
+            transformer = load(choice.dtype)
+    if choice.dtype == "float16" and transformer.fp16_stats is not None:
+        ok, why = fp16.verdict(transformer.fp16_stats)
+        if not ok:  # asked for explicitly: honoured, with the guard to catch what overflows
+            choice.reason += f"; the checkpoint fails the float16 checks: {why}"
+            warnings.warn(Float16OverflowWarning(f"float16 was requested but {why}: expect steps redone in "
+                                                 "bfloat16 (dtype='bfloat16' avoids the retries)"), stacklevel=3)
+    return transformer, choice
+
+
 class ZImagePipeline(RecipeRunner):
     """Z-Image text-to-image. Load once with `from_pretrained`, then call `generate` as often as needed.
 
@@ -136,26 +161,8 @@ class ZImagePipeline(RecipeRunner):
             par = distributed.start(group, parallel, root, dtype=choice.dtype, quantize=quantize, timeout=timeout)
         if mx.default_device() == mx.cpu and os.environ.get("ZIMAGE_MLX_KEEP_FREED_MEMORY", "1") != "0":
             kernels.keep_freed_memory()  # MLX's CPU backend has no buffer cache (see kernels.py)
-        if par is not None:
-            transformer = par.load_transformer(root / "transformer", choice.dtype, quantize)
-        else:
-            transformer = ZImageTransformer.from_pretrained(root / "transformer", dtype=choice.dtype, quantize=quantize)
-        if choice.pending:  # M1/M2 and no stored statistics: judged on the float16 weights just loaded
-            choice = fp16.choose_dtype(dtype, transformer.fp16_stats, stored=stored_dtype)
-            if choice.dtype != "float16":
-                transformer = None
-                if par is not None:
-                    transformer = par.load_transformer(root / "transformer", choice.dtype, quantize)
-                else:
-                    transformer = ZImageTransformer.from_pretrained(root / "transformer", dtype=choice.dtype,
-                                                                    quantize=quantize)
+        transformer, choice = _load_dit(root / "transformer", dtype, choice, stored_dtype, quantize, par)
         dtype = choice.dtype
-        if dtype == "float16" and transformer.fp16_stats is not None:
-            ok, why = fp16.verdict(transformer.fp16_stats)
-            if not ok:  # asked for explicitly: honoured, with the guard to catch what overflows
-                choice.reason += f"; the checkpoint fails the float16 checks: {why}"
-                warnings.warn(Float16OverflowWarning(f"float16 was requested but {why}: expect steps redone in "
-                                                     "bfloat16 (dtype='bfloat16' avoids the retries)"), stacklevel=2)
         # The VAE decodes in float32 whatever the dtype: its config says force_upcast (the FLUX VAE is a known
         # float16 risk), and on Apple GPUs float32 convolutions cost memory traffic, not ALU rate.
         vae = VAE.from_pretrained(root / "vae")
@@ -169,15 +176,19 @@ class ZImagePipeline(RecipeRunner):
         pipe.reason = choice.reason
         if not low_memory:
             pipe.text_encoder = pipe._load_text_encoder()
+        pipe._load_omni_parts()
+        return pipe
+
+    def _load_omni_parts(self) -> None:
+        """A Z-Image-Omni folder's SigLIP2 processor, and its tower unless in low-memory mode (omni.py)."""
         from .omni import is_omni_folder
 
-        if is_omni_folder(root):
+        if is_omni_folder(self.root):
             from .siglip import SiglipProcessor
 
-            pipe.siglip_processor = SiglipProcessor.from_pretrained(root / "siglip_processor")
-            if not low_memory:
-                pipe.siglip = pipe._load_siglip()
-        return pipe
+            self.siglip_processor = SiglipProcessor.from_pretrained(self.root / "siglip_processor")
+            if not self.low_memory:
+                self.siglip = self._load_siglip()
 
     def _load_siglip(self):
         from .siglip import SiglipVisionModel
@@ -372,15 +383,7 @@ class ZImagePipeline(RecipeRunner):
                 kw = {} if activations is None else {"activations": activations}
                 if hook is not None:
                     kw["control"] = hook
-                if g > 0 and hook is None and self.parallel is not None and self.parallel.mode == "cfg":
-                    both = self.parallel.guided(dit, x, t, caps, negative_embeds, **kw)  # a branch per rank
-                    pred = apply_cfg(both[:B], both[B:], g, cfg_normalization)
-                elif g > 0:
-                    both = dit(mx.concatenate([x, x]), mx.concatenate([t, t]),
-                                            list(caps) + list(negative_embeds), **kw)
-                    pred = apply_cfg(both[:B], both[B:], g, cfg_normalization)
-                else:
-                    pred = dit(x, t, caps, **kw).astype(mx.float32)
+                pred = self._prediction(dit, x, t, caps, negative_embeds, g, cfg_normalization, kw)
                 denoised = x + sigma * pred
                 x_next = euler_step(x, pred, sigma, sigma_next)
                 if mask is not None:
@@ -402,6 +405,19 @@ class ZImagePipeline(RecipeRunner):
                 activations = mx.bfloat16
             x = x_next
             yield Step(i, total, sigma, x, denoised)
+
+    def _prediction(self, dit, x: mx.array, t: mx.array, caps: list, negatives: list | None, g: float,
+                    cfg_normalization, kw: dict) -> mx.array:
+        """One step's prediction (float32): with guidance g > 0, the positive and negative branches as one batch
+        (or one branch per rank in cfg parallelism), combined by CFG."""
+        B = x.shape[0]
+        if g > 0 and "control" not in kw and self.parallel is not None and self.parallel.mode == "cfg":
+            both = self.parallel.guided(dit, x, t, caps, negatives, **kw)  # a branch per rank
+        elif g > 0:
+            both = dit(mx.concatenate([x, x]), mx.concatenate([t, t]), list(caps) + list(negatives), **kw)
+        else:
+            return dit(x, t, caps, **kw).astype(mx.float32)
+        return apply_cfg(both[:B], both[B:], g, cfg_normalization)
 
     def decode(self, latents: mx.array, tile_size: int | None = None):
         """Latents (B, h, w, 16) to PIL images.

@@ -81,20 +81,12 @@ class RecipeRunner:
         controlled, step i of N when start <= i/N and (i+1)/N <= end. Control images are stretched to the
         output size; without an image, width and height follow the first control image like an input image.
 
-        variety: seeded noise of variety x their std added to the prompt embeddings for the steps
-        i/N < variety_until (more different images across seeds; 0 changes nothing). hires_scale (1-4): the
-        hires fix, a second image-to-image pass at that scale with hires_strength over hires_steps steps
-        (default: steps); hires_upscaler "lanczos" (the decoded image) or "latent" (see zimage_mlx.hires).
-        hires_control=True (after `load_controlnet`, a Union Tile one): the second pass runs under that
-        ControlNet with the upscaled first image as its control image, at hires_control_scale (default: the
-        ControlNet's recommended scale); a string names it in the metadata. The first pass has no control
-        unless control_image is given (the same ControlNet then serves both). Never tiled (see below).
-        tile: a pass from an image (image to image, the hires pass) larger than `tile` pixels a side is denoised in
-        overlapping tiles, blended every step (MultiDiffusion: a lower peak); the hires pass's default is 1024.
-        reference_images (a Z-Image-Omni folder only): a path or PIL image, or a list of up to 4, each encoded once
-        per call at its own size (VAE latents and SigLIP2 features, see zimage_mlx.omni); without width and height
-        the output takes the last reference's size. An Omni folder runs text-only prompts through the omni
-        sequence as well.
+        variety, variety_until: seed variety (noise.vary). hires_scale, hires_strength, hires_steps,
+        hires_upscaler, hires_control (True: the loaded Tile ControlNet on the second pass), hires_control_scale:
+        the hires fix (zimage_mlx.hires); tile: MultiDiffusion tiles for passes from an image (zimage_mlx.tiles).
+        reference_images (Z-Image-Omni folders): up to 4 paths or PIL images, each encoded once per call at its
+        own size (zimage_mlx.omni); without width and height the output takes the last reference's size.
+        docs/hires.md and docs/omni.md say more.
         """
         run = dict(latents=latents, release_transformer=release_transformer, on_step=on_step, cancel=cancel)
         if isinstance(prompt, Recipe):
