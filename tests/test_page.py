@@ -84,6 +84,16 @@ def posted_jobs(page):
     return seen
 
 
+def last_post(page, jobs):
+    """The page's latest POST /v1/jobs (body, response), waiting for it: the gallery may already show the server's
+    earlier images, so a card appearing says nothing about this job."""
+    for _ in range(600):
+        if jobs:
+            return jobs[-1]
+        page.wait_for_timeout(100)
+    raise AssertionError("the page posted no job")
+
+
 def screenshot(page, tmp_path, name):
     path = tmp_path / name
     page.screenshot(path=str(path), full_page=True)
@@ -343,11 +353,7 @@ def test_hires_and_variety_from_the_page_equal_the_api(page, server, tmp_path):
     page.fill("#hires-strength", "0.5")
     page.fill("#variety", "0.5")
     page.click("#generate")
-    for _ in range(600):  # the gallery may already show this server's earlier images: wait for our job's POST
-        if jobs:
-            break
-        page.wait_for_timeout(100)
-    body, created = jobs[-1]
+    body, created = last_post(page, jobs)
     assert body["hires"] == {"scale": 2, "strength": 0.5} and body["variety"] == 0.5
     settings = {"prompt": "a lighthouse at dusk", "size": f"{body['width']}x{body['height']}", "steps": 2, "seed": 5,
                 "hires": {"scale": 2, "strength": 0.5}, "variety": 0.5}
@@ -508,11 +514,7 @@ def test_a_lora_chosen_on_the_page_equals_the_api(page, reference_checkpoint, tm
         page.fill("#steps", "2")
         page.fill("#seed", "8")
         page.click("#generate")
-        for _ in range(600):
-            if jobs:
-                break
-            page.wait_for_timeout(100)
-        body, created = jobs[-1]
+        body, created = last_post(page, jobs)
         assert body["loras"] == [{"name": "style", "scale": 0.7}]
         settings = {"prompt": "a lighthouse at dusk", "size": f"{body['width']}x{body['height']}", "steps": 2, "seed": 8}
         made = finished_image(server, created["id"])

@@ -178,7 +178,7 @@ class Recipe:
     def validate(self, *, max_side: int = MAX_SIDE, max_images: int | None = None,
                  max_steps: int | None = None) -> "Recipe":
         """Check every field; raise InputError naming the field at fault. Faces pass their own limits."""
-        _check_prompts(self.prompt, "prompt")
+        check_prompts(self.prompt, "prompt")
         for name in ("width", "height"):
             _check_side(name, getattr(self, name), max_side)
         _check_int("steps", self.steps, 1, max_steps)
@@ -187,7 +187,7 @@ class Recipe:
             _check_number(name, getattr(self, name), 0)
         negatives = self.negative_prompt if isinstance(self.negative_prompt, list) else [self.negative_prompt]
         if isinstance(self.negative_prompt, list):
-            _check_prompts(self.negative_prompt, "negative_prompt")
+            check_prompts(self.negative_prompt, "negative_prompt")
             if len(negatives) not in (1, len(self.prompts)):
                 raise InputError(f"{len(negatives)} negative prompts for {len(self.prompts)} prompts", "negative_prompt")
         if any(negatives) and not self.guidance > 0:
@@ -399,7 +399,8 @@ class Recipe:
 # Checks
 
 
-def _check_prompts(prompt, name: str) -> list[str]:
+def check_prompts(prompt, name: str = "prompt") -> list[str]:
+    """A prompt or a list of them as a list; TypeError or InputError (naming `name`) otherwise."""
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
         raise TypeError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
@@ -412,11 +413,6 @@ def _check_prompts(prompt, name: str) -> list[str]:
 def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
     """(width, height) times scale, each rounded to the nearest multiple of 16 (halves up; at least 16)."""
     return (max(16, int(width * scale / 16 + 0.5) * 16), max(16, int(height * scale / 16 + 0.5) * 16))
-
-
-def check_prompts(prompt, name: str = "prompt") -> list[str]:
-    """A prompt or a list of them as a list; TypeError or InputError (naming `name`) otherwise."""
-    return _check_prompts(prompt, name)
 
 
 def file_name(value) -> str | None:

@@ -291,14 +291,9 @@ class RecipeRunner:
         if r.variety > 0:  # variety 0 adds no op at all
             inpaint = dict(inpaint, early_embeds=[vary(p, x.seed, r.variety) for p, x in zip(pos, batch)],
                            early_steps=variety_steps(r.variety_until, len(sigmas) - 1))
-        for step in self.denoise(pos, latents, sigmas, negative_embeds=neg, guidance=r.guidance,
-                                 cfg_normalization=r.cfg_normalization, cfg_truncation=r.cfg_truncation,
-                                 control=control, **inpaint):
-            latents = step.latents
-            if on_step is not None:
-                on_step(step)
-            _check_cancel(cancel)
-        return latents
+        return _follow(self.denoise(pos, latents, sigmas, negative_embeds=neg, guidance=r.guidance,
+                                    cfg_normalization=r.cfg_normalization, cfg_truncation=r.cfg_truncation,
+                                    control=control, **inpaint), latents, on_step, cancel)
 
     def _denoise_omni(self, batch, latents, sigmas, release, on_step, cancel):
         """An Omni folder's denoising: the references encoded once per call, each prompt split around them."""
@@ -316,13 +311,9 @@ class RecipeRunner:
             self.release_text_encoder()
         del encoder
         pos, neg = feats[: len(batch)], feats[len(batch):] or None
-        for step in self.denoise(pos, latents, sigmas, negative_embeds=neg, guidance=r.guidance,
-                                 cfg_normalization=r.cfg_normalization, cfg_truncation=r.cfg_truncation, omni=cond):
-            latents = step.latents
-            if on_step is not None:
-                on_step(step)
-            _check_cancel(cancel)
-        return latents
+        return _follow(self.denoise(pos, latents, sigmas, negative_embeds=neg, guidance=r.guidance,
+                                    cfg_normalization=r.cfg_normalization, cfg_truncation=r.cfg_truncation,
+                                    omni=cond), latents, on_step, cancel)
 
     def _omni_conditions(self, r: Recipe):
         """The recipe's references encoded (VAE latents, mode; SigLIP grids), once per call: the batches of one
@@ -400,6 +391,17 @@ def _check_latents(latents, recipe: Recipe, n: int) -> None:
     want = (n, recipe.height // 8, recipe.width // 8, LATENT_CHANNELS)
     if latents is not None and tuple(latents.shape) != want:
         raise InputError(f"latents must have shape {want}, got {tuple(latents.shape)}", "latents")
+
+
+def _follow(steps, latents, on_step, cancel):
+    """Run a denoising generator to its end, handing each Step to on_step and checking cancel after it; the
+    final latents (`latents` when no step runs)."""
+    for step in steps:
+        latents = step.latents
+        if on_step is not None:
+            on_step(step)
+        _check_cancel(cancel)
+    return latents
 
 
 def _check_cancel(cancel) -> None:
